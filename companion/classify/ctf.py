@@ -1,0 +1,85 @@
+"""RELION's CTF model, vectorised over particles, on NumPy or CuPy.
+
+Follows RELION's ``src/ctf.h``: with defocus ``df`` in Å (positive = underfocus),
+
+    gamma = -pi*lambda*df(angle)*|k|^2 + pi/2*Cs*lambda^3*|k|^4 - phase_shift - atan(Q0/sqrt(1-Q0^2))
+    CTF   = -sin(gamma) * exp(-B/4 * |k|^2) * scale
+
+RELION stores ``deltaf = -df`` internally (``getDeltaF``); ../shared/RELION.md writes the
+defocus term without that minus sign, which would add defocus and spherical aberration
+instead of opposing them. The sign here gives CTF > 0 at low frequency (protein white).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from companion.classify.backend import get_array_module
+
+
+def electron_wavelength(voltage_kv: Any) -> Any:
+    """Relativistic electron wavelength in Å for an acceleration voltage in kV."""
+    xp = get_array_module(voltage_kv)
+    v = xp.asarray(voltage_kv, dtype=xp.float64) * 1e3
+    return 12.2643247 / xp.sqrt(v * (1.0 + v * 0.978466e-6))
+
+
+def rfft_freqs(box: int, psize: float, xp: Any = np) -> tuple[Any, Any]:
+    """Spatial frequencies (1/Å) ``(kx, ky)`` of an rfft2 grid, each shaped (box, box//2+1)."""
+    ky = xp.fft.fftfreq(box, d=psize).astype(xp.float32)
+    kx = xp.fft.rfftfreq(box, d=psize).astype(xp.float32)
+    return xp.broadcast_to(kx[None, :], (box, box // 2 + 1)), xp.broadcast_to(
+        ky[:, None], (box, box // 2 + 1)
+    )
+
+
+def ctf_2d(
+    kx: Any,
+    ky: Any,
+    defocus_u: Any,
+    defocus_v: Any,
+    defocus_angle: Any,
+    voltage: Any,
+    cs: Any,
+    amp_contrast: Any,
+    phase_shift: Any = 0.0,
+    bfactor: Any = 0.0,
+    scale: Any = 1.0,
+) -> Any:
+    """CTF values for every particle on the frequency grid ``(kx, ky)`` (1/Å).
+
+    Per-particle parameters are arrays of length N (or scalars) in RELION units: defocus in
+    Å, angles in degrees, voltage in kV, Cs in mm, B-factor in Å². The grid may have any
+    shape (full image, rfft half-plane, or a flat list of kept coefficients); the result has
+    shape ``(N, *grid.shape)`` and the grid's float precision (float32 for float32 grids).
+    """
+    xp = get_array_module(kx)
+    dtype = kx.dtype if kx.dtype in (xp.float32, xp.float64) else xp.float32
+
+    def col(a: Any) -> Any:
+        arr = xp.asarray(a, dtype=xp.float64).reshape(-1)
+        return arr.reshape((-1,) + (1,) * kx.ndim)
+
+    du, dv, ang = col(defocus_u), col(defocus_v), xp.deg2rad(col(defocus_angle))
+    lam = electron_wavelength(col(voltage))
+    k1 = np.pi * lam
+    k2 = np.pi / 2 * col(cs) * 1e7 * lam**3
+    q0 = col(amp_contrast)
+    k3 = xp.arctan(q0 / xp.sqrt(1.0 - q0 * q0))
+    k5 = xp.deg2rad(col(phase_shift))
+    k4 = -col(bfactor) / 4.0
+
+    kx64 = xp.asarray(kx, dtype=xp.float64)[None]
+    ky64 = xp.asarray(ky, dtype=xp.float64)[None]
+    k2grid = kx64 * kx64 + ky64 * ky64
+    azimuth = xp.arctan2(ky64, kx64)
+    df = 0.5 * (du + dv) + 0.5 * (du - dv) * xp.cos(2.0 * (azimuth - ang))
+    gamma = -k1 * df * k2grid + k2 * k2grid * k2grid - k5 - k3
+    out = -xp.sin(gamma)
+    if xp.any(k4 != 0):
+        out = out * xp.exp(k4 * k2grid)
+    out = out * col(scale)
+    return out.astype(dtype)
+

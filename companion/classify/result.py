@@ -1,0 +1,111 @@
+"""What a classification run produces: host-neutral arrays that the sinks write out.
+
+Geometry follows RELION's convention (see ../shared/RELION.md, "Geometry"): aligning
+particle i means shifting it by ``+shift_px[i]`` (original pixels) and then rotating it by
+``psi_deg[i]``; the host writers convert (CryoSPARC: radians, pixels at ``alignments2D/psize_A``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class ClassResult:
+    """Result of a 2D classification of N particles into K classes.
+
+    Per particle (length N, in the ParticleSet's order):
+        class_id: int32, 0-based class index.
+        psi_deg: float32, in-plane angle (RELION rlnAnglePsi convention, degrees).
+        shift_px: float32[N, 2], (x, y) origin in original pixels (rlnOriginX/YAngst / psize).
+        max_prob: float32, largest posterior over (class, pose) (rlnMaxValueProbDistribution).
+        class_prob: float32, posterior probability of the assigned class (summed over poses).
+        loglik: float32, log-likelihood contribution (rlnLogLikeliContribution).
+        n_significant: int32, poses/classes holding most of the posterior
+            (rlnNrOfSignificantSamples).
+        norm_correction: float32 (rlnNormCorrection; 1 unless estimated).
+        half_set: uint8, 0 or 1 (random half used for the per-class FRC).
+        class_ess: float32, effective number of classes (exp of the posterior's entropy).
+
+    Per class (length K):
+        averages: float32[K, box, box] at the ORIGINAL box and pixel size (Fourier-padded
+            from the working box), protein white, not CTF-multiplied.
+        class_sizes: int64, particles whose hard label is the class.
+        class_distribution: float32, soft class occupancy (sums to 1; rlnClassDistribution).
+        resolution_A: float32, FRC 0.143 between half-set averages (Å; inf if undetermined).
+        accuracy_rot_deg, accuracy_trans_A: float32 (rlnAccuracyRotations / ...TranslationsAngst).
+        prior_offset_px: float32[K, 2] (rlnClassPriorOffsetX/Y in pixels; zeros if not used).
+
+    Spectra (per Fourier shell of the ORIGINAL box, length box // 2 + 1):
+        shell_resolution_A: float32, resolution of each shell (Å; inf for shell 0).
+        frc: float32[K, S], half-set FRC per class (0 beyond the working limit).
+        ssnr: float32[K, S], spectral SNR per class.
+        sigma2_ref: float32[K, S], reference power per shell.
+        tau2: float32[K, S], signal power estimate per shell.
+        sigma2_noise: float32[G, S], noise power per shell per optics group (G groups in
+            the order of ``optics_groups``).
+        optics_groups: int32[G], optics-group ids matching ``sigma2_noise`` rows.
+
+    Run:
+        iteration: the last finished iteration (1-based).
+        n_iterations: iterations planned.
+        work_box, work_psize: the working (Fourier-cropped) box and its pixel size.
+        current_resolution_A: resolution limit used in the last iteration (Å).
+        loglik_total: float, summed log-likelihood.
+        avg_pmax: float, mean of max_prob.
+        sigma_offsets_A: float, RMS of the shifts (Å).
+        cap: int | None, the class-size cap in force (balanced mode).
+        params: the resolved parameter dict (ClassifyParams.resolved()).
+        device: e.g. "cpu (numpy, 2 threads)" or "gpu: NVIDIA H100 (cupy 14.2)".
+        timings: seconds per stage and per iteration.
+        history: per-iteration dicts (iteration, uncertainty, resolution, class sizes, ...).
+    """
+
+    class_id: np.ndarray
+    psi_deg: np.ndarray
+    shift_px: np.ndarray
+    max_prob: np.ndarray
+    class_prob: np.ndarray
+    loglik: np.ndarray
+    n_significant: np.ndarray
+    norm_correction: np.ndarray
+    half_set: np.ndarray
+    class_ess: np.ndarray
+    averages: np.ndarray
+    class_sizes: np.ndarray
+    class_distribution: np.ndarray
+    resolution_A: np.ndarray
+    accuracy_rot_deg: np.ndarray
+    accuracy_trans_A: np.ndarray
+    prior_offset_px: np.ndarray
+    shell_resolution_A: np.ndarray
+    frc: np.ndarray
+    ssnr: np.ndarray
+    sigma2_ref: np.ndarray
+    tau2: np.ndarray
+    sigma2_noise: np.ndarray
+    optics_groups: np.ndarray
+    iteration: int
+    n_iterations: int
+    work_box: int
+    work_psize: float
+    current_resolution_A: float
+    loglik_total: float
+    avg_pmax: float
+    sigma_offsets_A: float
+    cap: int | None
+    params: dict[str, Any]
+    device: str
+    timings: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.averages.shape[0])
+
+    @property
+    def n_particles(self) -> int:
+        return int(self.class_id.shape[0])

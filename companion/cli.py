@@ -1,0 +1,77 @@
+"""The ``companion`` command line: one module per command under ``companion.commands``.
+
+Each command module has a docstring (its help, with examples), ``add_args(parser)`` and
+``main(args) -> int | None``. User errors (:class:`CompanionError`) print one line on stderr
+and exit with status 2; progress and logs go to stderr, results to files or stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from companion import __version__
+from companion.errors import CompanionError
+
+# command name -> module under companion.commands
+COMMANDS: dict[str, str] = {
+    "simulate": "simulate",
+    "info": "info",
+    "classify": "classify",
+    "demo": "demo",
+    "bench": "bench",
+    "cryosparc": "cryosparc",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="companion",
+        description="2D classification companion for cryo-EM (RELION and CryoSPARC projects).",
+    )
+    parser.add_argument("--version", action="version", version=f"companion {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, modname in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f"companion.commands.{modname}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"companion.commands.{modname}":
+                continue  # command not built yet
+            raise
+        doc = (mod.__doc__ or "").strip()
+        p = sub.add_parser(
+            name,
+            help=doc.splitlines()[0] if doc else None,
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_args(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        rc = args._main(args)
+    except CompanionError as exc:
+        print(f"companion {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"companion {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

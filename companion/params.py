@@ -1,0 +1,218 @@
+"""Every classifier parameter, with its default, range and help text.
+
+The CLI (``companion classify``), the RELION External job and the CryoSPARC job all build
+their options from :class:`ClassifyParams` and validate through it, so a value means the
+same thing everywhere. Defaults follow CryoSPARC's 2D classification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from companion.errors import ParameterError
+
+
+class ClassifyParams(BaseModel):
+    """Parameters of one 2D classification run."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    n_classes: int = Field(50, ge=1, le=5000, description="Number of 2D classes (K).")
+    max_resolution: float = Field(
+        6.0, gt=0, description="Maximum resolution used for alignment and classification (Å)."
+    )
+    particle_diameter: float | None = Field(
+        None,
+        gt=0,
+        description="Circular mask diameter (Å). Default: 90% of the box.",
+    )
+    online_iters: int = Field(
+        20, ge=0, description="Online-EM iterations over mini-batches before full passes."
+    )
+    batch_per_class: int = Field(
+        100, ge=1, description="Mini-batch size per class in online EM (batch = this × K)."
+    )
+    full_iters: int = Field(2, ge=0, description="Full passes over all particles at the end.")
+    anneal: Literal["on", "off"] = Field(
+        "on",
+        description=(
+            "Annealing. 'on' (CryoSPARC's behaviour): the uncertainty factor decays to 1 and the "
+            "noise model is re-estimated, which sharpens assignments but can funnel particles "
+            "into a few 'attractor' classes and absorb junk into good classes. 'off': the "
+            "uncertainty factor stays at --initial-uncertainty and the noise model stays at its "
+            "initial estimate; use it to keep junk and less-ordered species in classes of "
+            "their own. Sets the defaults of --uncertainty-schedule and --noise-model."
+        ),
+    )
+    uncertainty_schedule: Literal["anneal", "constant"] | None = Field(
+        None,
+        description=(
+            "Uncertainty factor schedule: 'anneal' (from --initial-uncertainty to 1 between "
+            "--anneal-start and --anneal-start + --anneal-iters) or 'constant'. "
+            "Default: from --anneal."
+        ),
+    )
+    noise_model: Literal["estimated", "fixed", "white"] | None = Field(
+        None,
+        description=(
+            "Noise power per resolution shell: 'estimated' from residuals each iteration, "
+            "'fixed' at the initial estimate, or 'white'. Default: 'estimated' with --anneal on, "
+            "'fixed' with --anneal off."
+        ),
+    )
+    initial_uncertainty: float = Field(
+        2.0, ge=1.0, description="Initial classification uncertainty factor (temperature ≥ 1)."
+    )
+    anneal_start: int = Field(2, ge=0, description="Iteration at which annealing starts.")
+    anneal_iters: int = Field(15, ge=1, description="Iterations over which annealing runs.")
+    psi_step: float = Field(6.0, gt=0, le=90, description="In-plane rotation step (degrees).")
+    max_shift: float = Field(
+        0.1, ge=0, le=0.5, description="Shift search range as a fraction of the box."
+    )
+    shift_step: float = Field(1.0, gt=0, description="Shift step in working pixels.")
+    tau2_fudge: float = Field(
+        2.0, gt=0, description="Regularisation parameter T (RELION's --tau2_fudge)."
+    )
+    recenter: bool = Field(True, description="Re-centre class averages on their centre of mass.")
+    pose_mode: Literal["max", "marginal"] = Field(
+        "max",
+        description=(
+            "'max': best pose per class (CryoSPARC's 'force max over poses/shifts'); "
+            "'marginal': full posterior over poses."
+        ),
+    )
+    balance: Literal["off", "equal", "cap"] = Field(
+        "off",
+        description=(
+            "Balanced classes. 'cap': no class may hold more than --max-per-class particles; "
+            "'equal': every class holds about N/K particles (cap = ceil(slack × N / K)). "
+            "Class priors are held uniform and each E-step solves a capacity-constrained "
+            "assignment, so particles spread over all classes instead of collapsing into a "
+            "few dominant ones; use it when extra classes stay empty or flexible-domain "
+            "states are averaged away."
+        ),
+    )
+    max_per_class: int | None = Field(
+        None, ge=1, description="Cap on particles per class (with --balance cap)."
+    )
+    balance_slack: float = Field(
+        1.0, ge=1.0, description="With --balance equal: cap = ceil(slack × N / K)."
+    )
+    reseed_empty: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "Re-seed a class that falls below this fraction of the mean class size by splitting "
+            "the largest class (0 = never)."
+        ),
+    )
+    seed: int = Field(0, ge=0, description="Random seed; a run is reproducible on one backend.")
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Compute device: 'gpu' needs CuPy and a CUDA GPU; 'auto' picks one."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifyParams:
+        if self.balance == "cap" and self.max_per_class is None:
+            raise ValueError("--balance cap needs --max-per-class N")
+        return self
+
+    # Resolved knobs (what the run actually uses).
+    @property
+    def resolved_uncertainty_schedule(self) -> str:
+        if self.uncertainty_schedule is not None:
+            return self.uncertainty_schedule
+        return "anneal" if self.anneal == "on" else "constant"
+
+    @property
+    def resolved_noise_model(self) -> str:
+        if self.noise_model is not None:
+            return self.noise_model
+        return "estimated" if self.anneal == "on" else "fixed"
+
+    @property
+    def total_iters(self) -> int:
+        return self.online_iters + self.full_iters
+
+    def class_cap(self, n_particles: int) -> int | None:
+        """The most particles any class may hold, or None without a cap."""
+        k = self.n_classes
+        if self.balance == "cap":
+            assert self.max_per_class is not None
+            return int(self.max_per_class)
+        if self.balance == "equal":
+            return int(math.ceil(self.balance_slack * n_particles / k))
+        return None
+
+    def check_feasible(self, n_particles: int) -> None:
+        """Raise ParameterError when the parameters cannot work for ``n_particles``."""
+        cap = self.class_cap(n_particles)
+        if cap is not None and cap * self.n_classes < n_particles:
+            raise ParameterError(
+                f"--max-per-class {cap} × {self.n_classes} classes holds only "
+                f"{cap * self.n_classes} of {n_particles} particles — raise the cap to at least "
+                f"{math.ceil(n_particles / self.n_classes)} or use more classes"
+            )
+        if self.n_classes > n_particles:
+            raise ParameterError(
+                f"{self.n_classes} classes for {n_particles} particles — use fewer classes"
+            )
+
+    def resolved(self) -> dict[str, Any]:
+        """Every value the run uses, with the annealing knobs resolved (for outputs)."""
+        d = self.model_dump()
+        d["uncertainty_schedule"] = self.resolved_uncertainty_schedule
+        d["noise_model"] = self.resolved_noise_model
+        return d
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def add_params_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """Add one ``--kebab-name`` option per model field (defaults left to the model)."""
+    group = parser.add_argument_group("classification parameters")
+    for name, info in model.model_fields.items():
+        help_text = (info.description or "").replace("%", "%%")
+        default = info.default
+        if default is not None:
+            help_text += f" [default: {default}]"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        ann = info.annotation
+        args = getattr(ann, "__args__", ())
+        if ann is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            literal = next((a for a in (ann, *args) if getattr(a, "__origin__", None) is Literal), None)
+            if literal is not None:
+                kwargs["choices"] = list(literal.__args__)
+            kwargs["metavar"] = name.upper() if literal is None else None
+        group.add_argument(option_name(name), **kwargs)
+
+
+def params_from_namespace(
+    args: argparse.Namespace, model: type[BaseModel] = ClassifyParams, **overrides: Any
+) -> Any:
+    """Validate the parsed options into ``model``; errors become one-line ParameterErrors."""
+    values = {k: getattr(args, k) for k in model.model_fields if hasattr(args, k)}
+    values.update(overrides)
+    return validate_params(values, model)
+
+
+def validate_params(values: dict[str, Any], model: type[BaseModel] = ClassifyParams) -> Any:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            where = option_name(loc) if loc else "parameters"
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"{where}: {msg}" + (f" (got {err['input']!r})" if loc else ""))
+        raise ParameterError("; ".join(msgs)) from None

@@ -1,0 +1,163 @@
+"""Lazy, memory-mapped image access for a ParticleSet, grouped by stack file.
+
+Projects often hold thousands of per-micrograph stacks: open files are kept in a small
+LRU cache of memory maps, and every read sorts the requested particles by (stack, index)
+so each file is touched once per batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mrcfile
+import numpy as np
+
+from companion.errors import InputError
+
+if TYPE_CHECKING:
+    from companion.particles import ParticleSet
+
+MAX_OPEN_STACKS = 64
+
+
+class StackCache:
+    """LRU cache of open read-only MRC memory maps."""
+
+    def __init__(self, max_open: int = MAX_OPEN_STACKS) -> None:
+        self.max_open = max_open
+        self._open: OrderedDict[Path, mrcfile.mrcmemmap.MrcMemmap] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def data(self, path: Path) -> np.ndarray:
+        """The image data of ``path`` as a 3D array (n, ny, nx), memory-mapped."""
+        with self._lock:
+            mrc = self._open.get(path)
+            if mrc is not None:
+                self._open.move_to_end(path)
+            else:
+                mrc = _open_mmap(path)
+                self._open[path] = mrc
+                while len(self._open) > self.max_open:
+                    _, old = self._open.popitem(last=False)
+                    old.close()
+        data = mrc.data
+        return data[np.newaxis] if data.ndim == 2 else data
+
+    def close(self) -> None:
+        with self._lock:
+            for mrc in self._open.values():
+                mrc.close()
+            self._open.clear()
+
+
+def _open_mmap(path: Path) -> mrcfile.mrcmemmap.MrcMemmap:
+    if not path.is_file():
+        raise InputError(f"{path}: image stack not found — check the project directory "
+                         "(--project-dir) or the paths in the particle file")
+    try:
+        return mrcfile.mmap(path, mode="r", permissive=True)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a readable MRC stack ({exc})") from exc
+
+
+_CACHE = StackCache()
+
+
+def read_images(
+    particles: ParticleSet, idx: np.ndarray, *, normalise_contrast: bool = True
+) -> np.ndarray:
+    """Images of ``particles`` at ``idx`` (in that order), float32[len(idx), box, box]."""
+    idx = np.asarray(idx, dtype=np.int64)
+    box = particles.box
+    out = np.empty((len(idx), box, box), dtype=np.float32)
+    if len(idx) == 0:
+        return out
+    stacks = particles.stack_index[idx]
+    order = np.lexsort((particles.image_index[idx], stacks))
+    sorted_stacks = stacks[order]
+    bounds = np.flatnonzero(np.diff(sorted_stacks)) + 1
+    for group in np.split(order, bounds):
+        s = int(stacks[group[0]])
+        path = particles.stack_paths[s]
+        data = _CACHE.data(path)
+        img_idx = particles.image_index[idx[group]]
+        if img_idx.max() >= data.shape[0] or img_idx.min() < 0:
+            bad = int(idx[group][np.argmax((img_idx >= data.shape[0]) | (img_idx < 0))])
+            raise InputError(
+                f"{particles.source_path}: row {particles.source_row[bad] + 1} refers to image "
+                f"{particles.image_index[bad] + 1} of {path}, which holds {data.shape[0]} images "
+                "— the particle file and the stacks do not match"
+            )
+        if data.shape[1:] != (box, box):
+            raise InputError(
+                f"{path}: images are {data.shape[2]}x{data.shape[1]} px but the particle file "
+                f"says box {box} — re-extract or fix the optics table"
+            )
+        # sorted, unique-friendly fancy indexing on a memmap reads only those images
+        out[group] = data[img_idx]
+    if normalise_contrast:
+        c = particles.contrast[idx]
+        if not np.all(c == 1.0):
+            out *= c[:, None, None]
+    return out
+
+
+def file_order(particles: ParticleSet, idx: np.ndarray | None = None) -> np.ndarray:
+    """Particle indices sorted by (stack, image index): the cheapest order to read them in."""
+    if idx is None:
+        idx = np.arange(len(particles), dtype=np.int64)
+    idx = np.asarray(idx, dtype=np.int64)
+    order = np.lexsort((particles.image_index[idx], particles.stack_index[idx]))
+    return idx[order]
+
+
+def iter_batches(
+    particles: ParticleSet, batch_size: int, idx: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(indices, images)`` in file order, ``batch_size`` particles at a time."""
+    ordered = file_order(particles, idx)
+    for start in range(0, len(ordered), max(1, int(batch_size))):
+        chunk = ordered[start : start + batch_size]
+        yield chunk, read_images(particles, chunk)
+
+
+def check_stacks(particles: ParticleSet) -> list[str]:
+    """Every problem with the stacks: missing files, indices past the end, wrong box."""
+    problems: list[str] = []
+    if len(particles) == 0:
+        return problems
+    max_idx = np.full(len(particles.stack_paths), -1, dtype=np.int64)
+    np.maximum.at(max_idx, particles.stack_index, particles.image_index)
+    first_row = np.full(len(particles.stack_paths), -1, dtype=np.int64)
+    # first source row referencing each stack, for messages
+    rev = np.arange(len(particles) - 1, -1, -1)
+    first_row[particles.stack_index[rev]] = particles.source_row[rev]
+    for s, path in enumerate(particles.stack_paths):
+        if max_idx[s] < 0:
+            continue
+        where = f"{particles.source_path}: row {first_row[s] + 1}"
+        if not path.is_file():
+            problems.append(f"{where}: image stack {path} not found — check --project-dir")
+            continue
+        try:
+            with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+                h = mrc.header
+                nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+        except (ValueError, OSError) as exc:
+            problems.append(f"{path}: not a readable MRC stack ({exc})")
+            continue
+        if (nx, ny) != (particles.box, particles.box):
+            problems.append(
+                f"{path}: images are {nx}x{ny} px but the particle file says box "
+                f"{particles.box} — fix rlnImageSize / blob/shape or re-extract"
+            )
+        if max_idx[s] >= nz:
+            problems.append(
+                f"{path}: particle file refers to image {max_idx[s] + 1} but the stack holds "
+                f"{nz} images — the particle file and the stacks do not match"
+            )
+    return problems
