@@ -189,7 +189,9 @@ def add_params_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
         if ann is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            literal = next((a for a in (ann, *args) if getattr(a, "__origin__", None) is Literal), None)
+            literal = next(
+                (a for a in (ann, *args) if getattr(a, "__origin__", None) is Literal), None
+            )
             if literal is not None:
                 kwargs["choices"] = list(literal.__args__)
             kwargs["metavar"] = name.upper() if literal is None else None

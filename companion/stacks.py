@@ -56,8 +56,10 @@ class StackCache:
 
 def _open_mmap(path: Path) -> mrcfile.mrcmemmap.MrcMemmap:
     if not path.is_file():
-        raise InputError(f"{path}: image stack not found — check the project directory "
-                         "(--project-dir) or the paths in the particle file")
+        raise InputError(
+            f"{path}: image stack not found — check the project directory "
+            "(--project-dir) or the paths in the particle file"
+        )
     try:
         return mrcfile.mmap(path, mode="r", permissive=True)
     except (ValueError, OSError) as exc:

@@ -82,4 +82,3 @@ def ctf_2d(
         out = out * xp.exp(k4 * k2grid)
     out = out * col(scale)
     return out.astype(dtype)
-
