@@ -2,8 +2,8 @@
 
 Follows RELION's ``src/ctf.h``: with defocus ``df`` in Å (positive = underfocus),
 
-    gamma = -pi*lambda*df(angle)*|k|^2 + pi/2*Cs*lambda^3*|k|^4 - phase_shift - atan(Q0/sqrt(1-Q0^2))
-    CTF   = -sin(gamma) * exp(-B/4 * |k|^2) * scale
+    gamma = -pi*lambda*df(angle)*k^2 + pi/2*Cs*lambda^3*k^4 - phase_shift - atan(Q0/sqrt(1-Q0^2))
+    CTF   = -sin(gamma) * exp(-B/4 * k^2) * scale
 
 RELION stores ``deltaf = -df`` internally (``getDeltaF``); ../shared/RELION.md writes the
 defocus term without that minus sign, which would add defocus and spherical aberration
