@@ -1,0 +1,58 @@
+"""companion-cryosparc: classify a CryoSPARC job's particles as a new External job.
+
+The same as ``companion cryosparc classify`` (same options, same code), for running as a
+script or from a scheduler::
+
+    CRYOSPARC_EMAIL=ali@example.org CRYOSPARC_PASSWORD=... \\
+    companion-cryosparc --url http://cryosparc.lab:39000 --project P3 --job J42 \\
+        --n-classes 100 --anneal off --select auto
+
+Exit status 0 when the job completed, 2 for a problem you can fix (one line on stderr),
+130 when stopped; the CryoSPARC job is then marked failed with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+PROG = "companion-cryosparc"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from companion.commands.cryosparc import __doc__ as command_doc
+    from companion.commands.cryosparc import add_classify_args
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=command_doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    add_classify_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``companion-cryosparc``."""
+    from companion.commands.cryosparc import run_classify
+    from companion.errors import CompanionError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        return run_classify(args)
+    except CompanionError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
