@@ -1,0 +1,495 @@
+"""companion-relion as RELION's External job: argument shapes, version detection, node files,
+exit/abort files, and end-to-end runs from a simulated RELION project (subprocesses with the
+exact argument shape RELION and ccpem-pipeliner use), plus Debian RELION 3.1.3 reading the
+outputs and starting a new 2D run from the selected particles."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from companion.errors import InputError, ParameterError
+from companion.relion.pipeline import (
+    ABORT_NOW,
+    EXIT_ABORTED,
+    EXIT_FAILURE,
+    EXIT_SUCCESS,
+    OUTPUT_NODES,
+    AbortWatcher,
+    detect_version,
+    format_output_nodes,
+    normalise_version,
+    write_exit_file,
+    write_output_nodes,
+)
+from companion.relion.star import read_star
+from jobs.relion_external import JobArgsError, parse_job_args, parse_select
+
+REPO = Path(__file__).resolve().parent.parent
+
+PIPELINE_40 = """
+# version 30001
+
+data_pipeline_general
+
+_rlnPipeLineJobCounter                       3
+
+
+# version 30001
+
+data_pipeline_processes
+
+loop_
+_rlnPipeLineProcessName #1
+_rlnPipeLineProcessAlias #2
+_rlnPipeLineProcessTypeLabel #3
+_rlnPipeLineProcessStatusLabel #4
+Import/job001/       None relion.import.other  Succeeded
+External/job002/       None relion.external    Running
+
+
+# version 30001
+
+data_pipeline_nodes
+
+loop_
+_rlnPipeLineNodeName #1
+_rlnPipeLineNodeTypeLabel #2
+_rlnPipeLineNodeTypeLabelDepth #3
+particles.star ParticlesData.star.relion            1
+
+"""
+PIPELINE_50 = PIPELINE_40.replace("# version 30001", "# version 50001").replace(
+    "ParticlesData.star.relion", "ParticleGroupMetadata.star.relion"
+)
+
+
+def pipeline_31(real_data: Path) -> str:
+    return (real_data / "default_pipeline.star").read_text()
+
+
+# --- argument shapes --------------------------------------------------------------------
+
+
+def test_relion_gui_call_shape():
+    argv = (
+        "--o External/job012/ --in_parts Select/job009/particles.star --n_classes 50 "
+        "--anneal off --balance equal --recenter --j 8 --pipeline_control External/job012/"
+    ).split()
+    job = parse_job_args(argv)
+    assert job.out == "External/job012/"
+    assert job.in_parts == "Select/job009/particles.star"
+    assert job.threads == 8
+    assert job.params == {"n_classes": "50", "anneal": "off", "balance": "equal", "recenter": True}
+
+
+def test_ccpem_pipeliner_call_shape():
+    # inputs before --o, --in_3Dref with a capital D, no --j for one thread, kebab spellings
+    argv = (
+        "--in_3Dref Refine3D/job010/run_class001.mrc --in_parts p.star --in_mask m.mrc "
+        "--o External/job003/ --n-classes 20 --max-per-class 100 --balance cap"
+    ).split()
+    job = parse_job_args(argv)
+    assert job.out == "External/job003/" and job.threads is None
+    assert job.inputs == {"in_3dref": "Refine3D/job010/run_class001.mrc", "in_mask": "m.mrc"}
+    assert job.params == {"n_classes": "20", "max_per_class": "100", "balance": "cap"}
+
+
+def test_bare_flags_and_job_options():
+    argv = (
+        "--o X/ --in_parts p.star --no_recenter --keep_iterations --particle_diameter "
+        "--select 1,4,7 --relion_version 3.1 --seed=4"
+    ).split()
+    job = parse_job_args(argv)
+    assert job.params == {"recenter": False, "particle_diameter": None, "seed": "4"}
+    assert job.keep_iterations and job.select == "1,4,7" and job.relion_version == "3.1"
+    # RELION pastes a value with spaces unquoted
+    assert parse_job_args("--o X/ --select 1, 4, 7 --j 2".split()).select == "1, 4, 7"
+
+
+def test_help_lists_parameters(capsys):
+    from jobs.relion_external import main
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--in_parts" in text and "--n_classes" in text and "--balance" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ("--o X/ --in_parts p.star --bogus 3", "unknown option --bogus"),
+        ("--o X/ --in_parts p.star --n_classes", "--n_classes needs a value"),
+        ("--o X/ stray", "unexpected argument 'stray'"),
+        ("--o X/ --n_classes 3 --n-classes 4", "given twice"),
+        ("--o X/ --j many", "--j"),
+        ("--o X/ --recenter maybe", "--recenter"),
+        ("--in_parts p.star", "--o"),
+    ],
+)
+def test_bad_command_lines(argv, message):
+    with pytest.raises(JobArgsError, match=message):
+        parse_job_args(argv.split())
+
+
+def test_parse_select():
+    from fake_result import make_fake_result
+
+    result = make_fake_result(40, 6, 16)
+    assert parse_select("1,4", result) == [1, 4]
+    assert parse_select("2 3-5", result) == [2, 3, 4, 5]
+    auto = parse_select("auto", result)
+    assert auto and set(auto) <= set(range(1, 7))
+    for bad in ("0", "7", "x"):
+        with pytest.raises(ParameterError):
+            parse_select(bad, result)
+
+
+def test_auto_select_drops_empty_and_unresolved_junk_classes():
+    import numpy as np
+    from fake_result import make_fake_result
+
+    result = make_fake_result(600, 6, 16)
+    result.class_sizes = np.array([150, 140, 130, 120, 60, 0])
+    result.resolution_A = np.array([8.0, 8.5, 9.0, 8.2, 40.0, np.inf], dtype=np.float32)
+    assert parse_select("auto", result) == [1, 2, 3, 4]
+
+
+# --- versions and node files ------------------------------------------------------------
+
+
+def test_detect_version(tmp_path, real_data):
+    assert detect_version(tmp_path) == "4.0"  # no pipeline file: default
+    (tmp_path / "default_pipeline.star").write_text(pipeline_31(real_data))
+    assert detect_version(tmp_path) == "3.1"
+    (tmp_path / "default_pipeline.star").write_text(PIPELINE_40)
+    assert detect_version(tmp_path) == "4.0"
+    (tmp_path / "default_pipeline.star").write_text(PIPELINE_50)
+    assert detect_version(tmp_path) == "5.0"
+    assert detect_version(tmp_path, override="3") == "3.1"
+    for text, want in [("4", "4.0"), ("5.0.1", "5.0"), ("relion-3.1", "3.1")]:
+        assert normalise_version(text) == want
+    with pytest.raises(ParameterError):
+        normalise_version("2.1")
+
+
+NODES = [
+    ("External/job012/run_it025_optimiser.star", "optimiser"),
+    ("External/job012/run_it025_data.star", "particles"),
+    ("External/job012/run_it025_model.star", "model"),
+    ("External/job012/particles.star", "selected_particles"),
+    ("External/job012/class_averages.star", "class_averages"),
+]
+
+
+def test_output_nodes_text_per_version():
+    assert format_output_nodes(NODES, "5.0") == (
+        "\n# version 50001\n\ndata_output_nodes\n\nloop_\n_rlnPipeLineNodeName #1\n"
+        "_rlnPipeLineNodeTypeLabel #2\n"
+        "External/job012/run_it025_optimiser.star OptimiserData.star.relion.class2d\n"
+        "External/job012/run_it025_data.star ParticleGroupMetadata.star.relion.class2d\n"
+        "External/job012/particles.star ParticleGroupMetadata.star.relion\n"
+        "External/job012/class_averages.star Image2DGroupMetadata.star.relion.classaverages\n\n"
+    )
+    v4 = format_output_nodes(NODES, "4.0")
+    assert "# version 30001" in v4 and "_rlnPipeLineNodeTypeLabel #2" in v4
+    assert "run_it025_optimiser.star ProcessData.star.relion.optimiser.class2d\n" in v4
+    assert "run_it025_data.star ParticlesData.star.relion.class2d\n" in v4
+    assert "job012/particles.star ParticlesData.star.relion\n" in v4
+    assert "class_averages.star ImagesData.star.relion.classaverages\n" in v4
+    assert "model.star" not in v4
+    v31 = format_output_nodes(NODES, "3.1")
+    assert "_rlnPipeLineNodeType #2" in v31 and "Label" not in v31
+    assert "run_it025_data.star 3\n" in v31 and "run_it025_model.star 8\n" in v31
+    assert "particles.star 3\n" in v31 and "class_averages.star 5\n" in v31
+    assert "optimiser" not in v31
+    assert v31.endswith("\n\n")  # RELION ends a loop at the first empty line
+
+
+def test_write_output_nodes_refuses_missing_files(tmp_path):
+    job = tmp_path / "External" / "job001"
+    job.mkdir(parents=True)
+    (job / "run_it001_data.star").write_text("x")
+    with pytest.raises(InputError, match="missing"):
+        write_output_nodes(
+            job, [(job / "run_it001_data.star", "particles"), (job / "nope.star", "optimiser")],
+            "4.0", tmp_path,
+        )  # fmt: skip
+    assert not (job / OUTPUT_NODES).exists()
+    out = write_output_nodes(job, [(job / "run_it001_data.star", "particles")], "3.1", tmp_path)
+    nodes = read_star(out)["output_nodes"]
+    assert list(nodes["rlnPipeLineNodeName"]) == ["External/job001/run_it001_data.star"]
+
+
+def test_exit_files_and_abort_watcher(tmp_path):
+    write_exit_file(tmp_path, "failure")
+    write_exit_file(tmp_path, "success")
+    assert (tmp_path / EXIT_SUCCESS).exists() and not (tmp_path / EXIT_FAILURE).exists()
+    watcher = AbortWatcher(tmp_path)
+    assert not watcher.requested()
+    (tmp_path / ABORT_NOW).touch()
+    assert watcher.requested()
+    watcher.clear()
+    assert not (tmp_path / ABORT_NOW).exists()
+    with pytest.raises(ValueError):
+        write_exit_file(tmp_path, "done")
+
+
+# --- end to end -------------------------------------------------------------------------
+
+N_PARTICLES, N_CLASSES = 240, 4
+CLASSIFY = {
+    "n_classes": N_CLASSES, "max_resolution": 12, "online_iters": 4, "batch_per_class": 15,
+    "full_iters": 1, "psi_step": 30, "device": "cpu", "anneal": "off", "seed": 1,
+}  # fmt: skip
+SLOW = {"online_iters": 60}  # 10-100 ms each: time to stop the job mid-run
+TOTAL_SLOW = 61
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """A RELION project made by the simulator (particles.star + stacks at the top)."""
+    from companion.simulate import simulate
+
+    proj = tmp_path_factory.mktemp("relion_project")
+    simulate(proj, n=N_PARTICLES, box=48, psize=3.0, seed=2, formats=("star",), progress=False)
+    assert (proj / "particles.star").is_file()
+    return proj
+
+
+@pytest.fixture
+def project(simulated, tmp_path):
+    """A fresh copy of the simulated project (jobs write into it)."""
+    proj = tmp_path / "project"
+    shutil.copytree(simulated, proj, symlinks=True)
+    return proj
+
+
+def job_command(job: str, *extra: str, slow: bool = False) -> list[str]:
+    # RELION's exact shape: --o with a trailing slash, inputs, params, --j, --pipeline_control
+    params = {**CLASSIFY, **(SLOW if slow else {})}
+    return [
+        sys.executable, "-m", "jobs.relion_external", "--o", f"External/{job}/",
+        "--in_parts", "particles.star",
+        *[t for k, v in params.items() for t in (f"--{k}", str(v))],
+        *extra, "--j", "1", "--pipeline_control", f"External/{job}/",
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_job(
+    proj: Path, job: str, *extra: str, slow: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run like RELION: from the project dir, stdout/stderr appended to run.out/run.err."""
+    job_dir = proj / "External" / job
+    job_dir.mkdir(parents=True, exist_ok=True)
+    with open(job_dir / "run.out", "a") as out, open(job_dir / "run.err", "a") as err:
+        r = subprocess.run(
+            job_command(job, *extra, slow=slow), cwd=proj, stdout=out, stderr=err, env=_env(),
+            timeout=timeout,
+        )  # fmt: skip
+    return r
+
+
+def listed_nodes(job_dir: Path) -> list[tuple[str, str]]:
+    nodes = read_star(job_dir / OUTPUT_NODES)["output_nodes"]
+    label = [c for c in nodes.columns if c.startswith("rlnPipeLineNodeType")][0]
+    return list(zip(nodes["rlnPipeLineNodeName"], nodes[label].astype(str), strict=True))
+
+
+def exit_files(job_dir: Path) -> set[str]:
+    return {p.name for p in job_dir.glob("RELION_JOB_*")}
+
+
+def test_end_to_end_versions_selection_and_continue(project, real_data):
+    """RELION 4.0 project: a full run with --select auto; then the same command in a 3.1 and
+    a 5.0 project directory (RELION's 'continue': resumes from the finished checkpoint)."""
+    job_dir = project / "External" / "job012"
+    (project / "default_pipeline.star").write_text(PIPELINE_40)
+    r = run_job(project, "job012", "--select", "auto", "--keep_iterations")
+    err = (job_dir / "run.err").read_text()
+    assert r.returncode == 0, err[-3000:]
+    assert exit_files(job_dir) == {EXIT_SUCCESS}
+    out = (job_dir / "run.out").read_text()
+    assert "iteration 5/5" in out  # per-iteration progress
+    assert "class occupancy" in out and "RELION 4.0" in out and "threads: 1" in out
+    nodes = listed_nodes(job_dir)
+    assert ("External/job012/run_it005_data.star", "ParticlesData.star.relion.class2d") in nodes
+    assert (
+        "External/job012/run_it005_optimiser.star",
+        "ProcessData.star.relion.optimiser.class2d",
+    ) in nodes
+    assert ("External/job012/particles.star", "ParticlesData.star.relion") in nodes
+    assert ("External/job012/class_averages.star", "ImagesData.star.relion.classaverages") in nodes
+    for name, _ in nodes:
+        assert (project / name).is_file(), name
+    assert (job_dir / "class_averages.png").is_file()
+    for it in range(1, 6):  # --keep_iterations
+        assert (job_dir / f"run_it{it:03d}_optimiser.star").is_file()
+    opt = read_star(job_dir / "run_it005_optimiser.star")["optimiser_general"]
+    assert opt["rlnModelStarFile"] == "External/job012/run_it005_model.star"
+    data = read_star(job_dir / "run_it005_data.star")["particles"]
+    assert len(data) == N_PARTICLES
+    assert set(data["rlnClassNumber"]) <= set(range(1, N_CLASSES + 1))
+    selected = read_star(job_dir / "particles.star")["particles"]
+    chosen = set(read_star(job_dir / "class_averages.star")["model_classes"]["rlnClassNumber"])
+    assert set(selected["rlnClassNumber"]) == chosen and 0 < len(selected) <= N_PARTICLES
+
+    for version, pipeline, want in [
+        ("3.1", pipeline_31(real_data), ("External/job012/run_it005_model.star", "8")),
+        ("5.0", PIPELINE_50, ("External/job012/run_it005_optimiser.star",
+                              "OptimiserData.star.relion.class2d")),
+    ]:  # fmt: skip
+        for name in exit_files(job_dir):  # RELION deletes them before continuing
+            (job_dir / name).unlink()
+        (project / "default_pipeline.star").write_text(pipeline)
+        r = run_job(project, "job012", "--select", "auto", "--keep_iterations")
+        assert r.returncode == 0, (job_dir / "run.err").read_text()[-3000:]
+        assert exit_files(job_dir) == {EXIT_SUCCESS}
+        assert want in listed_nodes(job_dir), version
+        assert f"RELION {version}" in (job_dir / "run.out").read_text()
+        for name, _ in listed_nodes(job_dir):
+            assert (project / name).is_file(), name
+    assert "continuing" in (job_dir / "run.out").read_text()
+
+
+def _wait_for(pred, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _start(proj: Path, job: str, *extra: str, slow: bool = True) -> subprocess.Popen:
+    job_dir = proj / "External" / job
+    job_dir.mkdir(parents=True, exist_ok=True)
+    with open(job_dir / "run.out", "a") as out, open(job_dir / "run.err", "a") as err:
+        return subprocess.Popen(
+            job_command(job, *extra, slow=slow), cwd=proj, stdout=out, stderr=err, env=_env()
+        )  # the child keeps its own copies of the two descriptors
+
+
+def _iterations(text: str) -> list[int]:
+    """Finished iterations logged in ``text`` (not the within-iteration progress lines)."""
+    return [int(m) for m in re.findall(rf"iteration (\d+)/{TOTAL_SLOW}  ", text)]
+
+
+@pytest.fixture
+def reaper():
+    """Processes a test started; any still running at teardown (a failed test) are killed."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_sigterm_abort_and_continue(project, reaper):
+    """SIGTERM mid-run -> ABORTED; continue (resumes after the last finished iteration), then
+    the GUI's abort file -> ABORTED and the file removed; continue again -> SUCCESS."""
+    (project / "default_pipeline.star").write_text(PIPELINE_40)
+    job_dir = project / "External" / "job020"
+    out = job_dir / "run.out"
+    proc = _start(project, "job020")
+    reaper.append(proc)
+    assert _wait_for(lambda: "iteration 3/" in out.read_text(), 60), job_dir / "run.err"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) != 0
+    assert exit_files(job_dir) == {EXIT_ABORTED}
+    assert not (job_dir / OUTPUT_NODES).exists()
+    assert "SIGTERM" in (job_dir / "run.err").read_text().strip().splitlines()[-1]
+    last1 = max(_iterations(out.read_text()))
+    assert 3 <= last1 < TOTAL_SLOW
+
+    (job_dir / EXIT_ABORTED).unlink()  # RELION's continue deletes the exit file
+    mark = len(out.read_text())
+    proc = _start(project, "job020")
+    reaper.append(proc)
+    assert _wait_for(lambda: _iterations(out.read_text()[mark:]), 60)
+    (job_dir / ABORT_NOW).touch()
+    assert proc.wait(60) != 0
+    assert exit_files(job_dir) == {EXIT_ABORTED}
+    assert not (job_dir / ABORT_NOW).exists()
+    assert "aborted" in (job_dir / "run.err").read_text().strip().splitlines()[-1]
+    second = out.read_text()[mark:]
+    assert "continuing" in second
+    assert min(_iterations(second)) in (last1, last1 + 1)  # not from the start
+    last2 = max(_iterations(second))
+    assert last2 < TOTAL_SLOW
+
+    (job_dir / EXIT_ABORTED).unlink()
+    mark = len(out.read_text())
+    r = run_job(project, "job020", slow=True)
+    assert r.returncode == 0, (job_dir / "run.err").read_text()[-3000:]
+    assert exit_files(job_dir) == {EXIT_SUCCESS}
+    third = _iterations(out.read_text()[mark:])
+    assert third[0] == last2 + 1 and third[-1] == TOTAL_SLOW
+    assert (job_dir / f"run_it{TOTAL_SLOW:03d}_optimiser.star").is_file()
+    for name, _ in listed_nodes(job_dir):
+        assert (project / name).is_file(), name
+
+
+@pytest.mark.parametrize(
+    "extra, reason",
+    [
+        (["--in_parts", "Extract/job999/particles.star"], "not found"),
+        (["--in_parts", "particles.star", "--n_classes", "0"], "--n-classes"),
+        (["--in_parts", "particles.star", "--frobnicate", "1"], "unknown option --frobnicate"),
+    ],
+)
+def test_failure_writes_exit_file_and_reason(project, extra, reason):
+    job_dir = project / "External" / "job030"
+    job_dir.mkdir(parents=True)
+    (job_dir / OUTPUT_NODES).write_text("stale")  # from an earlier run: must not survive
+    cmd = [sys.executable, "-m", "jobs.relion_external", "--o", "External/job030/", *extra]
+    r = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode != 0
+    assert exit_files(job_dir) == {EXIT_FAILURE}
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("companion-relion: error:") and reason in last, r.stderr
+    assert not (job_dir / OUTPUT_NODES).exists()
+
+
+@pytest.mark.relion
+def test_relion_reads_outputs_and_refines_selected_particles(project):
+    """Debian RELION 3.1.3: star_handler reads every listed STAR file; relion_refine starts a
+    new 2D run (1 iteration, 2 classes, 1 thread) from the selected particles.star."""
+    (project / "default_pipeline.star").write_text(PIPELINE_40)
+    job_dir = project / "External" / "job040"
+    r = run_job(project, "job040", "--select", "1,2,3")
+    assert r.returncode == 0, (job_dir / "run.err").read_text()[-3000:]
+    for name, _ in listed_nodes(job_dir):
+        if name.endswith(".star"):
+            s = subprocess.run(
+                ["relion_star_handler", "--i", name, "--o", f"copy_{Path(name).name}"],
+                cwd=project, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert s.returncode == 0 and "ERROR" not in s.stderr, f"{name}: {s.stderr[-2000:]}"
+    (project / "Class2D" / "job041").mkdir(parents=True)
+    cmd = (
+        "relion_refine --o Class2D/job041/run --i External/job040/particles.star --iter 1 --K 2 "
+        "--tau2_fudge 2 --particle_diameter 120 --ctf --zero_mask --flatten_solvent "
+        "--oversampling 1 --psi_step 30 --offset_range 3 --offset_step 2 --j 1 "
+        "--dont_combine_weights_via_disc --pool 3"
+    ).split()
+    s = subprocess.run(cmd, cwd=project, capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0, s.stdout[-1500:] + s.stderr[-3000:]
+    data = read_star(project / "Class2D" / "job041" / "run_it001_data.star")["particles"]
+    assert len(data) == len(read_star(job_dir / "particles.star")["particles"])
+    assert set(data["rlnClassNumber"]) <= {1, 2}
