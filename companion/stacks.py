@@ -138,6 +138,7 @@ def check_stacks(particles: ParticleSet) -> list[str]:
     # first source row referencing each stack, for messages
     rev = np.arange(len(particles) - 1, -1, -1)
     first_row[particles.stack_index[rev]] = particles.source_row[rev]
+    n_images = np.full(len(particles.stack_paths), np.iinfo(np.int64).max, dtype=np.int64)
     for s, path in enumerate(particles.stack_paths):
         if max_idx[s] < 0:
             continue
@@ -150,16 +151,24 @@ def check_stacks(particles: ParticleSet) -> list[str]:
                 h = mrc.header
                 nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
         except (ValueError, OSError) as exc:
-            problems.append(f"{path}: not a readable MRC stack ({exc})")
+            problems.append(f"{where}: {path} is not a readable MRC stack ({exc})")
             continue
+        n_images[s] = nz
         if (nx, ny) != (particles.box, particles.box):
             problems.append(
-                f"{path}: images are {nx}x{ny} px but the particle file says box "
+                f"{where}: images in {path} are {nx}x{ny} px but the particle file says box "
                 f"{particles.box} — fix rlnImageSize / blob/shape or re-extract"
             )
-        if max_idx[s] >= nz:
+    # indices past the end: name the first offending row of each stack
+    past = np.flatnonzero(particles.image_index >= n_images[particles.stack_index])
+    if len(past):
+        first = np.full(len(particles.stack_paths), len(particles), dtype=np.int64)
+        np.minimum.at(first, particles.stack_index[past], past)
+        for s in np.flatnonzero(first < len(particles)):
+            i = int(first[s])
             problems.append(
-                f"{path}: particle file refers to image {max_idx[s] + 1} but the stack holds "
-                f"{nz} images — the particle file and the stacks do not match"
+                f"{particles.source_path}: row {particles.source_row[i] + 1} refers to image "
+                f"{particles.image_index[i] + 1} of {particles.stack_paths[s]}, which holds "
+                f"{n_images[s]} images — the particle file and the stacks do not match"
             )
     return problems

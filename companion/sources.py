@@ -1,0 +1,127 @@
+"""Open particles from any host: dispatch by file suffix to the RELION or CryoSPARC reader.
+
+``.star`` → :mod:`companion.relion`, ``.cs`` → :mod:`companion.cryosparc`. Nothing here knows
+a host field name; the host packages report problems as one-line messages.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from companion.errors import InputError
+from companion.particles import ParticleSet
+
+SUFFIXES = {".star": "relion", ".cs": "cryosparc"}
+MAX_REPEATS_LISTED = 3
+
+
+def host_of(path: str | Path) -> str:
+    """``"relion"`` or ``"cryosparc"`` from the file suffix; InputError otherwise."""
+    p = Path(path)
+    host = SUFFIXES.get(p.suffix.lower())
+    if host is None:
+        raise InputError(
+            f"{p}: unknown particle file type {p.suffix or '(no suffix)'!r} — give a RELION "
+            "particles .star file or a CryoSPARC .cs file"
+        )
+    return host
+
+
+def _module(host: str):  # noqa: ANN202 - a host package
+    if host == "relion":
+        import companion.relion as mod
+    else:
+        import companion.cryosparc as mod
+    return mod
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: file not found — check the path")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory — give the particles .star or .cs file")
+
+
+def open_particles(path: str | Path, project_dir: str | Path | None = None) -> ParticleSet:
+    """Read the particles in ``path`` (STAR or .cs); InputError on the first fatal problem."""
+    path = Path(path)
+    host = host_of(path)
+    _check_exists(path)
+    return _module(host).read_particles(path, project_dir)
+
+
+@dataclass
+class Inspection:
+    """What :func:`inspect_report` found: the particles (if readable) and every problem.
+
+    ``blocking`` is True when classification cannot run on this input (unreadable file,
+    a fatal metadata error, or images that cannot be read).
+    """
+
+    path: Path
+    host: str | None
+    particles: ParticleSet | None
+    problems: list[str] = field(default_factory=list)
+    blocking: bool = False
+
+
+def inspect_report(path: str | Path, project_dir: str | Path | None = None) -> Inspection:
+    """Read ``path`` like :func:`open_particles`, but collect every problem instead of stopping.
+
+    The strict reader runs first; if it succeeds its notes are non-fatal, and only image
+    problems (missing stacks, indices past the end, box mismatch, mixed pixel sizes) block.
+    If it fails the host's inspector collects every problem, and the input is blocking.
+    """
+    path = Path(path)
+    try:
+        host = host_of(path)
+        _check_exists(path)
+    except InputError as exc:
+        return Inspection(path, None, None, [str(exc)], blocking=True)
+    mod = _module(host)
+    try:
+        particles = mod.read_particles(path, project_dir)
+    except InputError as exc:
+        particles, problems = mod.inspect_particles(path, project_dir)
+        if not problems:
+            problems = [str(exc)]
+        return Inspection(path, host, particles, _dedupe(problems), blocking=True)
+    notes = list(particles.problems)
+    blocking = _summarise_repeats(path, particles.check_images())
+    if len(particles) == 0:
+        blocking.append(f"{path}: no particles — nothing to classify")
+    else:
+        try:
+            particles.pixel_size  # noqa: B018 - raises on mixed pixel sizes
+        except InputError as exc:
+            blocking.append(str(exc))
+    return Inspection(path, host, particles, _dedupe(notes + blocking), blocking=bool(blocking))
+
+
+def inspect(
+    path: str | Path, project_dir: str | Path | None = None
+) -> tuple[ParticleSet | None, list[str]]:
+    """``(particles or None, every problem found)`` for ``path`` (STAR or .cs)."""
+    report = inspect_report(path, project_dir)
+    return report.particles, report.problems
+
+
+def _dedupe(problems: list[str]) -> list[str]:
+    return list(dict.fromkeys(problems))
+
+
+def _summarise_repeats(path: Path, problems: list[str]) -> list[str]:
+    """The same stack problem on many stacks: the first few lines, then one count line."""
+    groups: dict[str, list[str]] = {}
+    for p in problems:
+        key = re.sub(r"row \d+", "row #", re.sub(r"\S+\.mrcs?\b", "STACK", p))
+        groups.setdefault(key, []).append(p)
+    out: list[str] = []
+    for lines in groups.values():
+        out += lines[:MAX_REPEATS_LISTED]
+        if len(lines) > MAX_REPEATS_LISTED:
+            rest = len(lines) - MAX_REPEATS_LISTED
+            out.append(f"{path}: {rest} more image stacks with the same problem as the line above")
+    return out
