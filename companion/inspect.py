@@ -102,7 +102,7 @@ def format_text(summary: dict[str, Any] | None, problems: list[str], blocking: b
                 f"astigmatism up to {_fmt(s['astigmatism_max_A'])} Å)",
                 f"voltage / Cs    {_join(s['voltage_kV'])} kV / {_join(s['cs_mm'])} mm, "
                 f"amplitude contrast {_join(s['amp_contrast'])}",
-                f"image contrast  {s['contrast']}",
+                f"image contrast  {s['contrast']}" + _measured(s),
             ]
             if s["ctf_premultiplied"] or s["phase_flipped"]:
                 lines.append(
@@ -117,6 +117,13 @@ def format_text(summary: dict[str, Any] | None, problems: list[str], blocking: b
     else:
         lines.append("no problems found")
     return "\n".join(lines)
+
+
+def _measured(s: dict[str, Any]) -> str:
+    m = s.get("measured_contrast")
+    if not m:
+        return ""
+    return f"; measured on {m['n_sampled']} particles: {m['verdict']} (z = {m['z']:g})"
 
 
 def _fmt(value: float | None) -> str:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from companion.contrast import ContrastCheck, measure_contrast
 from companion.errors import InputError
 from companion.particles import ParticleSet
 
@@ -65,6 +66,7 @@ class Inspection:
     particles: ParticleSet | None
     problems: list[str] = field(default_factory=list)
     blocking: bool = False
+    measured_contrast: ContrastCheck | None = None
 
 
 def inspect_report(path: str | Path, project_dir: str | Path | None = None) -> Inspection:
@@ -97,7 +99,17 @@ def inspect_report(path: str | Path, project_dir: str | Path | None = None) -> I
             particles.pixel_size  # noqa: B018 - raises on mixed pixel sizes
         except InputError as exc:
             blocking.append(str(exc))
-    return Inspection(path, host, particles, _dedupe(notes + blocking), blocking=bool(blocking))
+    measured = None
+    if not blocking:
+        measured = measure_contrast(particles)
+        if measured.verdict == "dark":
+            notes.append(
+                f"{path}: images read protein dark on average (sign test z = {measured.z:.1f} "
+                f"over {measured.n_sampled} particles) although the file declares the contrast "
+                "as read — the convention looks inverted; class averages would come out "
+                "negative (for a .cs file, pass --contrast to override blob/sign)"
+            )
+    return Inspection(path, host, particles, _dedupe(notes + blocking), bool(blocking), measured)
 
 
 def inspect(

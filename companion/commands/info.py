@@ -39,6 +39,13 @@ def main(args: argparse.Namespace) -> int:
 
     report = inspect_report(args.input, args.project_dir)
     summary = summarise(report.particles) if report.particles is not None else None
+    if summary is not None and report.measured_contrast is not None:
+        m = report.measured_contrast
+        summary["measured_contrast"] = {
+            "verdict": m.verdict,
+            "z": round(m.z, 2),
+            "n_sampled": m.n_sampled,
+        }
     if args.json:
         doc = {
             "path": str(report.path),
