@@ -111,6 +111,23 @@ class ClassifyParams(BaseModel):
             "the largest class (0 = never)."
         ),
     )
+    search: Literal["fast", "exhaustive"] = Field(
+        "fast",
+        description=(
+            "Pose search. 'fast': a coarse pass (twice the psi and shift steps, half the "
+            "resolution) over every class, then a full-resolution search around the best "
+            "coarse pose of each class (like RELION's adaptive oversampling); 'exhaustive': "
+            "every psi and shift at full resolution (several times slower)."
+        ),
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Particles per compute batch. Default: from free device memory; lower it if the "
+            "GPU runs out of memory."
+        ),
+    )
     seed: int = Field(0, ge=0, description="Random seed; a run is reproducible on one backend.")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Compute device: 'gpu' needs CuPy and a CUDA GPU; 'auto' picks one."

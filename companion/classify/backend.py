@@ -2,13 +2,19 @@
 
 Core functions take their array module from their inputs (:func:`get_array_module`), so
 one process can run and test both paths; only this module decides where data lives.
+CuPy is imported lazily: nothing here needs it unless a GPU is asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from companion.errors import DeviceError
 
 
 def cupy_or_none() -> Any:
@@ -33,8 +39,129 @@ def get_array_module(*arrays: Any) -> Any:
     return np
 
 
+def is_cupy(xp: Any) -> bool:
+    return getattr(xp, "__name__", "numpy") == "cupy"
+
+
 def to_host(a: Any) -> np.ndarray:
     """A NumPy copy of ``a`` (no-op for NumPy arrays)."""
     if type(a).__module__.startswith("cupy"):
         return a.get()
     return np.asarray(a)
+
+
+def to_device(a: Any, xp: Any) -> Any:
+    """``a`` on the device of ``xp`` (no copy when it is already there)."""
+    if is_cupy(xp):
+        return xp.asarray(a)
+    return to_host(a)
+
+
+def select_device(name: str = "auto") -> Any:
+    """The array module for ``--device``: ``cpu`` → NumPy, ``gpu`` → CuPy, ``auto`` → either.
+
+    Raises DeviceError (one line) when ``gpu`` is asked for and CuPy or a GPU is missing.
+    """
+    if name == "cpu":
+        return np
+    cp = cupy_or_none()
+    if cp is not None:
+        return cp
+    if name == "gpu":
+        try:
+            import cupy  # noqa: F401
+
+            why = "CuPy sees no CUDA GPU"
+        except Exception:
+            why = "CuPy is not installed (pip install 'companion[gpu]')"
+        raise DeviceError(f"--device gpu: {why} — use --device cpu or --device auto")
+    if name != "auto":
+        raise DeviceError(f"--device {name}: unknown device — use auto, cpu or gpu")
+    return np
+
+
+def describe_device(xp: Any) -> str:
+    """One line naming the device, e.g. ``cpu (numpy 2.1, 2 cores)``."""
+    if is_cupy(xp):
+        try:
+            dev = xp.cuda.Device()
+            props = xp.cuda.runtime.getDeviceProperties(dev.id)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        except Exception:
+            name = "CUDA GPU"
+        return f"gpu: {name} (cupy {xp.__version__})"
+    return f"cpu (numpy {np.__version__}, {os.cpu_count() or 1} cores)"
+
+
+def available_memory(xp: Any) -> int:
+    """Bytes free for work arrays: free GPU memory (CuPy) or available host RAM (NumPy)."""
+    if is_cupy(xp):
+        free, _total = xp.cuda.runtime.memGetInfo()
+        pool = xp.get_default_memory_pool()
+        return int(free + pool.free_bytes())
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def work_budget(xp: Any) -> int:
+    """Bytes the classifier may use for one batch's temporaries.
+
+    GPU: 40% of free memory. CPU: a quarter of available RAM, at most 1 GiB (two cores gain
+    nothing from larger batches, and a fixed ceiling keeps batch sizes — hence results —
+    the same from run to run).
+    """
+    avail = available_memory(xp)
+    if is_cupy(xp):
+        return max(64 << 20, int(0.4 * avail))
+    return int(min(1 << 30, max(64 << 20, avail // 4)))
+
+
+def batch_size(bytes_per_item: float, xp: Any, *, fixed_bytes: float = 0, most: int = 1 << 16,
+               least: int = 1, budget: int | None = None) -> int:  # fmt: skip
+    """Items per batch so that ``fixed + n × bytes_per_item`` fits the work budget.
+
+    Rounded down to a power of two (so small changes in free memory do not change it).
+    """
+    budget = work_budget(xp) if budget is None else budget
+    n = int((budget - fixed_bytes) // max(bytes_per_item, 1.0))
+    n = max(least, min(most, n))
+    return max(least, 1 << (max(n, 1).bit_length() - 1))
+
+
+def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
+    """``target[index[i]] += rows[i]`` for a 2-D float32 ``target`` (duplicates summed)."""
+    xp = get_array_module(target)
+    if len(index) == 0:
+        return
+    if is_cupy(xp):
+        import cupyx
+
+        cupyx.scatter_add(target, index, rows)
+        return
+    width = target.shape[1]
+    flat = (index.astype(np.int64)[:, None] * width + np.arange(width)).ravel()
+    np.add.at(target.reshape(-1), flat, rows.reshape(-1))
+
+
+@contextlib.contextmanager
+def device_errors(what: str = "classification") -> Iterator[None]:
+    """Turn a GPU out-of-memory error into a one-line DeviceError."""
+    try:
+        yield
+    except Exception as exc:  # CuPy's OutOfMemoryError without importing CuPy
+        name = type(exc).__name__
+        if "OutOfMemory" in name or "CUBLAS_STATUS_ALLOC_FAILED" in str(exc):
+            raise DeviceError(
+                f"{what}: the GPU ran out of memory — use a smaller batch (--batch-size), "
+                "fewer classes, or a coarser --max-resolution"
+            ) from None
+        raise
