@@ -1,0 +1,468 @@
+"""Capacity-constrained class assignment (balanced-class mode).
+
+Two solvers over an (N, K) matrix of class scores, for NumPy and CuPy alike (the array module
+comes from the input; work is done in row chunks so temporaries stay small):
+
+- :func:`sinkhorn_capped` — soft assignment for the E-step: the class posteriors projected
+  (in KL) onto {rows sum to 1, column sums ≤ cap}. Its dual is one log price per class.
+- :func:`assign_capped` — final hard labels whose class counts never exceed the cap, with a
+  total score within ``N · eps`` of the optimum (an auction over class prices, then an exact
+  greedy repair).
+
+Both return per-class prices (``return_dual`` / ``return_prices``) that can warm-start the
+next call (online EM re-uses them across mini-batches: prices are per class, not per particle).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from companion.classify.backend import get_array_module
+
+log = logging.getLogger(__name__)
+
+#: elements per row chunk (NumPy / CuPy); bounds the temporaries of every pass.
+_CHUNK_ELEMS = {"numpy": 1 << 21, "cupy": 1 << 25}
+
+
+def _chunk_rows(xp: Any, k: int) -> int:
+    return max(1, _CHUNK_ELEMS["cupy" if xp.__name__ == "cupy" else "numpy"] // max(k, 1))
+
+
+def _caps_array(xp: Any, caps: Any, k: int, dtype: Any) -> Any:
+    c = xp.asarray(caps, dtype=dtype)
+    if c.ndim == 0:
+        c = xp.full((k,), c, dtype=dtype)
+    if c.shape != (k,):
+        raise ValueError(f"caps must be a scalar or have shape ({k},), got {tuple(c.shape)}")
+    return c
+
+
+# ----------------------------------------------------------------------------------- soft
+
+
+def sinkhorn_capped(
+    log_post: Any,
+    caps: Any,
+    n_iter: int = 50,
+    tol: float = 1e-3,
+    *,
+    dual: Any = None,
+    return_dual: bool = False,
+) -> Any:
+    """Soft class weights with rows summing to 1 and column sums at most ``caps``.
+
+    Solves ``min_W KL(W ‖ Q)`` over ``{W ≥ 0, W·1 = 1, 1ᵀW ≤ caps}`` where
+    ``Q = softmax(log_post)`` row-wise (uniform class priors). The solution has the form
+    ``W_ik = exp(L_ik − a_i − b_k)`` with row duals ``a`` and class prices ``b ≥ 0`` that are
+    zero for classes under their cap. Algorithm: exact block-coordinate ascent on the concave
+    dual (Sinkhorn/IPF in the log domain, with the column step clipped at zero):
+
+        a_i ← logsumexp_k (L_ik − b_k)                  (rows sum to 1)
+        b_k ← max(0, b_k + log(Σ_i W_ik / cap_k))        (only overfull columns are scaled down)
+
+    Each step maximises the dual exactly over one block, so the iteration converges to the KL
+    projection. ``W_ik ≤ 1`` after the row step, so column sums need no log-sum-exp and
+    nothing overflows, however peaked the posteriors. For peaked posteriors (low temperature)
+    the prices must travel far in steps of ``log(overflow)``, so the prices are first solved on
+    tempered copies ``L / T`` with ``T`` halving from the largest row spread down to 1
+    (ε-scaling), each level warm-starting the next. Stops when every column is within
+    ``(1 + tol) · cap`` and every priced column within ``(1 − tol) · cap`` (complementary
+    slackness), or after ``n_iter`` iterations at ``T = 1``.
+
+    Args:
+        log_post: (N, K) float array, unnormalised log posteriors (``-inf`` = impossible).
+        caps: (K,) or scalar, the most weight each class may hold (may be fractional, e.g.
+            scaled to a mini-batch); ``sum(caps) ≥ N``.
+        n_iter: most iterations at the final temperature.
+        tol: relative tolerance on the column sums.
+        dual: (K,) class prices ``b`` to start from (e.g. the previous mini-batch's).
+        return_dual: also return the final prices (float64, on the input's device).
+
+    Returns:
+        (N, K) weights in the input's float dtype (and the prices with ``return_dual``).
+    """
+    xp = get_array_module(log_post)
+    L = log_post
+    if L.ndim != 2:
+        raise ValueError("log_post must be an (N, K) array")
+    n, k = L.shape
+    dtype = np.dtype(L.dtype if L.dtype in (np.float32, np.float64) else np.float64)
+    caps = _caps_array(xp, caps, k, np.float64)
+    if float(caps.sum()) < n * (1 - 1e-9):
+        raise ValueError(f"sum of caps {float(caps.sum()):.6g} < {n} rows: infeasible")
+    b = xp.zeros(k, dtype=np.float64) if dual is None else xp.asarray(dual, np.float64).copy()
+    b = xp.where(caps > 0, b, xp.inf)  # a zero cap closes the class
+    rows = _chunk_rows(xp, k)
+
+    def sweep(temp: float, out: Any = None) -> Any:
+        """Row step for all rows at temperature ``temp``; returns column sums (float64)."""
+        col = xp.zeros(k, dtype=np.float64)
+        bt = (b / temp).astype(dtype)
+        for s in range(0, n, rows):
+            m = L[s : s + rows].astype(dtype, copy=False) / dtype.type(temp) - bt
+            mx = m.max(axis=1, keepdims=True)
+            dead = ~xp.isfinite(mx)  # no open class with a finite score: spread evenly
+            m = xp.where(dead, xp.where(xp.isfinite(bt), 0, -xp.inf).astype(dtype), m)
+            mx = xp.where(dead, 0, mx)
+            m -= mx
+            xp.exp(m, out=m)
+            m /= m.sum(axis=1, keepdims=True)
+            col += m.sum(axis=0, dtype=np.float64)
+            if out is not None:
+                out[s : s + rows] = m
+        return col
+
+    def step(col: Any, temp: float) -> None:
+        nonlocal b
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = xp.log(col / caps)
+        b = xp.where(caps > 0, xp.maximum(b + temp * ratio, 0), xp.inf)
+
+    def done(col: Any, level_tol: float) -> bool:
+        over = float(xp.max(col - caps * (1 + level_tol)))
+        priced = (b > 0) & (caps > 0)
+        slack = float(xp.max(xp.where(priced, caps * (1 - level_tol) - col, -1.0)))
+        return over <= 0 and slack <= 0
+
+    if bool(xp.all(caps >= n)):
+        b = xp.zeros(k, dtype=np.float64)
+    else:
+        # ε-scaling levels: T0 = largest finite row spread, halving down to 1.
+        spread = _max_row_spread(xp, L, rows)
+        temps = []
+        t = spread
+        while t > 1.0:
+            temps.append(t)
+            t /= 2.0
+        level_tol = max(tol, 0.05)
+        for t in temps:
+            for _ in range(10):
+                col = sweep(t)
+                if done(col, level_tol):
+                    break
+                step(col, t)
+        for _ in range(n_iter):
+            col = sweep(1.0)
+            if done(col, tol):
+                break
+            step(col, 1.0)
+        else:
+            log.debug("sinkhorn_capped: not converged to tol=%g in %d iterations", tol, n_iter)
+    out = xp.empty((n, k), dtype=dtype)
+    sweep(1.0, out)
+    return (out, b) if return_dual else out
+
+
+def _max_row_spread(xp: Any, L: Any, rows: int) -> float:
+    """Largest (max − min) over the finite entries of any row (at least 1)."""
+    best = 1.0
+    for s in range(0, L.shape[0], rows):
+        m = L[s : s + rows]
+        fin = xp.isfinite(m)
+        hi = xp.where(fin, m, -xp.inf).max(axis=1)
+        lo = xp.where(fin, m, xp.inf).min(axis=1)
+        d = hi - lo
+        d = d[xp.isfinite(d)]
+        if d.size:
+            best = max(best, float(d.max()))
+    return best
+
+
+# ----------------------------------------------------------------------------------- hard
+
+
+def _top2(xp: Any, s: Any, p: Any, idx: Any, exclude: Any, rows: int) -> tuple[Any, Any, Any]:
+    """Best class, its value and the runner-up value of ``s[idx] − p`` (``exclude`` masked).
+
+    ``idx`` None means all rows. Values are float64; ``-inf`` where no class is left.
+    """
+    n = s.shape[0] if idx is None else int(idx.shape[0])
+    j1 = xp.empty(n, dtype=np.int64)
+    v1 = xp.empty(n, dtype=np.float64)
+    v2 = xp.empty(n, dtype=np.float64)
+    pd = p.astype(s.dtype)
+    for a in range(0, n, rows):
+        sl = slice(a, min(a + rows, n))
+        t = (s[sl] if idx is None else s[idx[sl]]) - pd
+        r = xp.arange(t.shape[0])
+        if exclude is not None:
+            t[r, exclude[sl]] = -xp.inf
+        j = t.argmax(axis=1)
+        j1[sl] = j
+        v1[sl] = t[r, j]
+        t[r, j] = -xp.inf
+        v2[sl] = t.max(axis=1)
+    return j1, v1, v2
+
+
+def assign_capped(
+    scores: Any,
+    cap: Any,
+    *,
+    eps: float | None = None,
+    max_work: float = 20.0,
+    return_prices: bool = False,
+) -> Any:
+    """Hard labels maximising the total score with at most ``cap[k]`` rows in class k.
+
+    Forward auction over class prices ``p ≥ 0`` (Bertsekas' auction for similar objects,
+    Jacobi form). Every row holds its best class ``argmax_k (s_ik − p_k)``. Each round, every
+    overfull class with excess ``e`` ranks its members by margin (own value minus best other
+    value), evicts the ``e`` weakest and raises its price to the weakest stayer's margin plus
+    ``eps``; evicted rows take their best class at the new prices (possibly overfilling it:
+    next round). Prices only rise, so a class that filled stays full; every row is at its
+    best class except stayers within ``eps`` of it. Hence, when no class is overfull,
+    ``total ≥ optimum − N·eps`` (LP duality: prices are positive only on full classes).
+
+    Work is bounded: after ``max_work · N`` row evaluations (scores with identical class
+    preferences in every row cascade through the classes one per round) a greedy repair
+    finishes. The repair, also run after a finished auction, is what guarantees the cap, by
+    construction: it trims every overfull class to exactly its cap (keeping its
+    highest-margin members), then places the unassigned rows in rounds where each row
+    proposes to its best few classes that still have room and each class accepts at most its
+    remaining room; a row accepted twice keeps its best class. Every round places at least one
+    row, and ``sum(cap) ≥ N`` means some class has room while a row is unplaced.
+
+    Args:
+        scores: (N, K) float array, higher is better (e.g. log posteriors). ``-inf`` = never,
+            unless every class with room is ``-inf`` for that row.
+        cap: int or (K,) ints ≥ 0 with ``sum ≥ N``.
+        eps: bid increment; default ``1e-2 ×`` the mean finite row spread (max − min).
+        max_work: auction budget in row evaluations per row (at least ``4e8 / K`` in all)
+            before the repair takes over.
+        return_prices: also return the final class prices (float64, ``inf`` for cap 0).
+
+    Returns:
+        int64 (N,) labels on the input's device (and the prices with ``return_prices``).
+    """
+    xp = get_array_module(scores)
+    s = scores
+    if s.ndim != 2:
+        raise ValueError("scores must be an (N, K) array")
+    if s.dtype not in (np.float32, np.float64):
+        s = s.astype(np.float64)
+    n, k = s.shape
+    caps = _caps_array(xp, cap, k, np.int64)
+    if bool(xp.any(caps < 0)) or int(caps.sum()) < n:
+        raise ValueError(f"caps must be ≥ 0 with sum ≥ {n}, got sum {int(caps.sum())}")
+    rows = _chunk_rows(xp, k)
+    p = xp.where(caps > 0, 0.0, xp.inf)
+    spread = _mean_row_spread(xp, s)
+    if eps is None:
+        eps = 1e-2 * spread
+    budget = max(max_work * n, 4e8 / k)  # row evaluations; small problems always finish
+
+    labels, v1, v2 = _top2(xp, s, p, None, None, rows)
+    labels[~xp.isfinite(v1)] = -1  # no finite open class: left to the repair
+    # lower bound on each row's margin (own value − best other value): exact when computed;
+    # when the row's own price rises by d it drops by exactly d; when other prices rise the
+    # true margin can only grow. Members are re-evaluated only when they might be evicted.
+    mlb = xp.nan_to_num(v1 - v2, nan=xp.inf, posinf=xp.inf)
+    stamp = xp.zeros(n, dtype=np.int64)  # round in which mlb was last made exact
+    rounds, work = 0, 0
+    while work < budget:
+        counts = xp.bincount(labels[labels >= 0], minlength=k)
+        excess = counts - caps
+        over = excess > 0
+        if not bool(over.any()):
+            break
+        rounds += 1
+        members = xp.nonzero((labels >= 0) & over[xp.maximum(labels, 0)])[0]
+        lab_m = labels[members]
+        grow = 2
+        while True:  # until the `excess` weakest members of each class have exact margins
+            idx = members[_candidates(xp, lab_m, mlb[members], excess, k, spread)]
+            lab = labels[idx]
+            lab_s, m_s, idx_s, first, pos = _rank_members(xp, lab, mlb[idx], idx, k)
+            out = pos < excess[lab_s]
+            if not bool((out & (stamp[idx_s] != rounds)).any()):
+                break
+            # refresh a window beyond the excess too: refreshed margins only grow
+            win = pos < excess[lab_s] * grow + 16
+            stale = idx_s[win & (stamp[idx_s] != rounds)]
+            grow *= 4
+            mlb[stale] = _margins(xp, s, p, stale, labels[stale], rows)
+            stamp[stale] = rounds
+            work += int(stale.shape[0])
+        ko = xp.nonzero(over)[0]
+        ie = first[ko] + excess[ko]  # the weakest stayer (exists: count > excess when cap ≥ 1)
+        stay = m_s[xp.minimum(ie, m_s.shape[0] - 1)]  # a lower bound of its margin
+        step = xp.where(xp.isfinite(stay), xp.maximum(stay, 0), 0.0) + eps
+        p[ko] += step
+        dp = xp.zeros(k, dtype=np.float64)
+        dp[ko] = step
+        mlb[members] -= dp[lab_m]
+        ev, hopeless = idx_s[out], ~xp.isfinite(m_s[out])  # hopeless: no other finite class
+        # re-evaluated at the new prices, unmasked: other classes may have raised too, and a row
+        # that still prefers its old class keeps it overfull for the next round
+        j1, v1, v2 = _top2(xp, s, p, ev, None, rows)
+        labels[ev] = xp.where(xp.isfinite(v1) & ~hopeless, j1, -1)
+        mlb[ev] = xp.nan_to_num(v1 - v2, nan=xp.inf, posinf=xp.inf)
+        work += int(ev.shape[0])
+    else:
+        log.debug("assign_capped: auction budget spent after %d rounds; repairing", rounds)
+    labels = _repair(xp, s, p, labels, caps, rows)
+    log.debug("assign_capped: %d auction rounds, %.1f row evaluations per row", rounds, work / n)
+    return (labels, p) if return_prices else labels
+
+
+def _margins(xp: Any, s: Any, p: Any, idx: Any, lab: Any, rows: int) -> Any:
+    """Value at the row's own class minus its best other class (``+inf`` if none)."""
+    _, vo, _ = _top2(xp, s, p, idx, lab, rows)
+    own = s[idx, lab].astype(np.float64) - p[lab]
+    return xp.nan_to_num(own - vo, nan=xp.inf, posinf=xp.inf)
+
+
+def _candidates(
+    xp: Any, lab: Any, lb: Any, excess: Any, k: int, scale: float, nb: int = 256
+) -> Any:
+    """Mask of the members that may be among the ``excess + 1`` weakest of their class.
+
+    A per-class histogram of the margin bounds (bins on a squashed scale) gives the bin
+    holding each class's ``excess + 1``-th weakest member; only members up to that bin are
+    ranked exactly, so a round costs O(members) instead of a sort of all of them.
+    """
+    x = lb / scale
+    g = 0.5 + 0.5 * x / (1.0 + xp.abs(x))
+    g = xp.where(xp.isnan(g), 1.0, g)  # +inf margins
+    b = xp.clip((g * nb).astype(np.int64), 0, nb - 1)
+    h = xp.bincount(lab * nb + b, minlength=k * nb).reshape(k, nb)
+    need = xp.maximum(excess, 0) + 1
+    cut = xp.argmax(xp.cumsum(h, axis=1) >= need[:, None], axis=1)
+    return b <= cut[lab]
+
+
+def _rank_members(xp: Any, lab: Any, margin: Any, idx: Any, k: int) -> tuple[Any, ...]:
+    """Members sorted by (class, margin); the first index and rank of each within its class."""
+    order = xp.lexsort(xp.stack([margin, lab.astype(np.float64)]))
+    lab_s = lab[order]
+    first = xp.searchsorted(lab_s, xp.arange(k))
+    pos = xp.arange(lab_s.shape[0]) - first[lab_s]
+    return lab_s, margin[order], idx[order], first, pos
+
+
+def _values(xp: Any, s: Any, p: Any, idx: Any, lab: Any) -> Any:
+    return s[idx, lab].astype(np.float64) - p[lab]
+
+
+def _mean_row_spread(xp: Any, s: Any, sample: int = 20000) -> float:
+    """Mean over (up to ``sample`` evenly spaced) rows of max − min of the finite scores."""
+    n = s.shape[0]
+    tot, cnt = 0.0, 0
+    if n:
+        m = s[xp.linspace(0, n - 1, min(n, sample)).astype(np.int64)]
+        fin = xp.isfinite(m)
+        d = xp.where(fin, m, -xp.inf).max(axis=1) - xp.where(fin, m, xp.inf).min(axis=1)
+        d = d[xp.isfinite(d)]
+        tot = float(d.sum(dtype=np.float64))
+        cnt = int(d.shape[0])
+    return max(tot / cnt, 1e-12) if cnt and tot > 0 else 1.0
+
+
+def _repair(
+    xp: Any, s: Any, p: Any, labels: Any, caps: Any, rows: int, q: int = 8, rounds: int = 4
+) -> Any:
+    """Every class count ≤ cap: trim overfull classes, then place the rest where there is room.
+
+    Placement: a few rounds of proposals (each row to its ``q`` best open classes, each class
+    accepting at most its room, a row accepted twice keeping its best); whatever is left
+    (rows with identical preferences cascade one class per round) is placed by one greedy
+    sweep over the open classes, each taking the rows that lose least by going there.
+    """
+    n, k = s.shape
+    labels = labels.copy()
+    counts = xp.bincount(labels[labels >= 0], minlength=k)
+    excess = counts - caps
+    if bool(xp.any(excess > 0)):
+        idx = xp.nonzero((labels >= 0) & (excess > 0)[xp.maximum(labels, 0)])[0]
+        lab = labels[idx]
+        margin = _margins(xp, s, p, idx, lab, rows)
+        lab_s, _, idx_s, _, pos = _rank_members(xp, lab, margin, idx, k)
+        labels[idx_s[pos < excess[lab_s]]] = -1  # the weakest members leave
+    counts = xp.bincount(labels[labels >= 0], minlength=k)
+    room = caps - counts  # ≥ 0 for every class from here on
+    todo = xp.nonzero(labels < 0)[0]
+    pf = xp.where(xp.isfinite(p), p, 0.0)
+    for _ in range(rounds):
+        if not todo.shape[0]:
+            return labels
+        cls, val, rank = _proposals(xp, s, pf, room > 0, todo, min(q, int((room > 0).sum())), rows)
+        m = todo.shape[0]
+        qq = cls.shape[1]
+        cls, val, rank = cls.ravel(), val.ravel(), rank.ravel()
+        who = xp.repeat(xp.arange(m), qq)
+        # each class tentatively accepts its best proposals up to its room
+        order = xp.lexsort(xp.stack([-val, cls.astype(np.float64)]))
+        c_s = cls[order]
+        pos = xp.arange(c_s.shape[0]) - xp.searchsorted(c_s, xp.arange(k))[c_s]
+        acc = order[pos < room[c_s]]
+        # a row accepted by several classes keeps its best-ranked one
+        acc = acc[xp.lexsort(xp.stack([rank[acc].astype(np.float64), who[acc]]))]
+        w = who[acc]
+        keep = xp.ones(w.shape[0], dtype=bool)
+        keep[1:] = w[1:] != w[:-1]
+        acc = acc[keep]
+        labels[todo[who[acc]]] = cls[acc]
+        room -= xp.bincount(cls[acc], minlength=k)
+        left = xp.ones(m, dtype=bool)
+        left[who[acc]] = False
+        todo = todo[left]
+    if todo.shape[0]:
+        labels[todo] = _sweep_fill(xp, s, pf, room, todo, rows)
+    return labels
+
+
+def _sweep_fill(xp: Any, s: Any, p: Any, room: Any, todo: Any, rows: int) -> Any:
+    """Greedy fill: open classes in order of demand each take the rows losing least there."""
+    k = s.shape[1]
+    open_ = room > 0
+    best, val, _ = _top2(xp, s, p - xp.where(open_, 0.0, -xp.inf), todo, None, rows)
+    fin = xp.isfinite(val)
+    lo = float(val[fin].min()) - 1.0 if bool(fin.any()) else 0.0
+    val = xp.where(fin, val, lo)
+    demand = xp.bincount(best, minlength=k) * open_
+    out = xp.full(todo.shape[0], -1, dtype=np.int64)
+    free = xp.ones(todo.shape[0], dtype=bool)
+    left = int(todo.shape[0])
+    for c in (int(c) for c in xp.argsort(-demand, kind="stable")):
+        r = min(int(room[c]), left)
+        if r <= 0:
+            continue
+        loss = val - (s[todo, c].astype(np.float64) - p[c])
+        loss = xp.where(xp.isfinite(loss), loss, xp.inf)
+        loss = xp.where(free, loss, xp.nan)  # nan sorts last: taken rows are never picked
+        pick = xp.argsort(loss)[:r] if r == left else xp.argpartition(loss, r - 1)[:r]
+        out[pick] = c
+        free[pick] = False
+        left -= r
+        if left == 0:
+            break
+    return out
+
+
+def _proposals(
+    xp: Any, s: Any, p: Any, open_: Any, todo: Any, q: int, rows: int
+) -> tuple[Any, Any, Any]:
+    """Each row's ``q`` best open classes: (classes, values, rank 0 = best), shape (m, q).
+
+    ``-inf`` scores of open classes become a floor below every finite value, so a row can
+    always go to an open class.
+    """
+    m, k = todo.shape[0], s.shape[1]
+    cls = xp.empty((m, q), dtype=np.int64)
+    val = xp.empty((m, q), dtype=np.float64)
+    shut = xp.where(open_, 0.0, -xp.inf)
+    for a in range(0, m, rows):
+        t = s[todo[a : a + rows]].astype(np.float64) - p
+        fin = xp.isfinite(t)
+        lo = float(t[fin].min()) - 1.0 if bool(fin.any()) else 0.0
+        t = xp.where(fin, t, lo) + shut
+        j = xp.argpartition(t, k - q, axis=1)[:, k - q :]
+        cls[a : a + rows] = j
+        val[a : a + rows] = xp.take_along_axis(t, j, axis=1)
+    rank = xp.argsort(xp.argsort(-val, axis=1), axis=1)
+    return cls, val, rank

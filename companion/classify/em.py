@@ -1,0 +1,461 @@
+"""The EM loop of 2D classification (see ../shared/DESIGN.md, "The classifier").
+
+One iteration: rotate the K references (:class:`fourier.Projector`), stream the iteration's
+particles in batches through the E-step (:mod:`score`) — class posteriors
+``p(k | X) ∝ pi_k exp(ll / u)`` (or Sinkhorn-capped weights in balanced mode) — and the
+sufficient statistics (:mod:`mstep`), then the M-step: back-rotate, Wiener-filter,
+half-set FRC, tau², noise per shell, class priors, optional re-centring. The schedule
+(online mini-batches, then full passes; annealing of u and of the noise model) is in
+:mod:`schedule`. State is checkpointed after every iteration (:mod:`checkpoint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from companion.classify import checkpoint, output, schedule
+from companion.classify import fourier as fo
+from companion.classify.backend import (
+    batch_size,
+    describe_device,
+    device_errors,
+    select_device,
+    to_device,
+    to_host,
+    work_budget,
+)
+from companion.classify.callbacks import IterationInfo, call, stop_requested
+from companion.classify.init import initial_references
+from companion.classify.mstep import Accumulator, reconstruct
+from companion.classify.preprocess import Prepared, ctf_terms, fingerprint, prepare
+from companion.classify.result import ClassResult
+from companion.classify.score import RotatedRefs, Search, score
+from companion.errors import Aborted
+from companion.params import ClassifyParams
+from companion.particles import ParticleSet
+
+log = logging.getLogger(__name__)
+
+FRC_GROW = 0.143  # FRC threshold of the class resolution that sets the next E-step limit
+
+
+def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path | str | None = None,
+             resume: bool = False, callbacks: Any = None) -> ClassResult:  # fmt: skip
+    """Classify ``particles`` in 2D; see :class:`ClassResult` for what comes back.
+
+    ``work_dir``: checkpoints go to ``work_dir/checkpoint/`` (preprocessed particles to its
+    ``cache/``, removed at the end); without it a temporary directory is used and nothing
+    can be resumed. ``resume``: continue from the last finished iteration (the parameters
+    must be the same). ``callbacks``: a :class:`Callbacks` (or any object with some of its
+    methods).
+    """
+    params.check_feasible(len(particles))
+    xp = select_device(params.device)
+    with device_errors(), _dirs(work_dir) as (ckpt_dir, persistent):
+        return _Run(particles, params, xp, ckpt_dir, persistent, callbacks).execute(resume)
+
+
+@contextlib.contextmanager
+def _dirs(work_dir: Path | str | None) -> Iterator[tuple[Path, bool]]:
+    if work_dir is not None:
+        yield Path(work_dir) / "checkpoint", True
+        return
+    with tempfile.TemporaryDirectory(prefix="companion-") as tmp:
+        yield Path(tmp) / "checkpoint", False
+
+
+class _Run:
+    def __init__(self, particles: ParticleSet, params: ClassifyParams, xp: Any, ckpt_dir: Path,
+                 persistent: bool, callbacks: Any) -> None:  # fmt: skip
+        self.particles, self.params, self.xp = particles, params, xp
+        self.ckpt_dir, self.persistent, self.callbacks = ckpt_dir, persistent, callbacks
+        self.n = len(particles)
+        self.k = params.n_classes
+        self.geom = fo.Geometry.create(
+            particles.box, particles.pixel_size, params.max_resolution, params.particle_diameter
+        )
+        self.search = Search.create(self.geom, params.psi_step, params.max_shift,
+                                    params.shift_step, params.search, xp)  # fmt: skip
+        self.r = self.search.n_rot
+        self.projector = fo.Projector(self.geom, self.r, xp=xp)
+        self.mask = fo.soft_mask(self.geom.work_box, self.geom.mask_radius, xp=xp)
+        self.background = fo.radial_mask(self.geom.work_box, self.geom.mask_radius, xp=xp)
+        self.total = schedule.n_iterations(params)
+        self.cap = params.class_cap(self.n)
+        self.marginal = params.pose_mode == "marginal"
+        self.device = describe_device(xp)
+        self.fp = fingerprint(particles, self.geom)
+
+    # ------------------------------------------------------------------ driver
+
+    def execute(self, resume: bool) -> ClassResult:
+        t0 = time.perf_counter()
+        st = checkpoint.load(self.ckpt_dir, self.params, self.fp) if resume else None
+        if st is not None and st.finished:
+            log.info("run already finished (iteration %d): returning it", st.iteration)
+            return output.build_result(self, st)
+        log.info(
+            "classifying %d particles into %d classes on %s: work box %d (%.2f Å/px, %d "
+            "coefficients), %d rotations, %d shifts, %s search",
+            self.n, self.k, self.device, self.geom.work_box, self.geom.work_psize,
+            self.geom.n_coef, self.r, self.search.n_shift, self.search.mode,
+        )  # fmt: skip
+        prep = prepare(self.particles, self.geom, self.ckpt_dir / "cache", self.xp,
+                       callbacks=self.callbacks)  # fmt: skip
+        if st is None:
+            st = self.initial_state(prep)
+            st.timings["preprocess_s"] = prep.seconds
+        elif st.iteration:
+            log.info("continuing after iteration %d of %d", st.iteration, self.total)
+        for it in range(st.iteration + 1, self.total + 1):
+            info = self.iteration(it, st, prep)
+            st.finished = it == self.total
+            self.save(st)
+            call(self.callbacks, "on_iteration", info)
+            if getattr(self.callbacks, "intermediate", None) is not None:
+                call(self.callbacks, "intermediate", it, output.build_result(self, st))
+            if it < self.total and stop_requested(self.callbacks):
+                raise Aborted(self._abort_msg(it))
+        if self.total == 0:
+            st.finished = True
+        st.timings["total_s"] = st.timings.get("total_s", 0.0) + time.perf_counter() - t0
+        self.save(st)
+        result = output.build_result(self, st)
+        if self.persistent:
+            shutil.rmtree(self.ckpt_dir / "cache", ignore_errors=True)
+        return result
+
+    def save(self, st: checkpoint.EMState) -> None:
+        if self.persistent:
+            checkpoint.save(self.ckpt_dir, st, self.params, self.fp)
+
+    def _abort_msg(self, done: int) -> str:
+        where = f" (saved in {self.ckpt_dir})" if self.persistent and done else ""
+        return f"stopped after iteration {done} of {self.total}{where}"
+
+    # ------------------------------------------------------------------ state
+
+    def initial_state(self, prep: Prepared) -> checkpoint.EMState:
+        k, n, f = self.k, self.n, self.geom.n_coef
+        refs = initial_references(self.particles, prep, k, self.params.seed, self.xp)
+        n_s = self.geom.s_max + 1
+        coef = fo.to_kept(to_device(refs, self.xp), self.geom)
+        power = to_host(fo.shell_sums(coef.real**2 + coef.imag**2, self.geom))
+        tau2 = power / np.maximum(fo.shell_counts(self.geom), 1)[None]
+        tau2[:, 0] = tau2[:, 1]
+        g = prep.sigma2_init.shape[0]
+        f32 = np.float32
+        return checkpoint.EMState(
+            iteration=0,
+            refs=refs,
+            sigma2_init=prep.sigma2_init.copy(),
+            sigma2_est=prep.sigma2_init.copy(),
+            sigma2_used=prep.sigma2_init.copy(),
+            tau2=np.maximum(tau2, 1e-30),
+            prior=np.full(k, 1.0 / k),
+            half=schedule.half_sets(self.params.seed, n),
+            run_num=np.zeros((2, k, f), np.complex64),
+            run_den=np.zeros((2, k, f), np.float32),
+            run_noise_num=np.zeros((g, n_s)),
+            run_noise_den=np.zeros((g, n_s)),
+            run_occ=np.zeros(k),
+            run_q=1.0,
+            frc=np.zeros((k, n_s), f32),
+            ssnr=np.zeros((k, n_s), f32),
+            ref_power=tau2.astype(f32),
+            resolution=np.full(k, np.inf, f32),
+            acc_rot=np.full(k, self.params.psi_step, f32),
+            acc_trans=np.full(k, self.geom.work_psize, f32),
+            class_id=np.full(n, -1, np.int32),
+            psi=np.zeros(n, f32),
+            shift=np.zeros((n, 2), f32),
+            max_prob=np.zeros(n, f32),
+            class_prob=np.zeros(n, f32),
+            loglik=np.zeros(n, f32),
+            n_sig=np.zeros(n, np.int32),
+            class_ess=np.zeros(n, f32),
+            dual=np.zeros(k if self.params.balance != "off" else 0),
+            batch=self.batch_size(),
+            current_shell=self.initial_shell(),
+            timings={"iterations_s": [], "e_step_s": 0.0, "m_step_s": 0.0, "gflop": 0.0},
+        )
+
+    def initial_shell(self) -> int:
+        """E-step resolution limit of the first iteration: ~2.5 × --max-resolution."""
+        s_max = self.geom.s_max
+        return int(min(s_max, max(8, round(0.4 * s_max))))
+
+    def next_shell(self, frc: np.ndarray, occupied: np.ndarray) -> int:
+        """RELION's rule: the E-step of the next iteration goes a few shells past the best
+        class resolution (last shell with FRC ≥ 0.143). The M-step always uses every shell
+        up to --max-resolution, so the FRC beyond the E-step limit is free of reference bias
+        and tells when the data support more."""
+        s_max = self.geom.s_max
+        best = 0
+        for k in np.flatnonzero(occupied):
+            below = np.flatnonzero(frc[k, 1:] < FRC_GROW)
+            best = max(best, int(below[0]) if below.size else s_max)
+        incr = max(2, int(round(0.1 * s_max)))
+        return int(np.clip(best + incr, self.initial_shell(), s_max))
+
+    def batch_size(self) -> int:
+        if self.params.batch_size is not None:
+            return int(self.params.batch_size)
+        k, r, f, t = self.k, self.r, self.geom.n_coef, self.search.n_shift
+        fixed = k * r * f * 8 * 2 + 2 * k * r * f * 12  # rotated refs, accumulators
+        per = f * 4 * 16 + k * r * 4 * 3
+        if self.search.mode == "fast":
+            tc = int(self.search.coarse_shift_idx.shape[0])
+            fc = self.geom.prefix(Search.coarse_shell(self.geom.s_max))
+            per += tc * fc * 8 + tc * k * (r // 2 + 1) * 4 * 3 + k * 5 * 25 * 4 * 4
+        else:
+            per += t * f * 8 + t * k * r * 4 * 3
+        most = 4096 if self.xp is np else 1 << 15
+        return batch_size(per, self.xp, fixed_bytes=fixed, most=most)
+
+    def sigma2_for(self, st: checkpoint.EMState, anneal: float) -> np.ndarray:
+        model = self.params.resolved_noise_model
+        s0 = np.maximum(st.sigma2_init, 1e-30)
+        if model == "white":
+            w = fo.shell_counts(self.geom)
+            w[0] = 0
+            flat = (s0 * w[None]).sum(axis=1) / max(w.sum(), 1)
+            return np.repeat(flat[:, None], s0.shape[1], axis=1)
+        if model == "fixed" or anneal <= 0:
+            return s0
+        est = np.maximum(st.sigma2_est, 1e-30)
+        return np.exp((1 - anneal) * np.log(s0) + anneal * np.log(est))
+
+    # ------------------------------------------------------------------ iteration
+
+    def iteration(self, it: int, st: checkpoint.EMState, prep: Prepared) -> IterationInfo:
+        t_it = time.perf_counter()
+        p, xp = self.params, self.xp
+        stage = schedule.stage(p, it)
+        idx = schedule.iteration_indices(p, self.n, it)
+        u = schedule.uncertainty(p, it)
+        anneal = schedule.noise_anneal(p, it)
+        sigma2 = self.sigma2_for(st, anneal)
+        last = it == self.total
+        limit_a = self.geom.box * self.geom.psize / (st.current_shell or self.initial_shell())
+        rrefs = self.rotated(st)
+        acc = Accumulator(self.k, self.r, self.geom, sigma2.shape[0], xp)
+        final_scores = last and p.balance != "off" and stage == "full"
+        stats = self.estep_pass(it, st, prep, idx, rrefs, u, sigma2, acc, final_scores)
+        t_m = time.perf_counter()
+        self.mstep(it, st, acc, rrefs, len(idx), stage, last, sigma2)
+        st.sigma2_used = sigma2
+        st.timings["m_step_s"] += time.perf_counter() - t_m
+        if last and stage == "online":  # no full pass: assign every particle once
+            rrefs = self.rotated(st)
+            final_scores = p.balance != "off"
+            stats = self.estep_pass(it, st, prep, np.arange(self.n), rrefs, u, sigma2, None,
+                                    final_scores)  # fmt: skip
+        if final_scores:
+            output.assign_balanced(self, st, stats)
+        secs = time.perf_counter() - t_it
+        st.iteration = it
+        st.timings["iterations_s"].append(secs)
+        res = st.resolution[np.isfinite(st.resolution)]
+        info = IterationInfo(
+            iteration=it,
+            n_iterations=self.total,
+            stage=stage,
+            n_particles=len(idx),
+            uncertainty=u,
+            noise_anneal=anneal,
+            resolution_A=float(np.median(res)) if res.size else math.inf,
+            class_sizes=stats["hard"],
+            class_distribution=st.prior.astype(np.float32),
+            avg_pmax=stats["pmax"] / max(stats["n"], 1),
+            loglik=stats["loglik"] / max(stats["n"], 1),
+            seconds=secs,
+            extra={
+                "empty_classes": int((stats["hard"] == 0).sum()),
+                "gflop": stats["gflop"],
+                "refined_fraction": stats["fine_pairs"] / max(stats["n"] * self.k, 1),
+                "resolution_limit_A": limit_a,
+            },
+        )
+        st.history.append(info.as_dict())
+        return info
+
+    def rotated(self, st: checkpoint.EMState) -> RotatedRefs:
+        geom = self.geom
+        shell = st.current_shell or self.initial_shell()
+        n = geom.prefix(shell)
+        fc = geom.prefix(Search.coarse_shell(shell))
+        full = self.projector.project(to_device(st.refs, self.xp))
+        return RotatedRefs.create(full, self.search, n, fc)
+
+    def estep_pass(self, it: int, st: checkpoint.EMState, prep: Prepared, idx: np.ndarray,
+                   rrefs: RotatedRefs, u: float, sigma2: np.ndarray, acc: Accumulator | None,
+                   final_scores: bool) -> dict[str, Any]:  # fmt: skip
+        """E-step over ``idx`` in batches; adds to ``acc`` (when given) and records every
+        particle's outputs in ``st``. With ``final_scores`` keeps (N, K) log posteriors and
+        best poses for the capped assignment."""
+        from companion.classify import balance
+
+        t0 = time.perf_counter()
+        p, xp, geom = self.params, self.xp, self.geom
+        inv_s2 = to_device((1.0 / sigma2)[:, geom.shell].astype(np.float32), xp)  # (G, F)
+        log_prior = np.log(np.maximum(st.prior, 1e-12)).astype(np.float32)
+        if p.balance != "off":
+            log_prior[:] = -math.log(self.k)
+        log_prior_d = to_device(log_prior, xp)
+        dual = to_device(st.dual, xp) if p.balance != "off" else None
+        budget = work_budget(xp) // 2
+        stats: dict[str, Any] = {"n": 0, "pmax": 0.0, "loglik": 0.0, "gflop": 0.0,
+                                 "fine_pairs": 0, "hard": np.zeros(self.k, np.int64)}  # fmt: skip
+        if final_scores:
+            stats["logpost"] = output.host_array(self, "logpost", (self.n, self.k), np.float32)
+            stats["pose"] = output.host_array(self, "pose", (self.n, self.k), np.int32)
+        b = st.batch
+        for s in range(0, len(idx), b):
+            if stop_requested(self.callbacks):
+                raise Aborted(self._abort_msg(it - 1))
+            chunk = idx[s : s + b]
+            x = to_device(np.asarray(prep.coeffs[chunk]), xp)
+            cy, c2, v, cm = ctf_terms(self.particles, chunk, geom, xp)
+            g = to_device(prep.group_index[chunk], xp)
+            is2 = inv_s2[g]
+            xc = (x * (cy * is2)).astype(xp.complex64)
+            c2s = c2 * is2
+            sc = score(xc, c2s, rrefs, self.search, u, self.marginal, budget)
+            if p.balance != "off":
+                caps = float(self.cap) * len(chunk) / self.n
+                post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual, return_dual=True)
+                post = post.astype(xp.float32)
+            else:
+                post = _softmax(sc.ev_u + log_prior_d[None])
+            out = output.particle_outputs(self, sc, post, x, v, is2, log_prior_d)
+            if final_scores:
+                lp = sc.ev_u - _logsumexp(sc.ev_u)[:, None]
+                stats["logpost"][chunk] = to_host(lp)
+                stats["pose"][chunk] = to_host(sc.rot * self.search.n_shift + sc.shift)
+            if acc is not None:
+                acc.add(sc, post, self.search, rrefs, x=x, xc=xc, c2s=c2s, cm=cm, v=v,
+                        half=to_device(st.half[chunk], xp), group=g,
+                        pose_mode=p.pose_mode)  # fmt: skip
+            for name, arr in out.items():
+                getattr(st, name)[chunk] = arr
+            stats["n"] += len(chunk)
+            stats["pmax"] += float(out["max_prob"].sum())
+            stats["loglik"] += float(out["loglik"].astype(np.float64).sum())
+            stats["hard"] += np.bincount(out["class_id"], minlength=self.k)
+            stats["gflop"] += sc.flops / 1e9
+            stats["fine_pairs"] += sc.n_fine
+            call(self.callbacks, "progress", s + len(chunk), len(idx),
+                 f"iteration {it}/{self.total}")  # fmt: skip
+        if dual is not None:
+            st.dual = to_host(dual).astype(np.float64)
+        st.timings["e_step_s"] += time.perf_counter() - t0
+        st.timings["gflop"] += stats["gflop"]
+        return stats
+
+    def mstep(self, it: int, st: checkpoint.EMState, acc: Accumulator, rrefs: RotatedRefs,
+              n_batch: int, stage: str, last: bool, sigma2: np.ndarray) -> None:  # fmt: skip
+        p, xp, geom = self.params, self.xp, self.geom
+        res = acc.finish(self.projector)
+        g = schedule.online_step(it) if stage == "online" else 1.0
+        st.run_q = (1 - g) ** 2 * st.run_q + g * g
+        scale = min(1.0 / st.run_q, self.n / max(n_batch, 1))
+
+        def run(old: np.ndarray, new: Any) -> np.ndarray:
+            return ((1 - g) * old + g * to_host(new)).astype(old.dtype)
+
+        st.run_num = run(st.run_num, res["num"])
+        st.run_den = run(st.run_den, res["den"])
+        st.run_noise_num = run(st.run_noise_num, res["noise_num"])
+        st.run_noise_den = run(st.run_noise_den, res["noise_den"])
+        st.run_occ = run(st.run_occ, res["occupancy"])
+        num = to_device(st.run_num * np.float32(scale), xp)
+        den = to_device(st.run_den * np.float32(scale), xp)
+        rec = reconstruct(num, den, st.tau2, p.tau2_fudge, geom)
+        imgs = fo.apply_mask(fo.from_kept(rec.coef, geom), self.mask, self.background)
+        if p.recenter and not last:
+            imgs = self.recenter(imgs)
+        occupied = st.run_occ * scale > 1e-3
+        new = to_host(imgs)
+        st.refs = np.where(occupied[:, None, None], new, st.refs).astype(np.float32)
+        st.tau2 = np.where(occupied[:, None], rec.tau2, st.tau2)
+        st.frc = rec.frc.astype(np.float32)
+        st.ssnr = rec.ssnr.astype(np.float32)
+        st.ref_power = rec.ref_power.astype(np.float32)
+        st.resolution = np.where(occupied, rec.resolution, np.inf).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            est = st.run_noise_num / (2.0 * st.run_noise_den)
+        ok = np.isfinite(est) & (est > 0)
+        st.sigma2_est = np.where(ok, est, st.sigma2_est)
+        st.sigma2_est[:, 0] = st.sigma2_est[:, 1]
+        occ = np.maximum(st.run_occ, 0)
+        if p.balance != "off" or occ.sum() <= 0:
+            st.prior = np.full(self.k, 1.0 / self.k)
+        else:
+            prior = np.maximum(occ / occ.sum(), 1e-12)
+            st.prior = prior / prior.sum()
+        self.accuracy(st, rrefs, res["c2s_mean"])
+        st.current_shell = self.next_shell(rec.frc, occupied)
+        if p.reseed_empty > 0 and not last:
+            output.reseed(self, st, to_host(res["hard"]))
+
+    def recenter(self, imgs: Any) -> Any:
+        """Shift each image so the centre of mass of its positive density is the centre."""
+        xp = self.xp
+        w = self.geom.work_box
+        pos = xp.maximum(imgs, 0)
+        tot = pos.sum(axis=(1, 2))
+        c = xp.arange(w, dtype=xp.float32) - w // 2
+        cx = (pos.sum(axis=1) * c[None]).sum(axis=1) / xp.maximum(tot, 1e-20)
+        cy = (pos.sum(axis=2) * c[None]).sum(axis=1) / xp.maximum(tot, 1e-20)
+        lim = self.search.radius
+        shift = -xp.stack([cx, cy], axis=1)
+        shift = xp.clip(shift, -lim, lim)
+        coef = fo.shift_images(fo.to_kept(imgs, self.geom), shift, self.geom)
+        return fo.apply_mask(fo.from_kept(coef, self.geom), self.mask, self.background)
+
+    def accuracy(self, st: checkpoint.EMState, rrefs: RotatedRefs, c2s_mean: Any) -> None:
+        """RELION-style accuracies: the rotation / translation that changes the expected
+        log-likelihood of a typical particle by 1 (quadratic approximation)."""
+        xp, geom = self.xp, self.geom
+        a = rrefs.full
+        wgt = c2s_mean.astype(xp.float32)[None]
+        if self.r > 1:
+            d = a[:, 1] - a[:, 0]
+            drot = 0.5 * (wgt * (d.real**2 + d.imag**2)).sum(axis=1)
+            step = 360.0 / self.r
+            st.acc_rot = np.clip(step / np.sqrt(np.maximum(to_host(drot), 1e-12)), 0, 360)
+        kx, ky = to_device(geom.kx, xp), to_device(geom.ky, xp)
+        p0 = (a[:, 0].real ** 2 + a[:, 0].imag ** 2) * wgt
+        fx = xp.abs(1 - xp.exp(-2j * np.pi * kx / geom.work_box)) ** 2
+        fy = xp.abs(1 - xp.exp(-2j * np.pi * ky / geom.work_box)) ** 2
+        dt = 0.25 * (p0 * (fx + fy)[None]).sum(axis=1)
+        acc = geom.work_psize / np.sqrt(np.maximum(to_host(dt), 1e-12))
+        st.acc_trans = np.clip(acc, 0, geom.box * geom.psize).astype(np.float32)
+        st.acc_rot = np.asarray(st.acc_rot, np.float32)
+
+
+def _logsumexp(a: Any) -> Any:
+    from companion.classify.backend import get_array_module
+
+    xp = get_array_module(a)
+    m = a.max(axis=1)
+    return m + xp.log(xp.exp(a - m[:, None]).sum(axis=1))
+
+
+def _softmax(a: Any) -> Any:
+    from companion.classify.backend import get_array_module
+
+    xp = get_array_module(a)
+    e = xp.exp(a - a.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(xp.float32)

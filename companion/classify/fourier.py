@@ -1,0 +1,470 @@
+"""Fourier-space geometry of the classifier: working box, kept coefficients, shells,
+masks, shifts and in-plane rotations.
+
+Conventions (all arrays on NumPy or CuPy, module taken from the inputs):
+
+- An image's centre is pixel ``(box//2, box//2)``; transforms are ``rfft2(ifftshift(img),
+  norm="ortho")`` so rotations and phase ramps act about that centre.
+- ``(x, y) = (column, row)``. Rotating an image by ``phi`` moves the content at ``p`` to
+  ``R(phi) p`` with ``R = [[cos, -sin], [sin, cos]]``; shifting by ``t`` moves it to ``p + t``.
+  In Fourier space: rotation ``F'(k) = F(R(-phi) k)``, shift ``F'(k) = F(k) exp(-2πi k·t/box)``.
+- The classifier keeps a flat list of non-redundant rfft coefficients (``kx > 0`` or
+  ``kx == 0, ky > 0``) inside the resolution limit, sorted by radius so that every lower
+  resolution limit is a prefix of the list.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from companion.classify.backend import get_array_module, to_device
+
+
+def working_box(box: int, psize: float, max_resolution: float) -> tuple[int, int]:
+    """``(work_box, s_max)``: an even box whose Nyquist reaches ``max_resolution`` (never
+    larger than ``box``), and the last Fourier shell no finer than ``max_resolution``."""
+    s_max = max(2, math.floor(box * psize / max_resolution + 1e-6))
+    work = min(2 * s_max, box - box % 2)
+    work = max(work, 8)
+    return work, min(s_max, work // 2)
+
+
+@dataclass
+class Geometry:
+    """Boxes, pixel sizes and the kept Fourier coefficients of one classification."""
+
+    box: int  # original box (px)
+    psize: float  # original pixel size (Å)
+    work_box: int
+    s_max: int  # last kept shell (working-grid units, same as original-grid units)
+    mask_radius: float  # working px
+    kept: np.ndarray  # int64[F] flat index into the (work_box, work_box//2+1) rfft grid
+    kx: np.ndarray  # float32[F] frequency index along x (cycles per box)
+    ky: np.ndarray  # float32[F]
+    shell: np.ndarray  # int32[F] rounded radius, 1..s_max
+
+    @classmethod
+    def create(cls, box: int, psize: float, max_resolution: float,
+               particle_diameter: float | None) -> Geometry:  # fmt: skip
+        work, s_max = working_box(box, psize, max_resolution)
+        work_psize = box * psize / work
+        if particle_diameter is None:
+            radius = 0.45 * work
+        else:
+            radius = min(0.5 * particle_diameter / work_psize, 0.5 * work - 1)
+        ky = np.fft.fftfreq(work, 1.0 / work)
+        kx = np.arange(work // 2 + 1, dtype=np.float64)
+        gy, gx = np.meshgrid(ky, kx, indexing="ij")
+        r = np.sqrt(gx * gx + gy * gy)
+        inside = (r <= s_max + 1e-9) & (r > 0) & (2 * gx < work) & (2 * np.abs(gy) < work)
+        keep = inside & ((gx > 0) | (gy > 0))
+        flat = np.flatnonzero(keep.ravel())
+        order = np.lexsort((flat, r.ravel()[flat]))
+        flat = flat[order]
+        return cls(
+            box=int(box),
+            psize=float(psize),
+            work_box=int(work),
+            s_max=int(s_max),
+            mask_radius=float(radius),
+            kept=flat.astype(np.int64),
+            kx=gx.ravel()[flat].astype(np.float32),
+            ky=gy.ravel()[flat].astype(np.float32),
+            shell=np.rint(r.ravel()[flat]).astype(np.int32),
+        )
+
+    @property
+    def n_coef(self) -> int:
+        return int(self.kept.size)
+
+    @property
+    def work_psize(self) -> float:
+        return self.box * self.psize / self.work_box
+
+    def prefix(self, shell: int) -> int:
+        """Number of kept coefficients with radius ≤ ``shell`` (a prefix of the list)."""
+        r = np.sqrt(self.kx.astype(np.float64) ** 2 + self.ky.astype(np.float64) ** 2)
+        return int(np.searchsorted(r, shell + 1e-9, side="right"))
+
+    def freqs_A(self) -> tuple[np.ndarray, np.ndarray]:
+        """Spatial frequencies (1/Å) of the kept coefficients."""
+        d = self.box * self.psize
+        return (self.kx / d).astype(np.float32), (self.ky / d).astype(np.float32)
+
+    def shell_resolution(self, n_shells: int | None = None) -> np.ndarray:
+        """Resolution (Å) of shells 0..n-1 of the ORIGINAL box (inf for shell 0)."""
+        n = self.box // 2 + 1 if n_shells is None else n_shells
+        s = np.arange(n, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            res = np.where(s > 0, self.box * self.psize / np.maximum(s, 1e-30), np.inf)
+        return res.astype(np.float32)
+
+
+# ------------------------------------------------------------------ real-space helpers
+
+
+def soft_mask(box: int, radius: float, edge: float | None = None, xp: Any = np) -> Any:
+    """Circular mask centred on ``box//2``: 1 inside ``radius - edge/2``, raised-cosine to 0
+    at ``radius + edge/2`` (clipped to the box)."""
+    edge = max(2.0, box / 16) if edge is None else edge
+    c = box // 2
+    y, x = np.mgrid[0:box, 0:box]
+    r = np.hypot(x - c, y - c)
+    lo, hi = radius - edge / 2, min(radius + edge / 2, box / 2)
+    lo = min(lo, hi - 1.0)
+    t = np.clip((r - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    m = 0.5 * (1.0 + np.cos(np.pi * t))
+    return to_device(m.astype(np.float32), xp)
+
+
+def apply_mask(images: Any, mask: Any, background: Any) -> Any:
+    """Set each image's mean over ``background`` (bool, outside the particle) to 0, then
+    multiply by the soft ``mask``. The kept coefficients exclude the DC term, so an image
+    rebuilt from them has mean 0 and a negative background under a positive particle; this
+    restores the zero background the particles were normalised to."""
+    bg = images[..., background].mean(axis=-1)
+    return (images - bg[..., None, None]) * mask
+
+
+def radial_mask(box: int, radius: float, xp: Any = np) -> Any:
+    """Boolean mask of pixels farther than ``radius`` from the centre (the background)."""
+    c = box // 2
+    y, x = np.mgrid[0:box, 0:box]
+    return to_device(np.hypot(x - c, y - c) > radius, xp)
+
+
+def fourier_crop(images: Any, size: int) -> Any:
+    """Images (B, n, n) resampled to (B, size, size) by cropping their spectrum (size ≤ n).
+
+    The centre pixel ``n//2`` maps to ``size//2``; pixel values (not sums) are preserved.
+    """
+    xp = get_array_module(images)
+    n = images.shape[-1]
+    if size == n:
+        return images.astype(xp.float32, copy=False)
+    f = xp.fft.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), norm="ortho")
+    h = size // 2
+    out = xp.zeros(images.shape[:-2] + (size, size // 2 + 1), dtype=f.dtype)
+    lo = (size + 1) // 2  # rows with ky >= 0 kept: 0..lo-1; negative rows: size-h..size-1
+    out[..., :lo, :] = f[..., :lo, : size // 2 + 1]
+    out[..., size - h :, :] = f[..., n - h :, : size // 2 + 1]
+    img = xp.fft.irfft2(out * (size / n), s=(size, size), norm="ortho")
+    return xp.fft.fftshift(img, axes=(-2, -1)).astype(xp.float32)
+
+
+def fourier_pad(images: Any, size: int) -> Any:
+    """Images (B, n, n) resampled to (B, size, size) by zero-padding their spectrum (size ≥ n)."""
+    xp = get_array_module(images)
+    n = images.shape[-1]
+    if size == n:
+        return images.astype(xp.float32, copy=False)
+    f = xp.fft.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), norm="ortho")
+    h = n // 2
+    out = xp.zeros(images.shape[:-2] + (size, size // 2 + 1), dtype=f.dtype)
+    lo = (n + 1) // 2
+    out[..., :lo, : n // 2 + 1] = f[..., :lo, :]
+    out[..., size - h :, : n // 2 + 1] = f[..., n - h :, :]
+    img = xp.fft.irfft2(out * (size / n), s=(size, size), norm="ortho")
+    return xp.fft.fftshift(img, axes=(-2, -1)).astype(xp.float32)
+
+
+# ------------------------------------------------------------------ kept coefficients
+
+
+def to_kept(images: Any, geom: Geometry) -> Any:
+    """Working-box images (B, w, w) → kept coefficients (B, F) complex64."""
+    xp = get_array_module(images)
+    f = xp.fft.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), norm="ortho")
+    f = f.reshape(f.shape[:-2] + (-1,))
+    return f[..., to_device(geom.kept, xp)].astype(xp.complex64)
+
+
+def kept_to_grid(coef: Any, geom: Geometry) -> Any:
+    """Kept coefficients (B, F) → full Hermitian rfft grid (B, w, w//2+1) complex."""
+    xp = get_array_module(coef)
+    w = geom.work_box
+    grid = xp.zeros(coef.shape[:-1] + (w * (w // 2 + 1),), dtype=xp.complex64)
+    grid[..., to_device(geom.kept, xp)] = coef
+    grid = grid.reshape(coef.shape[:-1] + (w, w // 2 + 1))
+    # column kx = 0: fill ky < 0 from the kept ky > 0 (Hermitian)
+    col = grid[..., :, 0]
+    ky = np.arange(1, (w + 1) // 2)
+    idx_pos, idx_neg = to_device(ky, xp), to_device((w - ky) % w, xp)
+    col[..., idx_neg] = xp.conj(col[..., idx_pos])
+    return grid
+
+
+def from_kept(coef: Any, geom: Geometry) -> Any:
+    """Kept coefficients (B, F) → working-box real images (B, w, w)."""
+    xp = get_array_module(coef)
+    w = geom.work_box
+    img = xp.fft.irfft2(kept_to_grid(coef, geom), s=(w, w), norm="ortho")
+    return xp.fft.fftshift(img, axes=(-2, -1)).astype(xp.float32)
+
+
+def shell_sums(values: Any, geom: Geometry, n_shells: int | None = None) -> Any:
+    """Sum of ``values`` (..., F) over each shell → (..., n_shells) (float64)."""
+    xp = get_array_module(values)
+    n = geom.s_max + 1 if n_shells is None else n_shells
+    shell = to_device(geom.shell, xp)
+    lead = values.shape[:-1]
+    v = values.reshape(-1, values.shape[-1]).astype(xp.float64)
+    m = v.shape[0]
+    idx = (xp.arange(m)[:, None] * n + shell[None, :]).ravel()
+    out = xp.bincount(idx, weights=v.ravel(), minlength=m * n)
+    return out.reshape(lead + (n,))
+
+
+def radial_profile(per_shell: np.ndarray, geom: Geometry, xp: Any = np) -> Any:
+    """A per-shell function (S,) interpolated linearly at each kept coefficient's exact
+    radius → (F,) (smooth in |k|, so it commutes with rotations)."""
+    r = np.hypot(geom.kx.astype(np.float64), geom.ky.astype(np.float64))
+    s = np.arange(len(per_shell), dtype=np.float64)
+    return to_device(np.interp(r, s, np.asarray(per_shell, np.float64)).astype(np.float32), xp)
+
+
+def shell_counts(geom: Geometry) -> np.ndarray:
+    """Number of kept coefficients per shell 0..s_max."""
+    return np.bincount(geom.shell, minlength=geom.s_max + 1).astype(np.float64)
+
+
+def frc(a: Any, b: Any, geom: Geometry) -> Any:
+    """Fourier ring correlation per shell between coefficient sets (..., F) → (..., S)."""
+    xp = get_array_module(a)
+    num = shell_sums(xp.real(a * xp.conj(b)), geom)
+    da = shell_sums(xp.abs(a) ** 2, geom)
+    db = shell_sums(xp.abs(b) ** 2, geom)
+    return num / xp.sqrt(xp.maximum(da * db, 1e-300))
+
+
+# ------------------------------------------------------------------ shifts
+
+
+def shift_grid(radius: float, step: float) -> np.ndarray:
+    """Integer shift grid (T, 2) of (ix, iy) with ``step·|(ix, iy)| ≤ radius``; (0, 0) first."""
+    n = int(math.floor(radius / step + 1e-9))
+    iy, ix = np.mgrid[-n : n + 1, -n : n + 1]
+    ok = np.hypot(ix, iy) * step <= radius + 1e-9
+    pts = np.stack([ix[ok], iy[ok]], axis=1)
+    order = np.lexsort((pts[:, 0], pts[:, 1], np.hypot(pts[:, 0], pts[:, 1])))
+    return pts[order].astype(np.int32)
+
+
+def phase_ramps(shifts: Any, geom: Geometry, n_coef: int | None = None, xp: Any = np) -> Any:
+    """``exp(-2πi k·t / w)`` for shifts ``t`` (T, 2) in working px → (T, F) complex64.
+
+    Multiplying a particle's coefficients by row ``t`` shifts its content by ``+t``.
+    """
+    n = geom.n_coef if n_coef is None else n_coef
+    t = np.asarray(to_host_np(shifts), dtype=np.float64)
+    ang = -2.0 * np.pi * (t[:, :1] * geom.kx[None, :n] + t[:, 1:2] * geom.ky[None, :n])
+    return to_device(np.exp(1j * ang / geom.work_box).astype(np.complex64), xp)
+
+
+def to_host_np(a: Any) -> np.ndarray:
+    from companion.classify.backend import to_host
+
+    return to_host(a)
+
+
+def shift_images(coef: Any, shift: Any, geom: Geometry) -> Any:
+    """Shift (B, F) coefficients by per-row shifts (B, 2) in working px (content moves +t)."""
+    xp = get_array_module(coef)
+    t = xp.asarray(shift, dtype=xp.float32)
+    kx, ky = to_device(geom.kx, xp), to_device(geom.ky, xp)
+    ang = (-2.0 * np.pi / geom.work_box) * (t[:, :1] * kx[None] + t[:, 1:2] * ky[None])
+    return (coef * xp.exp(1j * ang.astype(xp.float32))).astype(xp.complex64)
+
+
+# ------------------------------------------------------------------ rotations
+
+
+class Projector:
+    """In-plane rotations of working-box images, evaluated at the kept coefficients.
+
+    ``project`` gives ``A[k, r] = F(rotate(img_k, phi_r))`` by bilinear interpolation on a
+    ``pad``-times oversampled spectrum with gridding correction (as RELION's projector).
+    ``backproject`` rotates per-rotation sums back into the class frame and adds them up:
+    complex sums ``S[k, r]`` by the adjoint of ``project`` (push onto the oversampled grid,
+    back to real space, crop to the working box, gridding correction, forward transform;
+    one FFT pair per class), corrected for the weight that leaks across the edge of the kept
+    disc; real weights ``D[k, r]`` by normalised bilinear interpolation on the working grid
+    (non-negative, no ringing where the CTF² / sigma² weights vary fast).
+    """
+
+    def __init__(self, geom: Geometry, n_rot: int, *, pad: int = 4,
+                 xp: Any = np, n_coef: int | None = None) -> None:  # fmt: skip
+        self.geom = geom
+        self.n_rot = int(n_rot)
+        self.xp = xp
+        self.n_coef = geom.n_coef if n_coef is None else int(n_coef)
+        self.fwd = _Table(geom, self.n_rot, pad, self.n_coef, xp)
+        self.weight = _Table(geom, self.n_rot, 1, self.n_coef, xp, reverse=True, valid=True)
+        # push + crop leaks weight across the edge of the kept disc: measure it once
+        ones = xp.ones((1, self.n_rot, self.n_coef), xp.complex64)
+        self.edge = xp.maximum(xp.real(self._push(ones)[0]) / self.n_rot, 0.05)
+
+    def angles_deg(self) -> np.ndarray:
+        return np.arange(self.n_rot) * (360.0 / self.n_rot)
+
+    def project(self, images: Any) -> Any:
+        """Rotated spectra (K, R, F) complex64 of working-box images (K, w, w)."""
+        xp = self.xp
+        images = xp.asarray(images, dtype=xp.float32)
+        k = images.shape[0]
+        out = xp.empty((k, self.n_rot, self.n_coef), dtype=xp.complex64)
+        for i in range(k):  # one class at a time bounds the (R, F, 4) temporaries
+            spec = self.fwd.spectrum(images[i : i + 1])[0]
+            out[i] = self.fwd.gather(spec)
+        return out
+
+    def backproject(self, sums: Any, weights: Any | None = None,
+                    radial: Any | None = None) -> tuple[Any, Any]:  # fmt: skip
+        """(K, R, F) complex sums (and real weights) in the rotated frames → class frame,
+        summed over rotations: ((K, F) complex64, (K, F) float32).
+
+        ``radial`` (F,) or (K, F): a smooth function of |k| the sums are multiplied by before
+        the interpolation and divided by after (rotation keeps |k|). Pass the inverse of the
+        weights' radial profile, so the interpolation never mixes values orders of magnitude
+        apart (whitening, the CTF's rise from its low-frequency minimum).
+        """
+        xp = self.xp
+        k = sums.shape[0]
+        num = xp.empty((k, self.n_coef), xp.complex64)
+        den = None if weights is None else xp.empty((k, self.n_coef), xp.float32)
+        rad = xp.ones((1, self.n_coef), xp.float32) if radial is None else radial
+        rad = xp.asarray(rad, xp.float32).reshape(-1, self.n_coef)
+        rad = xp.broadcast_to(rad, (k, self.n_coef))
+        for i in range(k):
+            r = rad[i]
+            num[i] = self._push(sums[i : i + 1] * r[None, None])[0] / (r * self.edge)
+            if den is not None:
+                grid = _real_grid(weights[i] * r[None], self.geom)  # (R, w*(w//2+1))
+                den[i] = self.weight.gather_each_normalised(grid).sum(axis=0) / r
+        return num, den
+
+    def _push(self, vals: Any) -> Any:
+        """Adjoint of ``project`` for (K, R, F) complex values → (K, F) complex64."""
+        xp, t, geom = self.xp, self.fwd, self.geom
+        pb, pc, w = t.pbox, t.pcols, geom.work_box
+        out = xp.empty((vals.shape[0], self.n_coef), xp.complex64)
+        flat_idx = t.idx.reshape(-1)
+        kept = to_device(geom.kept[: self.n_coef], xp)
+        o = pb // 2 - w // 2
+        for i in range(vals.shape[0]):
+            v = xp.where(t.conj, xp.conj(vals[i]), vals[i])[..., None] * t.wts
+            re = xp.bincount(flat_idx, weights=v.real.ravel(), minlength=pb * pc)
+            im = xp.bincount(flat_idx, weights=v.imag.ravel(), minlength=pb * pc)
+            grid = (re + 1j * im).reshape(pb, pc)
+            col = grid[:, 0].copy()  # a sample's mirror on column 0 lands on column 0 too
+            grid[:, 0] = col + xp.conj(col[(-xp.arange(pb)) % pb])
+            img = xp.fft.fftshift(xp.fft.irfft2(grid, s=(pb, pb), norm="ortho"))
+            crop = img[o : o + w, o : o + w] / t.gridding
+            f = xp.fft.rfft2(xp.fft.ifftshift(crop), norm="ortho").reshape(-1)
+            out[i] = (f[kept] * t.pad).astype(xp.complex64)
+        return out
+
+
+def _real_grid(vals: Any, geom: Geometry) -> Any:
+    """Real, even Fourier functions on the kept coefficients (R, F) → rfft grids (R, G)."""
+    xp = get_array_module(vals)
+    w = geom.work_box
+    grid = xp.zeros((vals.shape[0], w * (w // 2 + 1)), dtype=xp.float32)
+    kept = to_device(geom.kept[: vals.shape[1]], xp)
+    grid[:, kept] = vals
+    mirror = to_device(_col0_mirror(geom, vals.shape[1]), xp)
+    grid[:, mirror[1]] = grid[:, mirror[0]]
+    return grid
+
+
+def _col0_mirror(geom: Geometry, n_coef: int) -> np.ndarray:
+    """(2, M) flat grid indices: kept column-0 points and their mirrors (ky -> -ky)."""
+    w = geom.work_box
+    kx, ky = geom.kx[:n_coef], geom.ky[:n_coef]
+    sel = np.flatnonzero(kx == 0)
+    src = geom.kept[:n_coef][sel]
+    dst = ((-ky[sel].astype(np.int64)) % w) * (w // 2 + 1)
+    return np.stack([src, dst])
+
+
+def _known_grid(geom: Geometry, n_coef: int) -> np.ndarray:
+    w = geom.work_box
+    known = np.zeros(w * (w // 2 + 1), bool)
+    known[geom.kept[:n_coef]] = True
+    known[_col0_mirror(geom, n_coef)[1]] = True
+    return known
+
+
+class _Table:
+    """Bilinear gather positions of the kept coefficients rotated by each angle, on a grid
+    oversampled ``pad`` times (``reverse``: angle -phi_r, i.e. rotating back)."""
+
+    def __init__(self, geom: Geometry, n_rot: int, pad: int, n_coef: int, xp: Any,
+                 reverse: bool = False, valid: bool = False) -> None:  # fmt: skip
+        self.geom, self.pad, self.xp = geom, int(pad), xp
+        w = geom.work_box
+        self.pbox = w * self.pad
+        self.pcols = self.pbox // 2 + 1
+        sign = -1.0 if reverse else 1.0
+        phi = sign * np.deg2rad(np.arange(n_rot) * (360.0 / n_rot))
+        kx = geom.kx[:n_coef].astype(np.float64)
+        ky = geom.ky[:n_coef].astype(np.float64)
+        c, s = np.cos(phi)[:, None], np.sin(phi)[:, None]
+        # F'(k) = F(R(-phi) k): R(-phi) = [[c, s], [-s, c]]
+        qx = self.pad * (c * kx + s * ky)
+        qy = self.pad * (-s * kx + c * ky)
+        flip = qx < 0
+        qx = np.where(flip, -qx, qx)
+        qy = np.where(flip, -qy, qy)
+        x0, y0 = np.floor(qx), np.floor(qy)
+        fx, fy = qx - x0, qy - y0
+        x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+        x1 = np.minimum(x0 + 1, self.pcols - 1)
+        r0, r1 = y0 % self.pbox, (y0 + 1) % self.pbox
+        idx = np.stack([r0 * self.pcols + x0, r0 * self.pcols + x1,
+                        r1 * self.pcols + x0, r1 * self.pcols + x1], axis=-1)  # fmt: skip
+        wts = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=-1)
+        if valid:  # only grid points whose value is known count (normalised interpolation)
+            wts = wts * _known_grid(geom, n_coef)[idx]
+        self.idx = to_device(idx, xp)  # (R, F, 4)
+        self.wts = to_device(wts.astype(np.float32), xp)
+        self.norm = to_device(wts.sum(axis=-1).astype(np.float32), xp) if valid else None
+        self.conj = to_device(flip, xp)  # (R, F)
+        r = (np.arange(w) - w // 2) / self.pbox
+        g1 = np.sinc(r) ** 2  # gridding correction of linear interpolation
+        self.gridding = to_device((g1[:, None] * g1[None, :]).astype(np.float32), xp)
+
+    def spectrum(self, images: Any) -> Any:
+        """Oversampled, gridding-corrected spectra (B, P) of working-box images (B, w, w)."""
+        xp = self.xp
+        w, pb = self.geom.work_box, self.pbox
+        b = images.shape[0]
+        big = xp.zeros((b, pb, pb), dtype=xp.float32)
+        o = pb // 2 - w // 2
+        big[:, o : o + w, o : o + w] = images / self.gridding
+        f = xp.fft.rfft2(xp.fft.ifftshift(big, axes=(-2, -1)), norm="ortho")
+        return (f * self.pad).reshape(b, -1).astype(xp.complex64)
+
+    def gather(self, spec: Any) -> Any:
+        """One spectrum (P,) at every rotation → (R, F)."""
+        xp = self.xp
+        v = (spec[self.idx] * self.wts).sum(axis=-1)
+        return xp.where(self.conj, xp.conj(v), v)
+
+    def gather_each(self, spec: Any) -> Any:
+        """Spectrum r (R, P) at rotation r → (R, F)."""
+        xp = self.xp
+        rows = xp.arange(spec.shape[0])[:, None, None]
+        v = (spec[rows, self.idx] * self.wts).sum(axis=-1)
+        return xp.where(self.conj, xp.conj(v), v)
+
+    def gather_each_normalised(self, grid: Any) -> Any:
+        """Real grid r (R, G) at rotation r, normalised over known neighbours → (R, F)."""
+        xp = self.xp
+        rows = xp.arange(grid.shape[0])[:, None, None]
+        v = (grid[rows, self.idx] * self.wts).sum(axis=-1)
+        return xp.where(self.norm > 0, v / xp.maximum(self.norm, 1e-12), 0).astype(xp.float32)

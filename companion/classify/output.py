@@ -1,0 +1,187 @@
+"""Per-particle outputs of an E-step, the final capped assignment, and the ClassResult."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from companion.classify import fourier as fo
+from companion.classify.backend import get_array_module, to_device, to_host
+from companion.classify.result import ClassResult
+from companion.classify.score import BatchScores
+
+if TYPE_CHECKING:
+    from companion.classify.checkpoint import EMState
+    from companion.classify.em import _Run
+
+log = logging.getLogger(__name__)
+
+SIG = 1e-3  # posterior probability that makes a (class, pose) sample "significant"
+IN_RAM = 256 << 20  # larger (N, K) arrays go to memory maps in the cache directory
+
+
+def host_array(run: _Run, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes <= IN_RAM:
+        return np.zeros(shape, dtype)
+    d = run.ckpt_dir / "cache"
+    d.mkdir(parents=True, exist_ok=True)
+    return np.memmap(d / f"{name}.bin", dtype=dtype, mode="w+", shape=shape)
+
+
+def poses(run: _Run, rot: Any, shift_idx: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(psi in degrees, RELION range (-180, 180]; origin (x, y) in original pixels)."""
+    rot, shift_idx = to_host(rot), to_host(shift_idx)
+    psi = -rot.astype(np.float64) * (360.0 / run.r)
+    psi = -(((-psi) + 180.0) % 360.0 - 180.0)  # (-180, 180]
+    scale = run.search.step * run.geom.box / run.geom.work_box
+    shift = run.search.shifts[shift_idx].astype(np.float64) * scale
+    return psi.astype(np.float32), shift.astype(np.float32)
+
+
+def _lse(a: Any) -> Any:
+    xp = get_array_module(a)
+    m = a.max(axis=1)
+    return m + xp.log(xp.exp(a - m[:, None]).sum(axis=1))
+
+
+def particle_outputs(run: _Run, sc: BatchScores, post: Any, x: Any, v: Any, is2: Any,
+                     log_prior: Any) -> dict[str, np.ndarray]:  # fmt: skip
+    """Host arrays for one batch, named as the per-particle fields of EMState."""
+    xp = get_array_module(post)
+    b = post.shape[0]
+    ar = xp.arange(b)
+    lab = post.argmax(axis=1)
+    psi, shift = poses(run, sc.rot[ar, lab], sc.shift[ar, lab])
+    if run.marginal and sc.dense_w is not None:
+        peak = sc.dense_w.max(axis=(1, 3))
+        nsig = (sc.dense_w * post[:, None, :, None] > SIG).sum(axis=(1, 2, 3))
+        max_prob = (post * peak).max(axis=1)
+    elif run.marginal:
+        pb, pk = sc.pairs
+        peak = xp.zeros_like(post)
+        peak[pb, pk] = sc.local_w.max(axis=(1, 2))
+        per_pair = (sc.local_w * post[pb, pk][:, None, None] > SIG).sum(axis=(1, 2))
+        nsig = xp.bincount(pb, weights=per_pair, minlength=b).astype(xp.int64)
+        max_prob = (post * peak).max(axis=1)
+    else:
+        max_prob = post.max(axis=1)
+        nsig = (post > SIG).sum(axis=1)
+    p = xp.maximum(post, 1e-30)
+    ess = xp.exp(-(post * xp.log(p)).sum(axis=1))
+    data = 0.5 * ((x.real**2 + x.imag**2) * is2 / v).sum(axis=1)
+    ll = _lse(sc.ev_1 + log_prior[None]) - data
+    return {
+        "class_id": to_host(lab).astype(np.int32),
+        "psi": psi,
+        "shift": shift,
+        "max_prob": to_host(max_prob).astype(np.float32),
+        "class_prob": to_host(post[ar, lab]).astype(np.float32),
+        "loglik": to_host(ll).astype(np.float32),
+        "n_sig": to_host(nsig).astype(np.int32),
+        "class_ess": to_host(ess).astype(np.float32),
+    }
+
+
+def assign_balanced(run: _Run, st: EMState, stats: dict[str, Any]) -> None:
+    """Final hard labels under the cap over ALL particles; each keeps its best pose in the
+    class it is given."""
+    from companion.classify import balance
+
+    logpost = stats["logpost"]
+    scores = to_device(np.asarray(logpost), run.xp)
+    labels = to_host(balance.assign_capped(scores, int(run.cap))).astype(np.int64)
+    sizes = np.bincount(labels, minlength=run.k)
+    if sizes.max(initial=0) > run.cap:  # a cap is a promise
+        raise RuntimeError(f"capped assignment broke the cap ({sizes.max()} > {run.cap})")
+    ar = np.arange(run.n)
+    pose = np.asarray(stats["pose"])[ar, labels]
+    t = run.search.n_shift
+    psi, shift = poses(run, pose // t, pose % t)
+    moved = labels != st.class_id
+    st.class_id = labels.astype(np.int32)
+    st.psi, st.shift = psi, shift
+    st.class_prob = np.exp(np.asarray(logpost)[ar, labels]).astype(np.float32)
+    log.info("capped assignment (cap %d): %d particles moved from their most likely class, "
+             "largest class %d", run.cap, int(moved.sum()), int(sizes.max()))  # fmt: skip
+
+
+def reseed(run: _Run, st: EMState, hard: np.ndarray) -> None:
+    """Re-seed classes below ``--reseed-empty`` × mean size (companion.classify.reseed)."""
+    try:
+        from companion.classify import reseed as rs
+    except ImportError:
+        log.warning("--reseed-empty: companion.classify.reseed is not available; skipped")
+        return
+    rng = np.random.default_rng([run.params.seed, 0x7E5E, st.iteration + 1])
+    new = rs.reseed_empty(st.refs, hard, run.params.reseed_empty, rng=rng)
+    if new is not None:
+        st.refs = np.asarray(to_host(new), np.float32)
+
+
+def _extend(a: np.ndarray, n: int, fill_last: bool = False) -> np.ndarray:
+    """(…, S) → (…, n) padded with zeros (or the last value)."""
+    out = np.zeros(a.shape[:-1] + (n,), np.float32)
+    m = min(n, a.shape[-1])
+    out[..., :m] = a[..., :m]
+    if fill_last and n > m:
+        out[..., m:] = a[..., m - 1 : m]
+    return out
+
+
+def build_result(run: _Run, st: EMState) -> ClassResult:
+    geom, params = run.geom, run.params
+    n_out = geom.box // 2 + 1
+    # spectra in RELION's normalisation (forward FFT divided by the pixel count)
+    norm = 1.0 / geom.work_box**2
+    averages = to_host(fo.fourier_pad(to_device(st.refs, run.xp), geom.box)).astype(np.float32)
+    labels = st.class_id
+    sizes = np.bincount(labels[labels >= 0], minlength=run.k).astype(np.int64)
+    groups = np.unique(run.particles.optics_group).astype(np.int32)
+    shift_a = st.shift * geom.psize
+    seen = labels >= 0
+    return ClassResult(
+        class_id=labels.astype(np.int32),
+        psi_deg=st.psi.astype(np.float32),
+        shift_px=st.shift.astype(np.float32),
+        max_prob=st.max_prob.astype(np.float32),
+        class_prob=st.class_prob.astype(np.float32),
+        loglik=st.loglik.astype(np.float32),
+        n_significant=st.n_sig.astype(np.int32),
+        norm_correction=np.ones(run.n, np.float32),
+        half_set=st.half.astype(np.uint8),
+        class_ess=st.class_ess.astype(np.float32),
+        averages=averages,
+        class_sizes=sizes,
+        class_distribution=(st.prior / max(st.prior.sum(), 1e-30)).astype(np.float32),
+        resolution_A=st.resolution.astype(np.float32),
+        accuracy_rot_deg=np.asarray(st.acc_rot, np.float32),
+        accuracy_trans_A=np.asarray(st.acc_trans, np.float32),
+        prior_offset_px=np.zeros((run.k, 2), np.float32),
+        shell_resolution_A=geom.shell_resolution(n_out),
+        frc=_extend(st.frc, n_out),
+        ssnr=_extend(st.ssnr, n_out),
+        sigma2_ref=_extend(st.ref_power * norm, n_out),
+        tau2=_extend(st.tau2 * norm, n_out),
+        sigma2_noise=_extend(st.sigma2_used * norm, n_out, fill_last=True),
+        optics_groups=groups,
+        iteration=int(st.iteration),
+        n_iterations=int(run.total),
+        work_box=int(geom.work_box),
+        work_psize=float(geom.work_psize),
+        current_resolution_A=float(
+            st.history[-1].get("resolution_limit_A", geom.box * geom.psize / geom.s_max)
+            if st.history
+            else geom.box * geom.psize / geom.s_max
+        ),
+        loglik_total=float(st.loglik[seen].astype(np.float64).sum()),
+        avg_pmax=float(st.max_prob[seen].mean()) if seen.any() else 0.0,
+        sigma_offsets_A=float(np.sqrt(np.mean(shift_a[seen] ** 2))) if seen.any() else 0.0,
+        cap=run.cap,
+        params=params.resolved(),
+        device=run.device,
+        timings=dict(st.timings),
+        history=list(st.history),
+    )

@@ -1,0 +1,93 @@
+"""The iteration schedule: online-EM mini-batches, annealing of u and of the noise model.
+
+Iterations are numbered from 1. Iterations ``1..online_iters`` are online EM over
+mini-batches of ``batch_per_class × K`` particles; the last ``full_iters`` are full passes.
+
+Annealing (``progress a(i) = clip((i - anneal_start) / anneal_iters, 0, 1)``):
+
+- uncertainty ``u(i) = u0 + (1 - u0) · a(i)`` with ``--uncertainty-schedule anneal`` (so u is
+  ``u0`` up to ``anneal_start`` and reaches 1 at ``anneal_start + anneal_iters``), ``u0``
+  throughout with ``constant``.
+- noise ``--noise-model estimated`` ("sigma annealing"): the noise power used in iteration i is
+  the geometric blend ``sigma2_0^(1-a) · sigma2_est^a`` of the initial estimate (power spectrum
+  of the unaligned particles minus their mean) and the estimate from the residuals of the
+  previous iterations; before ``anneal_start`` it is the initial estimate, after
+  ``anneal_start + anneal_iters`` it is the residual estimate. ``fixed`` keeps the initial
+  estimate, ``white`` its mean over all kept frequencies.
+
+Online EM keeps running sufficient statistics ``s_t = (1 - g_t) s_(t-1) + g_t · batch_t`` with
+a decaying step ``g_t = t^-0.6`` (Cappé & Moulines): early mini-batches, aligned against
+poor references, are forgotten; later ones accumulate. The statistics enter the M-step
+scaled to their effective number of particles (``1 / Σ weight²`` mini-batches, at most N).
+Each full pass starts from fresh statistics (``g = 1``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from companion.params import ClassifyParams
+
+ONLINE_STEP_POWER = 0.6
+
+
+def n_iterations(params: ClassifyParams) -> int:
+    return params.online_iters + params.full_iters
+
+
+def stage(params: ClassifyParams, it: int) -> str:
+    return "online" if it <= params.online_iters else "full"
+
+
+def progress(params: ClassifyParams, it: int) -> float:
+    return float(np.clip((it - params.anneal_start) / params.anneal_iters, 0.0, 1.0))
+
+
+def uncertainty(params: ClassifyParams, it: int) -> float:
+    u0 = params.initial_uncertainty
+    if params.resolved_uncertainty_schedule == "constant":
+        return float(u0)
+    return float(u0 + (1.0 - u0) * progress(params, it))
+
+
+def noise_anneal(params: ClassifyParams, it: int) -> float:
+    """Weight of the residual noise estimate in iteration ``it`` (0 for fixed / white)."""
+    if params.resolved_noise_model != "estimated":
+        return 0.0
+    return progress(params, it)
+
+
+def online_step(t: int) -> float:
+    """Step size of the t-th online iteration (t from 1)."""
+    return float(t ** (-ONLINE_STEP_POWER))
+
+
+def minibatch_size(params: ClassifyParams, n: int) -> int:
+    return int(min(n, params.batch_per_class * params.n_classes))
+
+
+def minibatch(params: ClassifyParams, n: int, it: int) -> np.ndarray:
+    """Sorted particle indices of online iteration ``it``: consecutive slices of seeded
+    random permutations (one per epoch), so every particle is seen once per epoch."""
+    size = minibatch_size(params, n)
+    start = (it - 1) * size
+    out = []
+    while size > 0:
+        epoch, offset = divmod(start, n)
+        perm = np.random.default_rng([params.seed, 0x5EED, epoch]).permutation(n)
+        take = perm[offset : offset + size]
+        out.append(take)
+        size -= take.size
+        start += take.size
+    return np.sort(np.concatenate(out)).astype(np.int64)
+
+
+def iteration_indices(params: ClassifyParams, n: int, it: int) -> np.ndarray:
+    if stage(params, it) == "online":
+        return minibatch(params, n, it)
+    return np.arange(n, dtype=np.int64)
+
+
+def half_sets(seed: int, n: int) -> np.ndarray:
+    """Random half-set (0/1) of every particle, reproducible from the seed."""
+    return np.random.default_rng([seed, 0x4A1F]).integers(0, 2, n).astype(np.uint8)

@@ -1,0 +1,421 @@
+"""One classification run, start to finish: checks, classify, host outputs, report.
+
+:func:`run_classification` is what ``companion classify``, ``companion demo`` and the
+external jobs call. It checks feasibility and the device before any work, logs one line per
+iteration on stderr (with an ETA), calls the classifier (which checkpoints every finished
+iteration in ``out_dir/checkpoint``), writes the host's files (RELION ``run_itNNN_*`` or
+CryoSPARC ``.cs``), the PNG gallery and occupancy plot, and ``summary.json`` last: a
+directory holding ``summary.json`` is complete. If writing fails, the files this run had
+started are removed again, so nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from companion.classify.result import ClassResult
+from companion.errors import DeviceError, ParameterError
+from companion.params import ClassifyParams
+from companion.particles import ParticleSet
+from companion.report import build_summary, write_gallery, write_json, write_occupancy
+
+log = logging.getLogger("companion.run")
+
+SUMMARY = "summary.json"
+GALLERY = "class_averages.png"
+OCCUPANCY = "class_occupancy.png"
+
+Sink = Callable[[Path, str, ParticleSet, ClassResult, int], dict[str, Path]]
+
+
+@dataclass
+class RunOutputs:
+    """What a run wrote: ``paths`` (name → file), the ``summary`` dict, the ``result``."""
+
+    paths: dict[str, Path]
+    summary: dict[str, Any]
+    result: ClassResult
+
+
+def classify(*args: Any, **kwargs: Any) -> ClassResult:
+    """The classifier (imported on first use; tests replace this name)."""
+    from companion.classify import classify as _classify
+
+    return _classify(*args, **kwargs)
+
+
+def _sink_for(host: str) -> Sink:
+    """The host writer: ``(out_dir, root, particles, result, iteration) -> {name: path}``."""
+    if host == "relion":
+        from companion.relion import write_class2d_outputs as relion_write
+
+        return relion_write
+    if host == "cryosparc":
+        from companion.cryosparc import write_class2d_outputs as cs_write
+
+        def write(out: Path, root: str, ps: ParticleSet, res: ClassResult, it: int) -> Any:
+            return cs_write(out, ps, res)
+
+        return write
+    raise ParameterError(
+        f"particles come from host {host!r}; companion writes results for 'relion' or "
+        "'cryosparc' inputs only — read them with companion.relion or companion.cryosparc"
+    )
+
+
+def check_device(device: str) -> None:
+    """Raise DeviceError when ``--device gpu`` is asked for and CuPy sees no GPU."""
+    if device != "gpu":
+        return
+    from companion.classify import backend
+
+    if backend.cupy_or_none() is None:
+        try:
+            backend.select_device("gpu")  # its message says whether CuPy or the GPU is missing
+        except DeviceError:
+            raise
+        except Exception:
+            pass
+        raise DeviceError(
+            "--device gpu: CuPy sees no CUDA GPU (install companion[gpu] on a machine with "
+            "an NVIDIA GPU and driver) — use --device cpu or --device auto"
+        )
+
+
+# ------------------------------------------------------------------ progress and stop
+
+
+def _fmt_time(s: float) -> str:
+    s = max(0.0, float(s))
+    if s < 90:
+        return f"{s:.0f}s"
+    if s < 5400:
+        return f"{s / 60:.0f}m{s % 60:02.0f}s"
+    return f"{s / 3600:.0f}h{(s % 3600) / 60:02.0f}m"
+
+
+class ProgressLog:
+    """One log line per finished iteration with an ETA from the work still to do.
+
+    Work is counted in particles processed: an online iteration handles a mini-batch of
+    ``batch_per_class × K`` particles, a full pass all N.
+    """
+
+    def __init__(self, n_particles: int, params: ClassifyParams, stream_log: logging.Logger = log):
+        self.n = n_particles
+        self.params = params
+        self.log = stream_log
+        batch = min(n_particles, params.batch_per_class * params.n_classes)
+        self.work = [batch] * params.online_iters + [n_particles] * params.full_iters
+        self.t_last = time.perf_counter()
+        self.busy = 0.0  # seconds spent in iterations seen so far
+        self.done_work = 0
+        self.last_iteration = 0
+        self._last_progress = 0.0
+
+    def on_iteration(self, info: Any) -> None:
+        now = time.perf_counter()
+        it = int(_get(info, "iteration", self.last_iteration + 1))
+        total = int(_get(info, "n_iterations", len(self.work)) or len(self.work))
+        secs = _get(info, "seconds", None)
+        self.busy += float(secs) if secs is not None else now - self.t_last
+        self.t_last = now
+        self.last_iteration = it
+        # the rate over iterations seen (a resumed run counts from its first one)
+        self.done_work += self.work[it - 1] if 0 < it <= len(self.work) else 0
+        left = sum(self.work[it:])
+        eta = self.busy / self.done_work * left if self.done_work > 0 else float("nan")
+        parts = [f"iteration {it}/{total}"]
+        for key, fmt in (("uncertainty", "u={:.2f}"), ("resolution_A", "res {:.1f} Å")):
+            v = _get(info, key, None)
+            if v is not None:
+                parts.append(fmt.format(float(v)))
+        sizes = _get(info, "class_sizes", None)
+        if sizes is not None:
+            s = np.asarray(sizes)
+            if s.size:
+                parts.append(
+                    f"largest class {int(s.max())}, {int((s < 0.1 * s.mean()).sum())} small"
+                )
+        if secs is not None:
+            parts.append(f"{float(secs):.1f}s")
+        parts.append(f"ETA {_fmt_time(eta)}" if np.isfinite(eta) else "ETA ?")
+        self.log.info("  ".join(parts))
+
+    def progress(self, done: int, total: int, stage: str) -> None:
+        now = time.perf_counter()
+        if now - self._last_progress >= 15.0 and total > 0:
+            self._last_progress = now
+            self.log.info("  %s: %d/%d (%.0f%%)", stage, done, total, 100.0 * done / total)
+
+
+def _get(info: Any, name: str, default: Any) -> Any:
+    if isinstance(info, dict):
+        return info.get(name, default)
+    return getattr(info, name, default)
+
+
+@dataclass
+class StopFlag:
+    """Set by a signal; the classifier polls it between iterations and batches."""
+
+    requested: bool = False
+    signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+@contextmanager
+def stop_on_signals(
+    signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+) -> Iterator[StopFlag]:
+    """While inside, the first Ctrl-C / SIGTERM asks the run to stop after its current
+    iteration is checkpointed; a second Ctrl-C stops at once (KeyboardInterrupt)."""
+    flag = StopFlag()
+    old: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested, flag.signum = True, signum
+        log.warning("stop requested: finishing the current iteration (Ctrl-C again to stop now)")
+
+    try:
+        for s in signums:
+            old[s] = signal.signal(s, handler)
+    except ValueError:  # not the main thread: no handlers
+        pass
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class _Hooks:
+    """Our progress and outputs composed with the caller's callbacks."""
+
+    progress_log: ProgressLog
+    user: Any = None
+    intermediate_writer: Callable[[int, ClassResult], None] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def build(self) -> Any:
+        hooks = {
+            "on_iteration": self.on_iteration,
+            "should_stop": self.should_stop,
+            "progress": self.progress,
+            "intermediate": self.intermediate if self.intermediate_writer else None,
+        }
+        try:
+            from companion.classify.callbacks import Callbacks
+        except ImportError:  # classifier not installed (tests with a stand-in)
+            return SimpleNamespace(**hooks)
+        return Callbacks(**hooks)
+
+    def on_iteration(self, info: Any) -> None:
+        self.progress_log.on_iteration(info)
+        self._call("on_iteration", info)
+
+    def should_stop(self) -> bool:
+        fn = getattr(self.user, "should_stop", None)
+        return bool(fn()) if fn is not None else False
+
+    def progress(self, done: int, total: int, stage: str) -> None:
+        self.progress_log.progress(done, total, stage)
+        self._call("progress", done, total, stage)
+
+    def intermediate(self, iteration: int, result: ClassResult) -> None:
+        assert self.intermediate_writer is not None
+        self.intermediate_writer(iteration, result)
+        self._call("intermediate", iteration, result)
+
+    def _call(self, name: str, *args: Any) -> None:
+        fn = getattr(self.user, name, None)
+        if fn is not None:
+            fn(*args)
+
+
+# ------------------------------------------------------------------ outputs
+
+
+PER_PARTICLE = (
+    "class_id",
+    "psi_deg",
+    "shift_px",
+    "max_prob",
+    "class_prob",
+    "loglik",
+    "n_significant",
+    "norm_correction",
+    "half_set",
+    "class_ess",
+)
+
+
+def seen_subset(particles: ParticleSet, result: ClassResult) -> tuple[ParticleSet, ClassResult]:
+    """Particles an (online) iteration has assigned (``class_id >= 0``) and their results."""
+    seen = np.flatnonzero(np.asarray(result.class_id) >= 0)
+    if seen.size == len(particles):
+        return particles, result
+    fields = {f: np.asarray(getattr(result, f))[seen] for f in PER_PARTICLE}
+    sizes = np.bincount(fields["class_id"], minlength=result.n_classes).astype(np.int64)
+    return particles.subset(seen), replace(result, class_sizes=sizes, **fields)
+
+
+def check_cap(result: ClassResult, n_particles: int) -> None:
+    """The written output must keep the cap and agree with the labels (classifier bug if not)."""
+    labels = np.asarray(result.class_id)
+    if labels.shape != (n_particles,):
+        raise RuntimeError(f"classifier returned {labels.shape} labels for {n_particles} particles")
+    sizes = np.bincount(labels, minlength=result.n_classes)
+    if sizes.size != result.n_classes or not np.array_equal(sizes, result.class_sizes):
+        raise RuntimeError("classifier result: class_sizes disagree with class_id")
+    if result.cap is not None and sizes.max(initial=0) > result.cap:
+        raise RuntimeError(
+            f"classifier result breaks the cap: class {int(sizes.argmax()) + 1} holds "
+            f"{int(sizes.max())} > {result.cap} particles; nothing was written"
+        )
+
+
+def _files_under(d: Path) -> set[Path]:
+    return {p for p in d.rglob("*") if p.is_file() and "checkpoint" not in p.relative_to(d).parts}
+
+
+@contextmanager
+def _all_or_nothing(out_dir: Path) -> Iterator[None]:
+    """Remove every file (and new directory) created inside the block if it raises."""
+    before = _files_under(out_dir)
+    dirs_before = {p for p in out_dir.rglob("*") if p.is_dir()}
+    try:
+        yield
+    except BaseException:
+        for p in _files_under(out_dir) - before:
+            p.unlink(missing_ok=True)
+        for d in sorted({p for p in out_dir.rglob("*") if p.is_dir()} - dirs_before, reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _write_host(
+    sink: Sink,
+    out_dir: Path,
+    root: str,
+    particles: ParticleSet,
+    result: ClassResult,
+    iteration: int,
+) -> dict[str, Path]:
+    paths = sink(out_dir, root, particles, result, iteration) or {}
+    return {name: Path(p) for name, p in paths.items()}
+
+
+def run_classification(
+    particles: ParticleSet,
+    params: ClassifyParams,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    keep_iterations: bool = False,
+    callbacks: Any = None,
+    root: str = "run",
+) -> RunOutputs:
+    """Classify ``particles`` into ``out_dir`` and write every output; see the module doc.
+
+    Raises ParameterError / DeviceError before any work when the parameters cannot work
+    (cap below N/K, more classes than particles, GPU asked for and absent), Aborted when
+    ``callbacks.should_stop()`` turned true (the last finished iteration stays on disk).
+    """
+    t_start = time.perf_counter()
+    n = len(particles)
+    params.check_feasible(n)
+    check_device(params.device)
+    sink = _sink_for(particles.host)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = out_dir / SUMMARY
+    summary_path.unlink(missing_ok=True)  # the old summary would describe other outputs
+
+    def write_iteration(iteration: int, res: ClassResult) -> None:
+        ps, res = seen_subset(particles, res)
+        try:
+            check_cap(res, len(ps))
+        except RuntimeError as exc:  # never write it; do not kill the run for a snapshot
+            log.warning("iteration %d not written: %s", iteration, exc)
+            return
+        target = out_dir if particles.host == "relion" else out_dir / f"iteration_{iteration:03d}"
+        target.mkdir(parents=True, exist_ok=True)
+        with _all_or_nothing(target):
+            _write_host(sink, target, root, ps, res, iteration)
+
+    hooks = _Hooks(ProgressLog(n, params), callbacks, write_iteration if keep_iterations else None)
+    log.info(
+        "classifying %d particles into %d classes (%s, anneal %s, balance %s) -> %s",
+        n,
+        params.n_classes,
+        params.device,
+        params.anneal,
+        params.balance,
+        out_dir,
+    )
+    t0 = time.perf_counter()
+    result = classify(particles, params, work_dir=out_dir, resume=resume, callbacks=hooks.build())
+    t_classify = time.perf_counter() - t0
+    check_cap(result, n)
+
+    t0 = time.perf_counter()
+    with _all_or_nothing(out_dir):
+        paths = _write_host(sink, out_dir, root, particles, result, result.iteration)
+        title = (
+            f"{particles.source_path.name}: {n} particles, {result.n_classes} classes, "
+            f"iteration {result.iteration}"
+        )
+        paths["gallery"] = write_gallery(
+            out_dir / GALLERY,
+            result.averages,
+            result.class_sizes,
+            result.resolution_A,
+            title=title,
+        )
+        paths["occupancy"] = write_occupancy(
+            out_dir / OCCUPANCY, result.class_sizes, cap=result.cap, history=result.history
+        )
+        paths["summary"] = summary_path
+        t_write = time.perf_counter() - t0
+        summary = build_summary(
+            result,
+            files=paths,
+            n_particles=n,
+            source=particles.source_path,
+            host=particles.host,
+            params=params.resolved(),
+            timings={
+                "classify_s": t_classify,
+                "write_s": t_write,
+                "total_s": time.perf_counter() - t_start,
+            },
+        )
+        write_json(summary_path, summary)
+    log.info(
+        "done: %d classes, largest %d%s, %d below 10%% of the mean; %s",
+        result.n_classes,
+        summary["largest_class"],
+        f" (cap {result.cap})" if result.cap is not None else "",
+        summary["classes_below_10pct_of_mean"],
+        summary_path,
+    )
+    return RunOutputs(paths=paths, summary=summary, result=result)
