@@ -275,18 +275,20 @@ def seen_subset(particles: ParticleSet, result: ClassResult) -> tuple[ParticleSe
     return particles.subset(seen), replace(result, class_sizes=sizes, **fields)
 
 
-def check_cap(result: ClassResult, n_particles: int) -> None:
-    """The written output must keep the cap and agree with the labels (classifier bug if not)."""
+def check_cap(result: ClassResult, n_particles: int, cap: int | None = None) -> None:
+    """The written output must keep the cap (``cap``, else the result's) and agree with the
+    labels; a classifier bug if not."""
     labels = np.asarray(result.class_id)
     if labels.shape != (n_particles,):
         raise RuntimeError(f"classifier returned {labels.shape} labels for {n_particles} particles")
     sizes = np.bincount(labels, minlength=result.n_classes)
     if sizes.size != result.n_classes or not np.array_equal(sizes, result.class_sizes):
         raise RuntimeError("classifier result: class_sizes disagree with class_id")
-    if result.cap is not None and sizes.max(initial=0) > result.cap:
+    cap = result.cap if cap is None else cap
+    if cap is not None and sizes.max(initial=0) > cap:
         raise RuntimeError(
             f"classifier result breaks the cap: class {int(sizes.argmax()) + 1} holds "
-            f"{int(sizes.max())} > {result.cap} particles; nothing was written"
+            f"{int(sizes.max())} > {cap} particles; nothing was written"
         )
 
 
@@ -349,11 +351,14 @@ def run_classification(
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_path = out_dir / SUMMARY
     summary_path.unlink(missing_ok=True)  # the old summary would describe other outputs
+    cap = params.class_cap(n)
 
     def write_iteration(iteration: int, res: ClassResult) -> None:
+        if iteration >= params.total_iters:
+            return  # the final outputs are written below, once
         ps, res = seen_subset(particles, res)
         try:
-            check_cap(res, len(ps))
+            check_cap(res, len(ps), cap)
         except RuntimeError as exc:  # never write it; do not kill the run for a snapshot
             log.warning("iteration %d not written: %s", iteration, exc)
             return
@@ -375,7 +380,7 @@ def run_classification(
     t0 = time.perf_counter()
     result = classify(particles, params, work_dir=out_dir, resume=resume, callbacks=hooks.build())
     t_classify = time.perf_counter() - t0
-    check_cap(result, n)
+    check_cap(result, n, cap)
 
     t0 = time.perf_counter()
     with _all_or_nothing(out_dir):
@@ -406,7 +411,7 @@ def run_classification(
             timings={
                 "classify_s": t_classify,
                 "write_s": t_write,
-                "total_s": time.perf_counter() - t_start,
+                "run_s": time.perf_counter() - t_start,
             },
         )
         write_json(summary_path, summary)

@@ -299,3 +299,22 @@ def test_bench_speed_runs_relion(tmp_path, capsys):
     rel = json.loads(captured.out)["relion"]
     assert "error" not in rel, rel
     assert rel["seconds_per_iteration"] > 0 and rel["ratio_vs_companion_cpu"] > 0
+
+
+def test_bench_modes_is_wired_to_bench_modes_module(monkeypatch, capsys):
+    import sys
+    import types
+
+    seen = {}
+
+    def run_modes_benchmark(n=10000, classes=(24, 50), seed=0, out_dir=None):
+        seen.update(n=n, classes=classes, seed=seed, out_dir=out_dir)
+        return {"rows": [{"mode": "default"}], "table": "mode table"}
+
+    fake = types.ModuleType("companion.bench_modes")
+    fake.run_modes_benchmark = run_modes_benchmark
+    monkeypatch.setitem(sys.modules, "companion.bench_modes", fake)
+    argv = ["bench", "modes", "--n", "500", "--classes", "6", "8", "--seed", "2", "--out", "d"]
+    assert main(argv) == 0
+    assert seen == {"n": 500, "classes": [6, 8], "seed": 2, "out_dir": Path("d")}
+    assert "mode table" in capsys.readouterr().out

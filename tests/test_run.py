@@ -87,7 +87,7 @@ def test_writes_host_outputs_report_and_summary_last(tmp_path, fakes, monkeypatc
     assert Path(summary["files"]["occupancy"]).is_file()
     assert summary["class_sizes"] == fakes["result"].class_sizes.tolist()
     assert summary["iterations"] == 3 and summary["device"] == "cpu (numpy)"
-    assert set(summary["timings"]) >= {"classify_s", "write_s", "total_s"}
+    assert set(summary["timings"]) >= {"classify_s", "write_s", "run_s"}
     assert res.paths["summary"] == out / "summary.json"
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration")]
@@ -240,3 +240,11 @@ def test_intermediate_writes_only_particles_seen(tmp_path, fakes, monkeypatch):
     monkeypatch.setattr(runmod, "classify", classify)
     runmod.run_classification(fake_particles(60), _params(), tmp_path / "o", keep_iterations=True)
     assert written == [(1, 30, 30, 30), (3, 60, 60, 60)]
+
+
+def test_params_cap_is_enforced_even_if_result_forgets_it(tmp_path, fakes):
+    fakes["result"] = fake_result(n=60, k=5)  # class 0 holds 28, result.cap None
+    params = _params(balance="cap", max_per_class=20)
+    with pytest.raises(RuntimeError, match="> 20 particles"):
+        runmod.run_classification(fake_particles(60), params, tmp_path / "o")
+    assert fakes["sink"].calls == []

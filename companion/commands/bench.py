@@ -26,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import sys
@@ -105,7 +106,7 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
 def _modes_module_args(p: argparse.ArgumentParser) -> bool:
     """Let companion.bench_modes define its own options when it offers ``add_args``."""
     try:
-        from companion import bench_modes
+        bench_modes = importlib.import_module("companion.bench_modes")
     except ImportError:
         return False
     if hasattr(bench_modes, "add_args"):
@@ -199,9 +200,10 @@ def _modes(args: argparse.Namespace) -> int:
     if hasattr(sys.modules["companion.bench_modes"], "add_args"):
         return int(run_modes_benchmark(args) or 0)
     wanted = inspect.signature(run_modes_benchmark).parameters
-    kwargs = {k: v for k, v in vars(args).items() if k in wanted and v is not None}
-    if "out" in kwargs and "out_dir" in wanted:
-        kwargs["out_dir"] = Path(kwargs.pop("out"))
+    given = dict(vars(args))
+    if given.get("out") is not None:
+        given["out_dir"] = Path(given["out"])
+    kwargs = {k: v for k, v in given.items() if k in wanted and v is not None}
     rep = run_modes_benchmark(**kwargs)
     if isinstance(rep, dict):
         text = rep.get("table") if isinstance(rep.get("table"), str) else json.dumps(rep, indent=2)

@@ -133,4 +133,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"gallery: {run.paths['gallery']}")
     print(f"summary: {run.paths['summary']}")
     print(f"comparison: {out / 'truth_comparison.json'}")
+    if args.anneal == "on" and args.balance == "off":
+        print(
+            "compare the modes on the same particles: add --anneal off (junk kept apart) or "
+            "--balance equal (no nearly empty classes), with another --out"
+        )
     return 0
