@@ -111,6 +111,15 @@ class ClassifyParams(BaseModel):
             "the largest class (0 = never)."
         ),
     )
+    warmup_iters: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "First iterations in which class sizes are held equal (soft), so classes separate "
+            "before one can take over the others; 0 = none. Default: max(3, online iters / 4); "
+            "not used with --balance, which caps sizes throughout."
+        ),
+    )
     search: Literal["fast", "exhaustive"] = Field(
         "fast",
         description=(

@@ -47,6 +47,15 @@ def class_images(n_classes: int, box: int, psize: float, seed: int = 1,
     return out
 
 
+def blob_image(w: int) -> np.ndarray:
+    """A fixed asymmetric two-blob image (w, w), for unit tests of rotations and shifts."""
+    y, x = np.mgrid[0:w, 0:w] - w // 2
+    img = np.exp(-((x - 5) ** 2 + (y - 2) ** 2) / 8.0) + 0.5 * np.exp(
+        -((x + 4) ** 2 + (y + 6) ** 2) / 20.0
+    )
+    return img.astype(np.float32)
+
+
 def rotate_shift(img: np.ndarray, theta_deg: float, d: tuple[float, float]) -> np.ndarray:
     """Content at p moves to R(theta) p + d (about the centre pixel), cubic interpolation."""
     box = img.shape[0]

@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from companion.classify.backend import get_array_module
+from companion.classify.backend import get_array_module, to_host
 
 log = logging.getLogger(__name__)
 
+#: the auction may always evaluate this many scores, whatever ``max_work`` says
+_MIN_WORK = 4e8
 #: elements per row chunk (NumPy / CuPy); bounds the temporaries of every pass.
 _CHUNK_ELEMS = {"numpy": 1 << 21, "cupy": 1 << 25}
 
@@ -35,7 +37,7 @@ def _chunk_rows(xp: Any, k: int) -> int:
 def _caps_array(xp: Any, caps: Any, k: int, dtype: Any) -> Any:
     c = xp.asarray(caps, dtype=dtype)
     if c.ndim == 0:
-        c = xp.full((k,), c, dtype=dtype)
+        c = xp.full((k,), c.item(), dtype=dtype)
     if c.shape != (k,):
         raise ValueError(f"caps must be a scalar or have shape ({k},), got {tuple(c.shape)}")
     return c
@@ -56,30 +58,36 @@ def sinkhorn_capped(
     """Soft class weights with rows summing to 1 and column sums at most ``caps``.
 
     Solves ``min_W KL(W ‖ Q)`` over ``{W ≥ 0, W·1 = 1, 1ᵀW ≤ caps}`` where
-    ``Q = softmax(log_post)`` row-wise (uniform class priors). The solution has the form
-    ``W_ik = exp(L_ik − a_i − b_k)`` with row duals ``a`` and class prices ``b ≥ 0`` that are
-    zero for classes under their cap. Algorithm: exact block-coordinate ascent on the concave
-    dual (Sinkhorn/IPF in the log domain, with the column step clipped at zero):
+    ``Q = softmax(log_post)`` row-wise (uniform class priors). The solution is
+    ``W_ik = exp(L_ik − a_i − b_k)`` with row normalisers ``a_i = logsumexp_k(L_ik − b_k)`` and
+    class prices ``b ≥ 0`` that are zero for classes under their cap: ``b`` minimises the
+    convex dual ``g(b) = Σ_i a_i(b) + Σ_k cap_k b_k`` over ``b ≥ 0`` (gradient ``cap − 1ᵀW``,
+    Hessian ``diag(1ᵀW) − WᵀW``, a K×K GEMM). Algorithm, all in the log domain:
 
-        a_i ← logsumexp_k (L_ik − b_k)                  (rows sum to 1)
-        b_k ← max(0, b_k + log(Σ_i W_ik / cap_k))        (only overfull columns are scaled down)
-
-    Each step maximises the dual exactly over one block, so the iteration converges to the KL
-    projection. ``W_ik ≤ 1`` after the row step, so column sums need no log-sum-exp and
-    nothing overflows, however peaked the posteriors. For peaked posteriors (low temperature)
-    the prices must travel far in steps of ``log(overflow)``, so the prices are first solved on
-    tempered copies ``L / T`` with ``T`` halving from the largest row spread down to 1
-    (ε-scaling), each level warm-starting the next. Stops when every column is within
-    ``(1 + tol) · cap`` and every priced column within ``(1 − tol) · cap`` (complementary
-    slackness), or after ``n_iter`` iterations at ``T = 1``.
+    - Sinkhorn/IPF scaling with the column step clipped at zero — ``a`` by the row
+      normalisation, then ``b_k ← max(0, b_k + log(Σ_i W_ik / cap_k))``, i.e. only overfull
+      columns are scaled down — is exact block-coordinate descent on ``g`` and converges, but
+      slowly when posteriors are peaked. So each step here is a projected Newton step on ``g``
+      (free classes: priced or overfull; Armijo backtracking along the projected arc), with the
+      Sinkhorn column step as the fallback when the Newton direction does not descend.
+    - ε-scaling: the prices are solved first for tempered copies ``L / T``, ``T`` falling by
+      4× from the largest row spread to 1, each level warm-starting the next.
+    - Stop when every column is within ``(1 + tol)·cap`` and every priced column within
+      ``(1 − tol)·cap``, or after ``n_iter`` steps at ``T = 1``. A last rounding step
+      (Altschuler et al. 2017) makes the constraints exact: overfull columns are scaled down to
+      their cap and each row's missing mass is spread over the classes with room, in
+      proportion to their room. ``W_ik ≤ 1`` after the row step, so nothing overflows however
+      peaked the posteriors.
 
     Args:
         log_post: (N, K) float array, unnormalised log posteriors (``-inf`` = impossible).
         caps: (K,) or scalar, the most weight each class may hold (may be fractional, e.g.
             scaled to a mini-batch); ``sum(caps) ≥ N``.
-        n_iter: most iterations at the final temperature.
-        tol: relative tolerance on the column sums.
-        dual: (K,) class prices ``b`` to start from (e.g. the previous mini-batch's).
+        n_iter: most steps at the final temperature.
+        tol: relative tolerance on the column sums before the final rounding.
+        dual: (K,) class prices ``b`` to start from (e.g. the previous mini-batch's): solved
+            at T = 1 directly, falling back to the ε-scaling levels from zero if that does not
+            converge. All-zero prices count as a cold start.
         return_dual: also return the final prices (float64, on the input's device).
 
     Returns:
@@ -92,73 +100,148 @@ def sinkhorn_capped(
     n, k = L.shape
     dtype = np.dtype(L.dtype if L.dtype in (np.float32, np.float64) else np.float64)
     caps = _caps_array(xp, caps, k, np.float64)
-    if float(caps.sum()) < n * (1 - 1e-9):
-        raise ValueError(f"sum of caps {float(caps.sum()):.6g} < {n} rows: infeasible")
+    if bool(xp.any(caps < 0)) or float(caps.sum()) < n * (1 - 1e-9):
+        raise ValueError(f"caps must be ≥ 0 with sum ≥ {n}, got sum {float(caps.sum()):.6g}")
+    shut = caps <= 0
     b = xp.zeros(k, dtype=np.float64) if dual is None else xp.asarray(dual, np.float64).copy()
-    b = xp.where(caps > 0, b, xp.inf)  # a zero cap closes the class
+    b = xp.where(shut, xp.inf, xp.maximum(b, 0))
     rows = _chunk_rows(xp, k)
-
-    def sweep(temp: float, out: Any = None) -> Any:
-        """Row step for all rows at temperature ``temp``; returns column sums (float64)."""
-        col = xp.zeros(k, dtype=np.float64)
-        bt = (b / temp).astype(dtype)
-        for s in range(0, n, rows):
-            m = L[s : s + rows].astype(dtype, copy=False) / dtype.type(temp) - bt
-            mx = m.max(axis=1, keepdims=True)
-            dead = ~xp.isfinite(mx)  # no open class with a finite score: spread evenly
-            m = xp.where(dead, xp.where(xp.isfinite(bt), 0, -xp.inf).astype(dtype), m)
-            mx = xp.where(dead, 0, mx)
-            m -= mx
-            xp.exp(m, out=m)
-            m /= m.sum(axis=1, keepdims=True)
-            col += m.sum(axis=0, dtype=np.float64)
-            if out is not None:
-                out[s : s + rows] = m
-        return col
-
-    def step(col: Any, temp: float) -> None:
-        nonlocal b
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = xp.log(col / caps)
-        b = xp.where(caps > 0, xp.maximum(b + temp * ratio, 0), xp.inf)
-
-    def done(col: Any, level_tol: float) -> bool:
-        over = float(xp.max(col - caps * (1 + level_tol)))
-        priced = (b > 0) & (caps > 0)
-        slack = float(xp.max(xp.where(priced, caps * (1 - level_tol) - col, -1.0)))
-        return over <= 0 and slack <= 0
-
-    if bool(xp.all(caps >= n)):
-        b = xp.zeros(k, dtype=np.float64)
+    solver = _CappedDual(xp, L, caps, dtype, rows)
+    if not bool(xp.all(caps >= n)):
+        ok = False
+        warm = bool(xp.any(xp.isfinite(b) & (b > 0)))  # all-zero prices: a cold start
+        if warm:
+            b, ok = solver.solve(b, 1.0, tol, n_iter)
+        if not ok:  # cold, or the warm start did not converge: ε-scaling from zero
+            b = xp.where(shut, xp.inf, 0.0)
+            t = _max_row_spread(xp, L, rows) / 4.0
+            while t > 2.0:
+                b, _ = solver.solve(b, t, max(tol, 0.05), 8)
+                t /= 4.0
+            b, ok = solver.solve(b, 1.0, tol, n_iter)
+            if not ok:
+                log.debug("sinkhorn_capped: not converged to tol=%g in %d steps", tol, n_iter)
     else:
-        # ε-scaling levels: T0 = largest finite row spread, halving down to 1.
-        spread = _max_row_spread(xp, L, rows)
-        temps = []
-        t = spread
-        while t > 1.0:
-            temps.append(t)
-            t /= 2.0
-        level_tol = max(tol, 0.05)
-        for t in temps:
-            for _ in range(10):
-                col = sweep(t)
-                if done(col, level_tol):
-                    break
-                step(col, t)
-        for _ in range(n_iter):
-            col = sweep(1.0)
-            if done(col, tol):
-                break
-            step(col, 1.0)
-        else:
-            log.debug("sinkhorn_capped: not converged to tol=%g in %d iterations", tol, n_iter)
+        b = xp.where(shut, xp.inf, 0.0)
     out = xp.empty((n, k), dtype=dtype)
-    sweep(1.0, out)
+    col = solver.sweep(b, 1.0, out=out)[1]
+    _round_to_caps(xp, out, col, caps)
     return (out, b) if return_dual else out
 
 
-def _max_row_spread(xp: Any, L: Any, rows: int) -> float:
-    """Largest (max − min) over the finite entries of any row (at least 1)."""
+class _CappedDual:
+    """The dual ``g(b)`` of the capped KL projection at temperature T, evaluated in chunks."""
+
+    def __init__(self, xp: Any, L: Any, caps: Any, dtype: Any, rows: int) -> None:
+        self.xp, self.L, self.caps, self.dtype, self.rows = xp, L, caps, dtype, rows
+        self.k = L.shape[1]
+        self.floor = -80.0 if dtype == np.float32 else -700.0
+
+    def sweep(self, b: Any, temp: float, out: Any = None, hess: bool = False) -> tuple:
+        """(g, column sums, Hessian or None) at prices ``b`` (all in units of L / temp)."""
+        xp, k = self.xp, self.k
+        bt = b / temp
+        btd = bt.astype(self.dtype)
+        col = xp.zeros(k, dtype=np.float64)
+        hmat = xp.zeros((k, k), dtype=np.float64) if hess else None
+        g = 0.0
+        for s in range(0, self.L.shape[0], self.rows):
+            m = self.L[s : s + self.rows].astype(self.dtype, copy=False) / self.dtype.type(temp)
+            m = m - btd
+            mx = m.max(axis=1, keepdims=True)
+            dead = ~xp.isfinite(mx)  # no open class with a finite score: spread evenly
+            if bool(dead.any()):
+                m = xp.where(dead, xp.where(xp.isfinite(btd), 0, -xp.inf).astype(m.dtype), m)
+                mx = xp.where(dead, 0, mx)
+            m -= mx
+            m[m < self.floor] = -xp.inf  # exp would be subnormal (slow) and is negligible
+            xp.exp(m, out=m)
+            z = m.sum(axis=1, keepdims=True)
+            m /= z
+            live = ~dead[:, 0]
+            g += float((mx[:, 0] + xp.log(z[:, 0]))[live].sum(dtype=np.float64))
+            col += m.sum(axis=0, dtype=np.float64)
+            if hess:
+                w = m[live]
+                hmat += (w.T @ w).astype(np.float64)
+            if out is not None:
+                out[s : s + self.rows] = m
+        open_ = xp.isfinite(bt)
+        g += float((self.caps * xp.where(open_, bt, 0.0)).sum())
+        if hess:
+            hmat = xp.diag(col) - hmat
+        return g, col, hmat
+
+    def done(self, b: Any, col: Any, tol: float) -> bool:
+        xp, caps = self.xp, self.caps
+        over = float(xp.max(col - caps * (1 + tol)))
+        priced = (b > 0) & (caps > 0)
+        slack = float(xp.max(xp.where(priced, caps * (1 - tol) - col, -1.0)))
+        return over <= 0 and slack <= 0
+
+    def solve(self, b: Any, temp: float, tol: float, n_iter: int) -> tuple[Any, bool]:
+        """Projected Newton on g at temperature ``temp`` from prices ``b``.
+
+        Returns the prices and whether the columns are within ``tol`` (see :meth:`done`)."""
+        xp, caps = self.xp, self.caps
+        open_ = caps > 0
+        bt = xp.where(open_, b / temp, xp.inf)
+        g, col, hmat = self.sweep(bt * temp, temp, hess=True)
+        for _ in range(n_iter):
+            if self.done(bt, col, tol):
+                break
+            grad = caps - col
+            # free: priced classes, and classes at 0 that want a price (overfull)
+            free = open_ & ((bt > 0) | (grad < 0))
+            d = xp.zeros_like(grad)
+            fi = xp.nonzero(free)[0]
+            if fi.shape[0]:
+                h = hmat[xp.ix_(fi, fi)]
+                h = h + xp.eye(fi.shape[0]) * (1e-9 * float(xp.trace(h)) / fi.shape[0] + 1e-12)
+                d[fi] = -xp.linalg.solve(h, grad[fi])
+            base = xp.where(open_, bt, 0.0)
+            accepted = False
+            alpha = 1.0
+            for _ in range(30):  # Armijo backtracking along the projected arc
+                cand = xp.where(open_, xp.maximum(base + alpha * d, 0.0), xp.inf)
+                g2, col2, h2 = self.sweep(cand * temp, temp, hess=alpha == 1.0)
+                dec = float((grad * (xp.where(open_, cand, 0.0) - base)).sum())
+                if g2 <= g + 1e-4 * dec and dec < 0:
+                    accepted = True
+                    if h2 is None:
+                        g2, col2, h2 = self.sweep(cand * temp, temp, hess=True)
+                    break
+                alpha *= 0.5
+            if not accepted:  # Sinkhorn column step: exact descent on g for the columns
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = xp.log(col / caps)
+                cand = xp.where(
+                    open_, xp.maximum(base + xp.nan_to_num(ratio, neginf=-1e30), 0), xp.inf
+                )
+                g2, col2, h2 = self.sweep(cand * temp, temp, hess=True)
+            bt, g, col, hmat = cand, g2, col2, h2
+        return xp.where(open_, bt * temp, xp.inf), self.done(bt, col, tol)
+
+
+def _round_to_caps(xp: Any, w: Any, col: Any, caps: Any) -> None:
+    """In place: column sums ≤ caps and rows summing to 1 exactly (Altschuler et al. 2017)."""
+    over = col > caps
+    if not bool(over.any()):
+        return
+    scale = xp.where(over, caps / xp.maximum(col, 1e-300), 1.0).astype(w.dtype)
+    w *= scale
+    room = xp.maximum(caps - w.sum(axis=0, dtype=np.float64), 0.0)
+    missing = xp.maximum(1.0 - w.sum(axis=1, dtype=np.float64), 0.0)
+    tot = float(room.sum())
+    if tot > 0:
+        w += (missing[:, None] * (room / tot)[None, :]).astype(w.dtype)
+
+
+def _max_row_spread(xp: Any, L: Any, rows: int, sample: int = 50000) -> float:
+    """Largest (max − min) over the finite entries of a row (up to ``sample`` rows; ≥ 1)."""
+    n = L.shape[0]
+    if n > sample:
+        L = L[xp.linspace(0, n - 1, sample).astype(np.int64)]
     best = 1.0
     for s in range(0, L.shape[0], rows):
         m = L[s : s + rows]
@@ -170,9 +253,6 @@ def _max_row_spread(xp: Any, L: Any, rows: int) -> float:
         if d.size:
             best = max(best, float(d.max()))
     return best
-
-
-# ----------------------------------------------------------------------------------- hard
 
 
 def _top2(xp: Any, s: Any, p: Any, idx: Any, exclude: Any, rows: int) -> tuple[Any, Any, Any]:
@@ -204,7 +284,7 @@ def assign_capped(
     cap: Any,
     *,
     eps: float | None = None,
-    max_work: float = 20.0,
+    max_work: float = 10.0,
     return_prices: bool = False,
 ) -> Any:
     """Hard labels maximising the total score with at most ``cap[k]`` rows in class k.
@@ -217,15 +297,20 @@ def assign_capped(
     next round). Prices only rise, so a class that filled stays full; every row is at its
     best class except stayers within ``eps`` of it. Hence, when no class is overfull,
     ``total ≥ optimum − N·eps`` (LP duality: prices are positive only on full classes).
+    A round touches only the rows that may move: each row keeps a lower bound of its margin
+    (exact when computed, lowered by its own class's price rises), a per-class histogram of
+    the bounds picks the members that may be among the weakest, and only those are ranked and
+    re-evaluated.
 
-    Work is bounded: after ``max_work · N`` row evaluations (scores with identical class
-    preferences in every row cascade through the classes one per round) a greedy repair
-    finishes. The repair, also run after a finished auction, is what guarantees the cap, by
-    construction: it trims every overfull class to exactly its cap (keeping its
-    highest-margin members), then places the unassigned rows in rounds where each row
-    proposes to its best few classes that still have room and each class accepts at most its
-    remaining room; a row accepted twice keeps its best class. Every round places at least one
-    row, and ``sum(cap) ≥ N`` means some class has room while a row is unplaced.
+    Work is bounded: after ``max_work · N`` row evaluations or ``20 K + 200`` rounds (scores
+    with alike class preferences in every row cascade through the classes one per round) a
+    greedy repair finishes. The repair, also run after a finished auction, is what
+    guarantees the cap, by construction: it trims every overfull class to exactly its cap
+    (keeping its highest-margin members); then a few rounds place unassigned rows, each row
+    proposing to its best few classes that still have room and each class accepting at most
+    its remaining room (a row accepted twice keeps its best class); a last sweep over the
+    classes with room gives each at most its room from the rows still left, until none is left
+    (``sum(cap) ≥ N``: the rooms add up to at least the rows left).
 
     Args:
         scores: (N, K) float array, higher is better (e.g. log posteriors). ``-inf`` = never,
@@ -254,17 +339,19 @@ def assign_capped(
     spread = _mean_row_spread(xp, s)
     if eps is None:
         eps = 1e-2 * spread
-    budget = max(max_work * n, 4e8 / k)  # row evaluations; small problems always finish
+    budget = max(max_work * n, _MIN_WORK / k)  # row evaluations; small problems finish
+    max_rounds = 20 * k + 200  # a cascade takes ~K rounds; ties can take more
 
     labels, v1, v2 = _top2(xp, s, p, None, None, rows)
     labels[~xp.isfinite(v1)] = -1  # no finite open class: left to the repair
     # lower bound on each row's margin (own value − best other value): exact when computed;
     # when the row's own price rises by d it drops by exactly d; when other prices rise the
     # true margin can only grow. Members are re-evaluated only when they might be evicted.
-    mlb = xp.nan_to_num(v1 - v2, nan=xp.inf, posinf=xp.inf)
+    with np.errstate(invalid="ignore"):  # -inf − -inf: rows with no finite class
+        mlb = xp.nan_to_num(v1 - v2, nan=xp.inf, posinf=xp.inf)
     stamp = xp.zeros(n, dtype=np.int64)  # round in which mlb was last made exact
     rounds, work = 0, 0
-    while work < budget:
+    while work < budget and rounds < max_rounds:
         counts = xp.bincount(labels[labels >= 0], minlength=k)
         excess = counts - caps
         over = excess > 0
@@ -291,7 +378,11 @@ def assign_capped(
         ko = xp.nonzero(over)[0]
         ie = first[ko] + excess[ko]  # the weakest stayer (exists: count > excess when cap ≥ 1)
         stay = m_s[xp.minimum(ie, m_s.shape[0] - 1)]  # a lower bound of its margin
-        step = xp.where(xp.isfinite(stay), xp.maximum(stay, 0), 0.0) + eps
+        last = m_s[ie - 1]  # the strongest evicted member's (exact) margin
+        # the new price evicts every evicted row: past their margins (a stayer with no other
+        # class, margin +inf, would otherwise let the price crawl up by eps)
+        step = xp.where(xp.isfinite(stay), stay, xp.where(xp.isfinite(last), last, 0.0))
+        step = xp.maximum(step, 0) + eps
         p[ko] += step
         dp = xp.zeros(k, dtype=np.float64)
         dp[ko] = step
@@ -301,7 +392,8 @@ def assign_capped(
         # that still prefers its old class keeps it overfull for the next round
         j1, v1, v2 = _top2(xp, s, p, ev, None, rows)
         labels[ev] = xp.where(xp.isfinite(v1) & ~hopeless, j1, -1)
-        mlb[ev] = xp.nan_to_num(v1 - v2, nan=xp.inf, posinf=xp.inf)
+        with np.errstate(invalid="ignore"):
+            mlb[ev] = xp.nan_to_num(v1 - v2, nan=xp.inf, posinf=xp.inf)
         work += int(ev.shape[0])
     else:
         log.debug("assign_capped: auction budget spent after %d rounds; repairing", rounds)
@@ -314,7 +406,8 @@ def _margins(xp: Any, s: Any, p: Any, idx: Any, lab: Any, rows: int) -> Any:
     """Value at the row's own class minus its best other class (``+inf`` if none)."""
     _, vo, _ = _top2(xp, s, p, idx, lab, rows)
     own = s[idx, lab].astype(np.float64) - p[lab]
-    return xp.nan_to_num(own - vo, nan=xp.inf, posinf=xp.inf)
+    with np.errstate(invalid="ignore"):
+        return xp.nan_to_num(own - vo, nan=xp.inf, posinf=xp.inf)
 
 
 def _candidates(
@@ -327,12 +420,13 @@ def _candidates(
     ranked exactly, so a round costs O(members) instead of a sort of all of them.
     """
     x = lb / scale
-    g = 0.5 + 0.5 * x / (1.0 + xp.abs(x))
+    with np.errstate(invalid="ignore"):
+        g = 0.5 + 0.5 * x / (1.0 + xp.abs(x))
     g = xp.where(xp.isnan(g), 1.0, g)  # +inf margins
     b = xp.clip((g * nb).astype(np.int64), 0, nb - 1)
     h = xp.bincount(lab * nb + b, minlength=k * nb).reshape(k, nb)
     need = xp.maximum(excess, 0) + 1
-    cut = xp.argmax(xp.cumsum(h, axis=1) >= need[:, None], axis=1)
+    cut = xp.argmax((xp.cumsum(h, axis=1) >= need[:, None]).astype(np.int8), axis=1)
     return b <= cut[lab]
 
 
@@ -343,10 +437,6 @@ def _rank_members(xp: Any, lab: Any, margin: Any, idx: Any, k: int) -> tuple[Any
     first = xp.searchsorted(lab_s, xp.arange(k))
     pos = xp.arange(lab_s.shape[0]) - first[lab_s]
     return lab_s, margin[order], idx[order], first, pos
-
-
-def _values(xp: Any, s: Any, p: Any, idx: Any, lab: Any) -> Any:
-    return s[idx, lab].astype(np.float64) - p[lab]
 
 
 def _mean_row_spread(xp: Any, s: Any, sample: int = 20000) -> float:
@@ -390,6 +480,8 @@ def _repair(
     for _ in range(rounds):
         if not todo.shape[0]:
             return labels
+        if todo.shape[0] > max(n // 20, 1000):
+            break  # a flood of rows with alike preferences: proposals would crawl
         cls, val, rank = _proposals(xp, s, pf, room > 0, todo, min(q, int((room > 0).sum())), rows)
         m = todo.shape[0]
         qq = cls.shape[1]
@@ -428,13 +520,13 @@ def _sweep_fill(xp: Any, s: Any, p: Any, room: Any, todo: Any, rows: int) -> Any
     out = xp.full(todo.shape[0], -1, dtype=np.int64)
     free = xp.ones(todo.shape[0], dtype=bool)
     left = int(todo.shape[0])
-    for c in (int(c) for c in xp.argsort(-demand, kind="stable")):
+    for c in np.argsort(-to_host(demand), kind="stable").tolist():
         r = min(int(room[c]), left)
         if r <= 0:
             continue
         loss = val - (s[todo, c].astype(np.float64) - p[c])
-        loss = xp.where(xp.isfinite(loss), loss, xp.inf)
-        loss = xp.where(free, loss, xp.nan)  # nan sorts last: taken rows are never picked
+        loss = xp.where(xp.isfinite(loss), loss, 1e300)  # a -inf class: only if nothing else
+        loss = xp.where(free, loss, xp.inf)  # taken rows: never picked (r ≤ free rows)
         pick = xp.argsort(loss)[:r] if r == left else xp.argpartition(loss, r - 1)[:r]
         out[pick] = c
         free[pick] = False

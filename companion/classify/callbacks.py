@@ -21,7 +21,7 @@ class IterationInfo:
     stage: str  # "online" or "full"
     n_particles: int  # particles in this iteration's E-step
     uncertainty: float  # the uncertainty factor u used
-    noise_anneal: float  # 0 = initial noise estimate, 1 = fully re-estimated (see em.py)
+    noise: str  # noise power used: "initial", "residual" or "white" (see schedule.py)
     resolution_A: float  # median per-class FRC-0.143 resolution (Å; inf if undetermined)
     class_sizes: np.ndarray  # int64[K] hard assignments in this iteration's E-step
     class_distribution: np.ndarray  # float32[K] class priors after the M-step
@@ -36,7 +36,7 @@ class IterationInfo:
             "stage": self.stage,
             "n_particles": self.n_particles,
             "uncertainty": self.uncertainty,
-            "noise_anneal": self.noise_anneal,
+            "noise": self.noise,
             "resolution_A": self.resolution_A,
             "class_sizes": [int(x) for x in self.class_sizes],
             "class_distribution": [float(x) for x in self.class_distribution],

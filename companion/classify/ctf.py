@@ -62,6 +62,8 @@ def ctf_2d(
         arr = xp.asarray(a, dtype=xp.float64).reshape(-1)
         return arr.reshape((-1,) + (1,) * kx.ndim)
 
+    # per-particle constants in float64, the (N, grid) work in the grid's precision:
+    # df(angle) = mean + half_diff * (cos 2az cos 2ang + sin 2az sin 2ang), one sin per point
     du, dv, ang = col(defocus_u), col(defocus_v), xp.deg2rad(col(defocus_angle))
     lam = electron_wavelength(col(voltage))
     k1 = np.pi * lam
@@ -71,14 +73,20 @@ def ctf_2d(
     k5 = xp.deg2rad(col(phase_shift))
     k4 = -col(bfactor) / 4.0
 
-    kx64 = xp.asarray(kx, dtype=xp.float64)[None]
-    ky64 = xp.asarray(ky, dtype=xp.float64)[None]
-    k2grid = kx64 * kx64 + ky64 * ky64
-    azimuth = xp.arctan2(ky64, kx64)
-    df = 0.5 * (du + dv) + 0.5 * (du - dv) * xp.cos(2.0 * (azimuth - ang))
-    gamma = -k1 * df * k2grid + k2 * k2grid * k2grid - k5 - k3
+    kx_ = xp.asarray(kx, dtype=xp.float64)
+    ky_ = xp.asarray(ky, dtype=xp.float64)
+    k2grid = (kx_ * kx_ + ky_ * ky_)[None]
+    azimuth = xp.arctan2(ky_, kx_)
+    c2az = xp.cos(2.0 * azimuth)[None].astype(dtype)
+    s2az = xp.sin(2.0 * azimuth)[None].astype(dtype)
+    k2g = k2grid.astype(dtype)
+    a = (-k1 * 0.5 * (du + dv)).astype(dtype)
+    b = (-k1 * 0.5 * (du - dv)).astype(dtype)
+    ca, sa = (b * xp.cos(2.0 * ang)).astype(dtype), (b * xp.sin(2.0 * ang)).astype(dtype)
+    gamma = (a + ca * c2az + sa * s2az) * k2g + k2.astype(dtype) * (k2g * k2g)
+    gamma -= (k5 + k3).astype(dtype)
     out = -xp.sin(gamma)
-    if xp.any(k4 != 0):
-        out = out * xp.exp(k4 * k2grid)
-    out = out * col(scale)
+    if bool(xp.any(k4 != 0)):
+        out *= xp.exp(k4.astype(dtype) * k2g)
+    out *= col(scale).astype(dtype)
     return out.astype(dtype)

@@ -35,18 +35,18 @@ from companion.classify.backend import (
     work_budget,
 )
 from companion.classify.callbacks import IterationInfo, call, stop_requested
-from companion.classify.init import initial_references
-from companion.classify.mstep import Accumulator, reconstruct
+from companion.classify.init import initial_references, lowpass_shell, seed_owner
+from companion.classify.mstep import Accumulator, reconstruct, shell_power
 from companion.classify.preprocess import Prepared, ctf_terms, fingerprint, prepare
 from companion.classify.result import ClassResult
-from companion.classify.score import RotatedRefs, Search, score
-from companion.errors import Aborted
+from companion.classify.score import RotatedRefs, Search, broadcast_classes, score
+from companion.errors import Aborted, ParameterError
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 
 log = logging.getLogger(__name__)
 
-FRC_GROW = 0.143  # FRC threshold of the class resolution that sets the next E-step limit
+INCR_SHELLS = 10  # E-step resolution limit = current resolution + this (RELION's incr_size)
 
 
 def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path | str | None = None,
@@ -60,6 +60,10 @@ def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path |
     methods).
     """
     params.check_feasible(len(particles))
+    if schedule.n_iterations(params) == 0:
+        raise ParameterError(
+            "--online-iters 0 and --full-iters 0: no iterations to run — set at least one"
+        )
     xp = select_device(params.device)
     with device_errors(), _dirs(work_dir) as (ckpt_dir, persistent):
         return _Run(particles, params, xp, ckpt_dir, persistent, callbacks).execute(resume)
@@ -95,6 +99,7 @@ class _Run:
         self.marginal = params.pose_mode == "marginal"
         self.device = describe_device(xp)
         self.fp = fingerprint(particles, self.geom)
+        self.owner = seed_owner(self.n, self.k, params.seed)
 
     # ------------------------------------------------------------------ driver
 
@@ -126,8 +131,6 @@ class _Run:
                 call(self.callbacks, "intermediate", it, output.build_result(self, st))
             if it < self.total and stop_requested(self.callbacks):
                 raise Aborted(self._abort_msg(it))
-        if self.total == 0:
-            st.finished = True
         st.timings["total_s"] = st.timings.get("total_s", 0.0) + time.perf_counter() - t0
         self.save(st)
         result = output.build_result(self, st)
@@ -147,12 +150,9 @@ class _Run:
 
     def initial_state(self, prep: Prepared) -> checkpoint.EMState:
         k, n, f = self.k, self.n, self.geom.n_coef
-        refs = initial_references(self.particles, prep, k, self.params.seed, self.xp)
+        refs = initial_references(self.particles, prep, k, self.xp)
         n_s = self.geom.s_max + 1
-        coef = fo.to_kept(to_device(refs, self.xp), self.geom)
-        power = to_host(fo.shell_sums(coef.real**2 + coef.imag**2, self.geom))
-        tau2 = power / np.maximum(fo.shell_counts(self.geom), 1)[None]
-        tau2[:, 0] = tau2[:, 1]
+        tau2 = shell_power(fo.to_kept(to_device(refs, self.xp), self.geom), self.geom)
         g = prep.sigma2_init.shape[0]
         f32 = np.float32
         return checkpoint.EMState(
@@ -191,22 +191,19 @@ class _Run:
         )
 
     def initial_shell(self) -> int:
-        """E-step resolution limit of the first iteration: ~2.5 × --max-resolution."""
-        s_max = self.geom.s_max
-        return int(min(s_max, max(8, round(0.4 * s_max))))
+        """E-step resolution limit of the first iteration: the initial low-pass + INCR."""
+        return int(min(self.geom.s_max, lowpass_shell(self.geom) + INCR_SHELLS))
 
-    def next_shell(self, frc: np.ndarray, occupied: np.ndarray) -> int:
-        """RELION's rule: the E-step of the next iteration goes a few shells past the best
-        class resolution (last shell with FRC ≥ 0.143). The M-step always uses every shell
-        up to --max-resolution, so the FRC beyond the E-step limit is free of reference bias
-        and tells when the data support more."""
+    def next_shell(self, dvp: np.ndarray, occupied: np.ndarray) -> int:
+        """RELION's rule (``updateCurrentResolution``): the resolution is the last shell
+        before the data-vs-prior ratio of the best class drops below 1; the next E-step
+        uses ``INCR_SHELLS`` shells beyond it (never more than --max-resolution)."""
         s_max = self.geom.s_max
         best = 0
         for k in np.flatnonzero(occupied):
-            below = np.flatnonzero(frc[k, 1:] < FRC_GROW)
+            below = np.flatnonzero(dvp[k, 1:] < 1.0)
             best = max(best, int(below[0]) if below.size else s_max)
-        incr = max(2, int(round(0.1 * s_max)))
-        return int(np.clip(best + incr, self.initial_shell(), s_max))
+        return int(np.clip(best + INCR_SHELLS, min(s_max, 6), s_max))
 
     def batch_size(self) -> int:
         if self.params.batch_size is not None:
@@ -223,18 +220,16 @@ class _Run:
         most = 4096 if self.xp is np else 1 << 15
         return batch_size(per, self.xp, fixed_bytes=fixed, most=most)
 
-    def sigma2_for(self, st: checkpoint.EMState, anneal: float) -> np.ndarray:
-        model = self.params.resolved_noise_model
+    def sigma2_for(self, st: checkpoint.EMState, source: str) -> np.ndarray:
         s0 = np.maximum(st.sigma2_init, 1e-30)
-        if model == "white":
+        if source == "white":
             w = fo.shell_counts(self.geom)
             w[0] = 0
             flat = (s0 * w[None]).sum(axis=1) / max(w.sum(), 1)
             return np.repeat(flat[:, None], s0.shape[1], axis=1)
-        if model == "fixed" or anneal <= 0:
-            return s0
-        est = np.maximum(st.sigma2_est, 1e-30)
-        return np.exp((1 - anneal) * np.log(s0) + anneal * np.log(est))
+        if source == "residual":
+            return np.maximum(st.sigma2_est, 1e-30)
+        return s0
 
     # ------------------------------------------------------------------ iteration
 
@@ -244,8 +239,8 @@ class _Run:
         stage = schedule.stage(p, it)
         idx = schedule.iteration_indices(p, self.n, it)
         u = schedule.uncertainty(p, it)
-        anneal = schedule.noise_anneal(p, it)
-        sigma2 = self.sigma2_for(st, anneal)
+        noise = schedule.noise_source(p, it)
+        sigma2 = self.sigma2_for(st, noise)
         last = it == self.total
         limit_a = self.geom.box * self.geom.psize / (st.current_shell or self.initial_shell())
         rrefs = self.rotated(st)
@@ -273,7 +268,7 @@ class _Run:
             stage=stage,
             n_particles=len(idx),
             uncertainty=u,
-            noise_anneal=anneal,
+            noise=noise,
             resolution_A=float(np.median(res)) if res.size else math.inf,
             class_sizes=stats["hard"],
             class_distribution=st.prior.astype(np.float32),
@@ -289,6 +284,10 @@ class _Run:
         )
         st.history.append(info.as_dict())
         return info
+
+    def early_balance(self, it: int) -> bool:
+        """Warm-up: class sizes held equal (soft) in the first iterations (see schedule)."""
+        return it <= schedule.warmup_iters(self.params) and it < self.total
 
     def rotated(self, st: checkpoint.EMState) -> RotatedRefs:
         geom = self.geom
@@ -310,16 +309,25 @@ class _Run:
         p, xp, geom = self.params, self.xp, self.geom
         inv_s2 = to_device((1.0 / sigma2)[:, geom.shell].astype(np.float32), xp)  # (G, F)
         log_prior = np.log(np.maximum(st.prior, 1e-12)).astype(np.float32)
-        if p.balance != "off":
+        balanced = p.balance != "off" or self.early_balance(it)
+        cap = self.cap if p.balance != "off" else math.ceil(self.n / self.k)
+        if balanced:
             log_prior[:] = -math.log(self.k)
         log_prior_d = to_device(log_prior, xp)
-        dual = to_device(st.dual, xp) if p.balance != "off" else None
+        dual = None
+        if balanced:
+            dual = to_device(st.dual, xp) if st.dual.size else xp.zeros(self.k)
         budget = work_budget(xp) // 2
         stats: dict[str, Any] = {"n": 0, "pmax": 0.0, "loglik": 0.0, "gflop": 0.0,
                                  "fine_pairs": 0, "hard": np.zeros(self.k, np.int64)}  # fmt: skip
         if final_scores:
             stats["logpost"] = output.host_array(self, "logpost", (self.n, self.k), np.float32)
             stats["pose"] = output.host_array(self, "pose", (self.n, self.k), np.int32)
+        # seeding iteration: every reference is the same low-passed average; each particle is
+        # aligned (best pose, whatever --pose-mode) to the class it was dealt (init.py)
+        seeding = None
+        if it == 1 and acc is not None:
+            seeding = RotatedRefs.create(rrefs.full[:1], self.search, rrefs.n, rrefs.fc or None)
         b = st.batch
         for s in range(0, len(idx), b):
             if stop_requested(self.callbacks):
@@ -331,13 +339,21 @@ class _Run:
             is2 = inv_s2[g]
             xc = (x * (cy * is2)).astype(xp.complex64)
             c2s = c2 * is2
-            sc = score(xc, c2s, rrefs, self.search, u, self.marginal, budget)
-            if p.balance != "off":
-                caps = float(self.cap) * len(chunk) / self.n
-                post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual, return_dual=True)
-                post = post.astype(xp.float32)
+            if seeding is not None:  # first iteration: align against the dealt class only
+                own = to_device(self.owner[chunk], xp)
+                sc1 = score(xc, c2s, seeding, self.search, u, self.marginal, budget)
+                sc = broadcast_classes(sc1, own, self.k)
+                post = xp.zeros((len(chunk), self.k), xp.float32)
+                post[xp.arange(len(chunk)), own] = 1.0
             else:
-                post = _softmax(sc.ev_u + log_prior_d[None])
+                sc = score(xc, c2s, rrefs, self.search, u, self.marginal, budget)
+                if balanced:
+                    caps = float(cap) * len(chunk) / self.n
+                    post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,
+                                                         return_dual=True)  # fmt: skip
+                    post = post.astype(xp.float32)
+                else:
+                    post = _softmax(sc.ev_u + log_prior_d[None])
             out = output.particle_outputs(self, sc, post, x, v, is2, log_prior_d)
             if final_scores:
                 lp = sc.ev_u - _logsumexp(sc.ev_u)[:, None]
@@ -346,7 +362,7 @@ class _Run:
             if acc is not None:
                 acc.add(sc, post, self.search, rrefs, x=x, xc=xc, c2s=c2s, cm=cm, v=v,
                         half=to_device(st.half[chunk], xp), group=g,
-                        pose_mode=p.pose_mode)  # fmt: skip
+                        pose_mode="max" if seeding is not None else p.pose_mode)  # fmt: skip
             for name, arr in out.items():
                 getattr(st, name)[chunk] = arr
             stats["n"] += len(chunk)
@@ -357,7 +373,7 @@ class _Run:
             stats["fine_pairs"] += sc.n_fine
             call(self.callbacks, "progress", s + len(chunk), len(idx),
                  f"iteration {it}/{self.total}")  # fmt: skip
-        if dual is not None:
+        if dual is not None and p.balance != "off":
             st.dual = to_host(dual).astype(np.float64)
         st.timings["e_step_s"] += time.perf_counter() - t0
         st.timings["gflop"] += stats["gflop"]
@@ -376,21 +392,22 @@ class _Run:
 
         st.run_num = run(st.run_num, res["num"])
         st.run_den = run(st.run_den, res["den"])
-        st.run_noise_num = run(st.run_noise_num, res["noise_num"])
-        st.run_noise_den = run(st.run_noise_den, res["noise_den"])
+        st.run_noise_num = to_host(res["noise_num"]).astype(st.run_noise_num.dtype)
+        st.run_noise_den = to_host(res["noise_den"]).astype(st.run_noise_den.dtype)
         st.run_occ = run(st.run_occ, res["occupancy"])
         num = to_device(st.run_num * np.float32(scale), xp)
         den = to_device(st.run_den * np.float32(scale), xp)
         rec = reconstruct(num, den, st.tau2, p.tau2_fudge, geom)
-        imgs = fo.apply_mask(fo.from_kept(rec.coef, geom), self.mask, self.background)
+        imgs = self.masked(rec.coef)
         if p.recenter and not last:
             imgs = self.recenter(imgs)
         occupied = st.run_occ * scale > 1e-3
         new = to_host(imgs)
         st.refs = np.where(occupied[:, None, None], new, st.refs).astype(np.float32)
-        st.tau2 = np.where(occupied[:, None], rec.tau2, st.tau2)
+        # tau² of the next M-step: power spectrum of the new (masked) reference
+        st.tau2 = shell_power(fo.to_kept(to_device(st.refs, xp), geom), geom)
         st.frc = rec.frc.astype(np.float32)
-        st.ssnr = rec.ssnr.astype(np.float32)
+        st.ssnr = rec.data_vs_prior.astype(np.float32)
         st.ref_power = rec.ref_power.astype(np.float32)
         st.resolution = np.where(occupied, rec.resolution, np.inf).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -405,9 +422,15 @@ class _Run:
             prior = np.maximum(occ / occ.sum(), 1e-12)
             st.prior = prior / prior.sum()
         self.accuracy(st, rrefs, res["c2s_mean"])
-        st.current_shell = self.next_shell(rec.frc, occupied)
+        st.current_shell = self.next_shell(rec.data_vs_prior, occupied)
         if p.reseed_empty > 0 and not last:
-            output.reseed(self, st, to_host(res["hard"]))
+            halves = [to_host(self.masked(rec.halves[h])) for h in (0, 1)]
+            output.reseed(self, st, to_host(res["hard"]), halves=halves)
+            st.tau2 = shell_power(fo.to_kept(to_device(st.refs, xp), geom), geom)
+
+    def masked(self, coef: Any) -> Any:
+        """Working-box images of coefficient sets, background set to 0, soft-masked."""
+        return fo.apply_mask(fo.from_kept(coef, self.geom), self.mask, self.background)
 
     def recenter(self, imgs: Any) -> Any:
         """Shift each image so the centre of mass of its positive density is the centre."""
@@ -421,8 +444,7 @@ class _Run:
         lim = self.search.radius
         shift = -xp.stack([cx, cy], axis=1)
         shift = xp.clip(shift, -lim, lim)
-        coef = fo.shift_images(fo.to_kept(imgs, self.geom), shift, self.geom)
-        return fo.apply_mask(fo.from_kept(coef, self.geom), self.mask, self.background)
+        return self.masked(fo.shift_images(fo.to_kept(imgs, self.geom), shift, self.geom))
 
     def accuracy(self, st: checkpoint.EMState, rrefs: RotatedRefs, c2s_mean: Any) -> None:
         """RELION-style accuracies: the rotation / translation that changes the expected

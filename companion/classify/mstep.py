@@ -1,4 +1,4 @@
-"""M-step: weighted sums per (class, rotation), back-rotation, Wiener filter, FRC and tau².
+"""M-step: weighted sums per (class, rotation), back-rotation, Wiener filter, FRC.
 
 Per batch the weights of the E-step turn into sums in the rotated frames,
 
@@ -14,9 +14,11 @@ adds them up; :func:`reconstruct` applies the Wiener filter
 
     A_k = Σ S / (Σ D + 1 / (T·tau²_k))
 
-and measures the half-set FRC, the resolution (FRC 0.143) and the next tau² as RELION does
-from the gold-standard FSC: ``FSC = 2·FRC/(1+FRC)``, ``SSNR = FSC/(1-FSC)``,
-``tau² = SSNR / mean_shell(D)``.
+with tau² the power spectrum of the class's current (masked) reference, as RELION's 2D/3D
+classification does (``MlModel::setFourierTransformMaps``). The half-set FRC gives the
+reported resolution (0.143); it is not used for tau²: both halves are aligned against the
+same reference, so their FRC is inflated by reference bias (aligned noise) within the E-step
+resolution limit, and a tau² from it would stop regularising noise the alignment has fitted.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from companion.classify import fourier as fo
 from companion.classify.backend import get_array_module, scatter_add_rows, to_device, to_host
 from companion.classify.score import BatchScores, RotatedRefs, Search, f32view
 
-PRUNE = 1e-3
-SSNR_FLOOR = 1e-3
+PRUNE = 1e-2
 FRC_THRESHOLD = 0.143
 
 
@@ -172,16 +173,17 @@ class Accumulator:
 @dataclass
 class Reconstruction:
     coef: Any  # (K, F) complex Wiener-filtered class averages (working box)
-    frc: np.ndarray  # (K, S)
-    ssnr: np.ndarray  # (K, S)
-    tau2: np.ndarray  # (K, S) next iteration's tau² (without T)
-    resolution: np.ndarray  # (K,) Å
+    frc: np.ndarray  # (K, S) half-set FRC
+    data_vs_prior: np.ndarray  # (K, S) RELION's spectral SNR: mean_shell(D) · T · tau²
+    resolution: np.ndarray  # (K,) Å, FRC 0.143
     ref_power: np.ndarray  # (K, S) mean |A|² per shell
+    halves: Any = None  # (2, K, F) half-set averages
 
 
 def reconstruct(num: Any, den: Any, tau2: np.ndarray, t_fudge: float,
                 geom: fo.Geometry) -> Reconstruction:  # fmt: skip
-    """Wiener-filtered averages and half-set statistics from per-half sums (2, K, F)."""
+    """Wiener-filtered averages ``Σ S / (Σ D + 1/(T·tau²))`` from per-half sums (2, K, F),
+    the half-set FRC (reported resolution) and RELION's data-vs-prior ratio."""
     xp = get_array_module(num)
     shell = to_device(geom.shell, xp)
     tau2_d = to_device(np.maximum(tau2, 1e-30).astype(np.float32), xp)
@@ -190,15 +192,23 @@ def reconstruct(num: Any, den: Any, tau2: np.ndarray, t_fudge: float,
     halves = num / (den + reg[None])
     frc = to_host(fo.frc(halves[0], halves[1], geom))  # (K, S)
     frc[:, 0] = 1.0
-    fsc = np.clip(2 * frc / (1 + np.maximum(frc, -0.99)), 0.0, 0.999)
-    ssnr = np.maximum(fsc / (1 - fsc), SSNR_FLOOR)
-    counts = fo.shell_counts(geom)
-    dmean = to_host(fo.shell_sums(den[0] + den[1], geom)) / np.maximum(counts, 1)[None]
-    new_tau2 = ssnr / np.maximum(dmean, 1e-30)
-    new_tau2[:, 0] = new_tau2[:, 1] if new_tau2.shape[1] > 1 else new_tau2[:, 0]
-    power = to_host(fo.shell_sums(full.real**2 + full.imag**2, geom)) / np.maximum(counts, 1)
-    return Reconstruction(full.astype(xp.complex64), frc, ssnr, new_tau2,
-                          resolution_from_frc(frc, geom), power)  # fmt: skip
+    counts = np.maximum(fo.shell_counts(geom), 1)
+    dmean = to_host(fo.shell_sums(den[0] + den[1], geom)) / counts[None]
+    dvp = dmean * t_fudge * tau2
+    dvp[:, 0] = dvp[:, 1] if dvp.shape[1] > 1 else dvp[:, 0]
+    power = to_host(fo.shell_sums(full.real**2 + full.imag**2, geom)) / counts[None]
+    return Reconstruction(full.astype(xp.complex64), frc, dvp,
+                          resolution_from_frc(frc, geom), power, halves)  # fmt: skip
+
+
+def shell_power(coef: Any, geom: fo.Geometry) -> np.ndarray:
+    """tau² (K, S) of coefficient sets (K, F): half the mean |A|² per shell (RELION's
+    convention, like sigma² = half the noise power: the prior on each complex coefficient is
+    exp(-|A|²/(2 tau²))); shell 0 copies shell 1."""
+    p = to_host(fo.shell_sums(coef.real**2 + coef.imag**2, geom))
+    p = 0.5 * p / np.maximum(fo.shell_counts(geom), 1)[None]
+    p[:, 0] = p[:, 1]
+    return np.maximum(p, 1e-30)
 
 
 def resolution_from_frc(frc: np.ndarray, geom: fo.Geometry) -> np.ndarray:

@@ -108,17 +108,30 @@ def assign_balanced(run: _Run, st: EMState, stats: dict[str, Any]) -> None:
              "largest class %d", run.cap, int(moved.sum()), int(sizes.max()))  # fmt: skip
 
 
-def reseed(run: _Run, st: EMState, hard: np.ndarray) -> None:
-    """Re-seed classes below ``--reseed-empty`` × mean size (companion.classify.reseed)."""
-    try:
-        from companion.classify import reseed as rs
-    except ImportError:
-        log.warning("--reseed-empty: companion.classify.reseed is not available; skipped")
-        return
+def reseed(run: _Run, st: EMState, hard: np.ndarray, halves: Any = None) -> None:
+    """Re-seed classes below ``--reseed-empty`` × mean size (companion.classify.reseed):
+    each gets a split of a donor class (its half-set averages, else a perturbed copy); the
+    donor's prior is shared between the two and the new class's running sums start empty."""
+    from companion.classify import reseed as rs
+
     rng = np.random.default_rng([run.params.seed, 0x7E5E, st.iteration + 1])
-    new = rs.reseed_empty(st.refs, hard, run.params.reseed_empty, rng=rng)
-    if new is not None:
-        st.refs = np.asarray(to_host(new), np.float32)
+    res = rs.reseed_empty(st.refs, hard, run.params.reseed_empty, rng, halves=halves)
+    if res is None:
+        return
+    st.refs = np.asarray(to_host(res.refs), np.float32)
+    for e, d in res.pairs:
+        st.run_num[:, e] = 0
+        st.run_den[:, e] = 0
+        st.run_occ[d] *= 0.5
+        st.run_occ[e] = st.run_occ[d]
+        st.acc_rot[e], st.acc_trans[e] = st.acc_rot[d], st.acc_trans[d]
+    if run.params.balance == "off":
+        prior = np.maximum(np.asarray(res.sizes, np.float64), 0)
+        if prior.sum() > 0:
+            prior = np.maximum(prior / prior.sum(), 1e-12)
+            st.prior = prior / prior.sum()
+    log.info("re-seeded classes %s from %s", [int(e) + 1 for e in res.pairs[:, 0]],
+             [int(d) + 1 for d in res.pairs[:, 1]])  # fmt: skip
 
 
 def _extend(a: np.ndarray, n: int, fill_last: bool = False) -> np.ndarray:

@@ -23,6 +23,7 @@ from companion.classify import fourier as fo
 from companion.classify.backend import batch_size, to_device, to_host, work_budget
 from companion.classify.callbacks import call, stop_requested
 from companion.classify.ctf import ctf_2d
+from companion.classify.init import accumulate
 from companion.errors import Aborted
 from companion.particles import ParticleSet
 
@@ -41,6 +42,8 @@ class Prepared:
     groups: np.ndarray  # int32[G] optics-group ids
     sigma2_init: np.ndarray  # float64[G, S] initial noise power per shell (S = s_max + 1)
     seconds: float = 0.0
+    # [Σ cy·X, Σ |cy|] over all particles: the initial reference (see init.py)
+    average_sums: list | None = None
 
 
 def ctf_terms(particles: ParticleSet, idx: np.ndarray, geom: fo.Geometry, xp: Any
@@ -95,7 +98,8 @@ def fingerprint(particles: ParticleSet, geom: fo.Geometry) -> str:
 
 def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any, *,
             reuse: bool = True, callbacks: Any = None) -> Prepared:  # fmt: skip
-    """Preprocess every particle into ``cache_dir`` (reused when it matches)."""
+    """Preprocess every particle into ``cache_dir`` (reused when it matches); also sums
+    the phase-flipped average of all particles (the initial reference, see init.py)."""
     t0 = time.perf_counter()
     n, nf = len(particles), geom.n_coef
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +118,7 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
             return Prepared(geom, coeffs, group_index, groups, sigma2, 0.0)
     meta_path.unlink(missing_ok=True)
     coeffs = np.memmap(data_path, dtype=np.complex64, mode="w+", shape=(n, max(nf, 1)))
+    average = [np.zeros(nf, np.complex128), np.zeros(nf, np.float64)]
 
     w = geom.work_box
     mask = fo.soft_mask(w, geom.mask_radius, xp=xp)
@@ -135,7 +140,8 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         sd = xp.maximum(bg.std(axis=1), 1e-6)
         x = (x - mean[:, None, None]) / sd[:, None, None] * mask
         coef = fo.to_kept(x, geom)
-        _, _, v, _ = ctf_terms(particles, idx, geom, xp)
+        cy, _, v, _ = ctf_terms(particles, idx, geom, xp)
+        accumulate(average, coef, cy)
         coef_h = to_host(coef)
         v_h = to_host(v).astype(np.float64)
         gi = group_index[idx]
@@ -157,7 +163,7 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     coeffs = np.memmap(data_path, dtype=np.complex64, mode="r", shape=(n, nf))
     secs = time.perf_counter() - t0
     log.info("preprocessed %d particles to box %d (%d coefficients) in %.1fs", n, w, nf, secs)
-    return Prepared(geom, coeffs, group_index, groups, sigma2, secs)
+    return Prepared(geom, coeffs, group_index, groups, sigma2, secs, average)
 
 
 def _initial_noise(geom: fo.Geometry, sum_x: np.ndarray, sum_x2: np.ndarray,

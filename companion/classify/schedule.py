@@ -7,13 +7,23 @@ Annealing (``progress a(i) = clip((i - anneal_start) / anneal_iters, 0, 1)``):
 
 - uncertainty ``u(i) = u0 + (1 - u0) · a(i)`` with ``--uncertainty-schedule anneal`` (so u is
   ``u0`` up to ``anneal_start`` and reaches 1 at ``anneal_start + anneal_iters``), ``u0``
-  throughout with ``constant``.
-- noise ``--noise-model estimated`` ("sigma annealing"): the noise power used in iteration i is
-  the geometric blend ``sigma2_0^(1-a) · sigma2_est^a`` of the initial estimate (power spectrum
-  of the unaligned particles minus their mean) and the estimate from the residuals of the
-  previous iterations; before ``anneal_start`` it is the initial estimate, after
-  ``anneal_start + anneal_iters`` it is the residual estimate. ``fixed`` keeps the initial
-  estimate, ``white`` its mean over all kept frequencies.
+  throughout with ``constant``. Dividing the log-likelihood by u is the same as multiplying
+  the noise power by u, so this is CryoSPARC's "sigma annealing": the effective noise power
+  in iteration i is ``u(i) · sigma2``, large early (uncertain, soft assignments), the
+  estimated noise at the end (sharp).
+- noise power ``sigma2`` itself (``--noise-model``): ``estimated`` — the initial estimate
+  (power spectrum of the unaligned particles minus their mean, which also holds the
+  particles' own variance, so it is large at low resolution) in the first iteration, then
+  re-estimated from the residuals at each particle's best pose (running average in online
+  EM), as RELION does; ``fixed`` — the initial estimate throughout (with ``--anneal off``:
+  the model never sharpens); ``white`` — the initial estimate's mean over all kept
+  frequencies, throughout.
+
+Warm-up: the first ``warmup_iters`` iterations (the first is the seeding iteration of
+init.py) hold the class sizes equal — the class posteriors of each batch are Sinkhorn-scaled
+to equal column sums, as balanced mode does with its cap — so that while the references are
+still nearly alike no class can take the particles of the others (an "attractor" formed in
+the first iterations never gives them back). From then on the classes compete freely.
 
 Online EM keeps running sufficient statistics ``s_t = (1 - g_t) s_(t-1) + g_t · batch_t`` with
 a decaying step ``g_t = t^-0.6`` (Cappé & Moulines): early mini-batches, aligned against
@@ -50,11 +60,24 @@ def uncertainty(params: ClassifyParams, it: int) -> float:
     return float(u0 + (1.0 - u0) * progress(params, it))
 
 
-def noise_anneal(params: ClassifyParams, it: int) -> float:
-    """Weight of the residual noise estimate in iteration ``it`` (0 for fixed / white)."""
-    if params.resolved_noise_model != "estimated":
-        return 0.0
-    return progress(params, it)
+def warmup_iters(params: ClassifyParams) -> int:
+    """Iterations whose class posteriors are held to equal class sizes (``--warmup-iters``;
+    default ``max(3, online_iters // 4)``; none in balanced mode, which caps throughout)."""
+    if params.balance != "off":
+        return 0
+    if params.warmup_iters is not None:
+        return int(params.warmup_iters)
+    return max(3, params.online_iters // 4)
+
+
+def noise_source(params: ClassifyParams, it: int) -> str:
+    """Which noise power iteration ``it`` uses: "initial", "residual" or "white"."""
+    model = params.resolved_noise_model
+    if model == "white":
+        return "white"
+    if model == "estimated" and it > 1:
+        return "residual"
+    return "initial"
 
 
 def online_step(t: int) -> float:

@@ -333,3 +333,25 @@ def score(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, margin
     if search.mode == "fast":
         return score_fast(xc, c2s, refs, search, u, marginal, budget)
     return score_exhaustive(xc, c2s, refs, search, u, marginal)
+
+
+def broadcast_classes(sc: BatchScores, owner: Any, k: int) -> BatchScores:
+    """Scores against one reference (all K references equal, as in the seeding iteration)
+    repeated for K classes; the marginal pose weights go to each particle's ``owner``."""
+    xp = get_array_module(sc.best)
+
+    def rep(a: Any) -> Any:
+        return xp.ascontiguousarray(xp.repeat(a, k, axis=1))
+
+    out = BatchScores(rep(sc.best), rep(sc.ev_u), rep(sc.ev_1), rep(sc.rot), rep(sc.shift),
+                      flops=sc.flops, n_fine=sc.n_fine)  # fmt: skip
+    if sc.dense_w is not None:  # (B, T, 1, R) -> owner column of (B, T, K, R)
+        b, t, _, r = sc.dense_w.shape
+        w = xp.zeros((b, t, k, r), xp.float32)
+        w[xp.arange(b), :, owner, :] = sc.dense_w[:, :, 0, :]
+        out.dense_w = w
+    if sc.local_w is not None:
+        pb, _ = sc.pairs
+        out.local_w, out.local_rot, out.local_t0 = sc.local_w, sc.local_rot, sc.local_t0
+        out.pairs = (pb, owner[pb])
+    return out

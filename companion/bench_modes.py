@@ -1,0 +1,230 @@
+"""``companion bench modes``: what annealing-off and balanced classes do, measured.
+
+Simulates one flexible-domain data set with junk and known truth
+(:func:`companion.simulate.simulate`: a rigid domain in a few views, a flexible domain in
+several states, the last one missing, and gold-edge / contamination / noise junk), then
+classifies the same particles in four modes for each K:
+
+- ``default``: CryoSPARC-like annealing (uncertainty factor decays to 1, noise model
+  re-estimated),
+- ``anneal-off``: uncertainty and noise model held at their initial values,
+- ``balanced``: ``--balance equal`` (cap = ceil(N / K); uniform priors; Sinkhorn-capped
+  E-steps and a capped final assignment),
+- ``balanced+anneal-off``: both.
+
+Per mode and K it reports classes below 10% of the mean size, the largest class fraction,
+NMI / ARI against true view×state (junk kinds as their own groups), the state purity of the
+flexible domain and the number of classes each state is the majority of, junk recall and
+the junk fraction inside good classes, the wall time, and the largest class against the cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from companion.params import ClassifyParams, validate_params
+
+log = logging.getLogger("companion.bench")
+
+MODES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "anneal-off": {"anneal": "off"},
+    "balanced": {"balance": "equal"},
+    "balanced+anneal-off": {"balance": "equal", "anneal": "off"},
+}
+DEFAULT_TABLE = "bench_modes.json"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``companion bench modes``."""
+    p.add_argument("--n", type=int, default=10000, help="particles [default: 10000]")
+    p.add_argument(
+        "--classes", type=int, nargs="+", default=[24, 50], help="K values [default: 24 50]"
+    )
+    p.add_argument("--box", type=int, default=64, help="box in pixels [default: 64]")
+    p.add_argument("--snr", type=float, default=0.05, help="simulated SNR [default: 0.05]")
+    p.add_argument("--seed", type=int, default=0, help="simulation and run seed [default: 0]")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="modes to run [default: all four]",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument(
+        "--out", metavar="DIR", default=None, help="keep data and outputs here [default: none]"
+    )
+    p.add_argument(
+        "--table",
+        metavar="PATH",
+        default=DEFAULT_TABLE,
+        help=f"write the table as JSON here [default: ./{DEFAULT_TABLE}]",
+    )
+    p.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+
+
+def run_modes_benchmark(
+    out_dir: str | Path | argparse.Namespace | None = None,
+    n: int = 10000,
+    k_values: tuple[int, ...] = (24, 50),
+    seed: int = 0,
+    *,
+    box: int = 64,
+    snr: float = 0.05,
+    device: str = "auto",
+    modes: tuple[str, ...] | list[str] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
+    """Simulate once, classify in every mode for every K; one dict per (K, mode).
+
+    ``out_dir``: keep the simulated data there (``data/``); None = a temporary directory.
+    ``params``: extra classification parameters applied to every mode (e.g. a shorter
+    schedule for tests). Called by ``companion bench modes`` with its parsed options.
+    """
+    if isinstance(out_dir, argparse.Namespace):
+        return _cli(out_dir)
+    from companion.bench_quality import evaluate
+    from companion.classify import classify
+    from companion.simulate import load_truth, simulate
+    from companion.sources import open_particles
+
+    names = list(modes or MODES)
+    keep = out_dir is not None
+    base = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="companion-modes-"))
+    try:
+        data = base / "data"
+        for k in k_values:  # every bad combination fails before any work
+            for name in names:
+                _params(name, k, seed, device, params).check_feasible(n)
+        sim = simulate(data, n, box=box, psize=192.0 / box, snr=snr, seed=seed, progress=False)
+        particles = open_particles(data / "particles.star", None)
+        truth = load_truth(data)
+        rows = []
+        for k in k_values:
+            for name in names:
+                p = _params(name, k, seed, device, params)
+                log.info("bench modes: %s, K %d, %d particles", name, k, n)
+                t0 = time.perf_counter()
+                res = classify(particles, p)
+                wall = time.perf_counter() - t0
+                f = evaluate(
+                    res.class_id, truth, n_classes=k, n_views=sim.n_views,
+                    n_states=sim.n_states, cap=res.cap,
+                )  # fmt: skip
+                rows.append(_row(name, k, p, res, f, wall))
+                log.info("bench modes: %s", format_row(rows[-1]))
+        for r in rows:
+            r["data"] = {"n": n, "box": box, "psize": 192.0 / box, "snr": snr, "seed": seed,
+                         "n_views": sim.n_views, "n_states": sim.n_states,
+                         "junk_fraction": sim.junk_fraction}  # fmt: skip
+        return rows
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _params(name: str, k: int, seed: int, device: str, extra: dict[str, Any] | None) -> Any:
+    values = {"n_classes": k, "seed": seed, "device": device, **(extra or {}), **MODES[name]}
+    return validate_params(values, ClassifyParams)
+
+
+def _row(name: str, k: int, p: Any, res: Any, f: dict[str, Any], wall: float) -> dict[str, Any]:
+    return {
+        "mode": name,
+        "k": k,
+        "n": f["n_particles"],
+        "classes_below_10pct": f["classes_below_10pct"],
+        "empty_classes": f["empty_classes"],
+        "largest_class_fraction": f["largest_class_fraction"],
+        "largest_class": f["largest_class"],
+        "cap": f["cap"],
+        "cap_respected": f["cap_respected"],
+        "nmi": f["nmi"],
+        "ari": f["ari"],
+        "nmi_good": f["nmi_good"],
+        "ari_good": f["ari_good"],
+        "state_purity": f["state_purity"],
+        "view_purity": f["view_purity"],
+        "classes_per_state": f["classes_per_state"],
+        "junk_recall": f["junk_recall"],
+        "junk_in_good_classes": f["junk_in_good_classes"],
+        "junk_classes": f["junk_classes"],
+        "wall_s": wall,
+        "device": res.device,
+        "params": p.resolved(),
+    }
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def format_row(r: dict[str, Any]) -> str:
+    cap = f"{r['largest_class']}/{r['cap']}" if r["cap"] is not None else f"{r['largest_class']}/-"
+    states = " ".join(f"{v}" for s, v in r["classes_per_state"].items() if int(s) >= 0)
+    return (
+        f"{r['mode']:<20} {r['k']:>3} {r['classes_below_10pct']:>6} "
+        f"{_fmt(r['largest_class_fraction'], True):>7} {_fmt(r['nmi']):>6} {_fmt(r['ari']):>6} "
+        f"{_fmt(r['state_purity'], True):>7} {states:>10} {_fmt(r['junk_recall'], True):>7} "
+        f"{_fmt(r['junk_in_good_classes'], True):>8} {r['wall_s']:>7.0f} {cap:>11}"
+    )
+
+
+def format_modes(rows: list[dict[str, Any]]) -> str:
+    """One line per (K, mode)."""
+    head = (
+        f"{'mode':<20} {'K':>3} {'<10%':>6} {'largest':>7} {'NMI':>6} {'ARI':>6} "
+        f"{'st.pur':>7} {'cls/state':>10} {'jk.rec':>7} {'jk.good':>8} {'wall s':>7} "
+        f"{'max/cap':>11}"
+    )
+    lines = [head] + [format_row(r) for r in rows]
+    if rows:
+        d = rows[0]["data"]
+        lines.append(
+            f"data: {d['n']} simulated particles, box {d['box']} ({d['psize']:.2f} Å/px), SNR "
+            f"{d['snr']}, {d['n_views']} views × {d['n_states']} states (last: domain "
+            f"missing), {100 * d['junk_fraction']:.0f}% junk; device {rows[0]['device']}"
+        )
+        lines.append(
+            "<10%: classes below 10% of the mean size; largest: largest class / N; NMI, ARI "
+            "against true view×state; st.pur: state purity (good particles); cls/state: classes "
+            "each flexible-domain state is the majority of; jk.rec: junk recall; jk.good: junk "
+            "fraction inside good classes; max/cap: largest class / cap"
+        )
+    return "\n".join(lines)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from companion.report import jsonable
+
+    rows = run_modes_benchmark(
+        Path(args.out) if args.out else None,
+        n=args.n,
+        k_values=tuple(args.classes),
+        seed=args.seed,
+        box=args.box,
+        snr=args.snr,
+        device=args.device,
+        modes=args.modes,
+    )
+    table = Path(args.table)
+    table.write_text(json.dumps(jsonable(rows), indent=2) + "\n")
+    print(f"table written to {table}", file=sys.stderr)
+    if args.json:
+        json.dump(jsonable(rows), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_modes(rows))
+    return 0

@@ -1,0 +1,44 @@
+"""``companion bench modes`` on a tiny simulated set: the table and the cap promise."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from companion.bench_modes import MODES, format_modes, run_modes_benchmark
+from companion.cli import main
+
+SHORT = {"online_iters": 4, "full_iters": 1, "batch_per_class": 40, "max_resolution": 12.0}
+
+
+def test_modes_table_and_caps(tmp_path):
+    n, k = 300, 6
+    rows = run_modes_benchmark(tmp_path, n=n, k_values=(k,), seed=1, box=48, params=SHORT)
+    assert [r["mode"] for r in rows] == list(MODES)
+    for r in rows:
+        assert r["k"] == k and r["n"] == n
+        for key in ("nmi", "state_purity", "junk_recall", "junk_in_good_classes"):
+            assert 0.0 <= r[key] <= 1.0 or math.isnan(r[key])
+        assert -1.0 <= r["ari"] <= 1.0
+        assert 0 < r["largest_class_fraction"] <= 1 and r["wall_s"] > 0
+        balanced = r["mode"].startswith("balanced")
+        assert (r["cap"] is not None) == balanced
+        if balanced:  # the cap is a promise, and equal classes leave none nearly empty
+            assert r["cap"] == math.ceil(n / k)
+            assert r["largest_class"] <= r["cap"] and r["cap_respected"]
+            assert r["classes_below_10pct"] == 0
+        assert r["params"]["anneal"] == ("off" if "anneal-off" in r["mode"] else "on")
+    text = format_modes(rows)
+    assert len(text.splitlines()) == len(rows) + 3
+    assert (tmp_path / "data" / "particles.star").exists()
+
+
+def test_bench_modes_command(tmp_path, capsys):
+    table = tmp_path / "modes.json"
+    rc = main(["bench", "modes", "--n", "160", "--classes", "4", "--box", "48",
+               "--modes", "balanced", "--table", str(table), "--json"])  # fmt: skip
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(table.read_text())
+    (row,) = printed
+    assert row["mode"] == "balanced" and row["largest_class"] <= row["cap"] == 40
