@@ -35,12 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, modname in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"companion.commands.{modname}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"companion.commands.{modname}":
-                continue  # command not built yet
-            raise
+        mod = importlib.import_module(f"companion.commands.{modname}")
         doc = (mod.__doc__ or "").strip()
         p = sub.add_parser(
             name,
