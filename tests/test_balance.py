@@ -252,6 +252,20 @@ def test_sinkhorn_peaked_posteriors_converge():
     np.testing.assert_allclose(w2, w, atol=2e-3)
 
 
+def test_sinkhorn_bad_warm_start_falls_back():
+    """Prices from another problem (far off) still end at the projection."""
+    rng = np.random.default_rng(4)
+    n, k = 2000, 20
+    L = rng.normal(size=(n, k)) * 200
+    L[:, :2] += 600
+    caps = np.full(k, n / k)
+    cold = sinkhorn_capped(L, caps, tol=1e-6, n_iter=100)
+    bad = rng.uniform(0, 5000, size=k)
+    warm = sinkhorn_capped(L, caps, tol=1e-6, n_iter=100, dual=bad)
+    np.testing.assert_allclose(warm, cold, atol=1e-3)
+    assert warm.sum(axis=0).max() <= caps[0] * (1 + 1e-9)
+
+
 # ------------------------------------------------------------------------------ devices
 
 

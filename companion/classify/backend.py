@@ -143,9 +143,13 @@ def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
     if len(index) == 0:
         return
     if is_cupy(xp):
-        import cupyx
+        at = getattr(xp.add, "at", None)
+        if at is not None:
+            at(target, index, rows)
+        else:  # older CuPy
+            import cupyx
 
-        cupyx.scatter_add(target, index, rows)
+            cupyx.scatter_add(target, index, rows)
         return
     # NumPy: sort rows by target, then one vectorised sum per distinct target row (a loop
     # over targets, at most one per row; np.add.at is several times slower here)

@@ -9,8 +9,9 @@ comes from the input; work is done in row chunks so temporaries stay small):
   total score within ``N · eps`` of the optimum (an auction over class prices, then an exact
   greedy repair).
 
-Both return per-class prices (``return_dual`` / ``return_prices``) that can warm-start the
-next call (online EM re-uses them across mini-batches: prices are per class, not per particle).
+Both can return their per-class prices (``return_dual`` / ``return_prices``). The Sinkhorn
+prices warm-start the next call (online EM re-uses them across mini-batches: prices are per
+class, not per particle).
 """
 
 from __future__ import annotations
@@ -68,10 +69,12 @@ def sinkhorn_capped(
       normalisation, then ``b_k ← max(0, b_k + log(Σ_i W_ik / cap_k))``, i.e. only overfull
       columns are scaled down — is exact block-coordinate descent on ``g`` and converges, but
       slowly when posteriors are peaked. So each step here is a projected Newton step on ``g``
-      (free classes: priced or overfull; Armijo backtracking along the projected arc), with the
-      Sinkhorn column step as the fallback when the Newton direction does not descend.
+      (free classes: priced or overfull), backtracked along the projected arc until the slope
+      of ``g`` at the new point along the step is ≤ 0, which by convexity proves descent
+      (column sums are accurate where float32 values of ``g`` are not), with the Sinkhorn
+      column step as the fallback when the Newton direction does not descend.
     - ε-scaling: the prices are solved first for tempered copies ``L / T``, ``T`` falling by
-      4× from the largest row spread to 1, each level warm-starting the next.
+      4× from a quarter of the largest row spread to 1, each level warm-starting the next.
     - Stop when every column is within ``(1 + tol)·cap`` and every priced column within
       ``(1 − tol)·cap``, or after ``n_iter`` steps at ``T = 1``. A last rounding step
       (Altschuler et al. 2017) makes the constraints exact: overfull columns are scaled down to
@@ -110,8 +113,8 @@ def sinkhorn_capped(
     if not bool(xp.all(caps >= n)):
         ok = False
         warm = bool(xp.any(xp.isfinite(b) & (b > 0)))  # all-zero prices: a cold start
-        if warm:
-            b, ok = solver.solve(b, 1.0, tol, n_iter)
+        if warm:  # a few steps: a warm start that is close converges fast or not at all
+            b, ok = solver.solve(b, 1.0, tol, min(n_iter, 8))
         if not ok:  # cold, or the warm start did not converge: ε-scaling from zero
             b = xp.where(shut, xp.inf, 0.0)
             t = _max_row_spread(xp, L, rows) / 4.0
@@ -124,7 +127,7 @@ def sinkhorn_capped(
     else:
         b = xp.where(shut, xp.inf, 0.0)
     out = xp.empty((n, k), dtype=dtype)
-    col = solver.sweep(b, 1.0, out=out)[1]
+    col = solver.sweep(b, 1.0, out=out)[0]
     _round_to_caps(xp, out, col, caps)
     return (out, b) if return_dual else out
 
@@ -138,13 +141,12 @@ class _CappedDual:
         self.floor = -80.0 if dtype == np.float32 else -700.0
 
     def sweep(self, b: Any, temp: float, out: Any = None, hess: bool = False) -> tuple:
-        """(g, column sums, Hessian or None) at prices ``b`` (all in units of L / temp)."""
+        """(column sums, Hessian of g or None) at prices ``b`` (in units of L / temp)."""
         xp, k = self.xp, self.k
         bt = b / temp
         btd = bt.astype(self.dtype)
         col = xp.zeros(k, dtype=np.float64)
         hmat = xp.zeros((k, k), dtype=np.float64) if hess else None
-        g = 0.0
         for s in range(0, self.L.shape[0], self.rows):
             m = self.L[s : s + self.rows].astype(self.dtype, copy=False) / self.dtype.type(temp)
             m = m - btd
@@ -158,19 +160,15 @@ class _CappedDual:
             xp.exp(m, out=m)
             z = m.sum(axis=1, keepdims=True)
             m /= z
-            live = ~dead[:, 0]
-            g += float((mx[:, 0] + xp.log(z[:, 0]))[live].sum(dtype=np.float64))
             col += m.sum(axis=0, dtype=np.float64)
             if hess:
-                w = m[live]
+                w = m[~dead[:, 0]]  # rows spread evenly do not depend on b
                 hmat += (w.T @ w).astype(np.float64)
             if out is not None:
                 out[s : s + self.rows] = m
-        open_ = xp.isfinite(bt)
-        g += float((self.caps * xp.where(open_, bt, 0.0)).sum())
         if hess:
             hmat = xp.diag(col) - hmat
-        return g, col, hmat
+        return col, hmat
 
     def done(self, b: Any, col: Any, tol: float) -> bool:
         xp, caps = self.xp, self.caps
@@ -186,7 +184,8 @@ class _CappedDual:
         xp, caps = self.xp, self.caps
         open_ = caps > 0
         bt = xp.where(open_, b / temp, xp.inf)
-        g, col, hmat = self.sweep(bt * temp, temp, hess=True)
+        col, hmat = self.sweep(bt * temp, temp, hess=True)
+        alpha = 0.25
         for _ in range(n_iter):
             if self.done(bt, col, tol):
                 break
@@ -201,15 +200,20 @@ class _CappedDual:
                 d[fi] = -xp.linalg.solve(h, grad[fi])
             base = xp.where(open_, bt, 0.0)
             accepted = False
-            alpha = 1.0
-            for _ in range(30):  # Armijo backtracking along the projected arc
+            alpha = first = min(1.0, 4.0 * alpha)  # near-hard posteriors: steps stay short
+            for _ in range(20):  # backtracking along the projected arc
                 cand = xp.where(open_, xp.maximum(base + alpha * d, 0.0), xp.inf)
-                g2, col2, h2 = self.sweep(cand * temp, temp, hess=alpha == 1.0)
-                dec = float((grad * (xp.where(open_, cand, 0.0) - base)).sum())
-                if g2 <= g + 1e-4 * dec and dec < 0:
+                step = xp.where(open_, cand, 0.0) - base
+                if float((grad * step).sum()) >= 0:
+                    break  # not a descent direction
+                col2, h2 = self.sweep(cand * temp, temp, hess=alpha == first)
+                # g is convex, so g(cand) ≤ g(base) + ∇g(cand)·step: a non-positive slope at
+                # the candidate proves descent, and column sums are accurate where g's
+                # float32 value is not
+                if float(((caps - col2) * step)[open_].sum()) <= 0:
                     accepted = True
                     if h2 is None:
-                        g2, col2, h2 = self.sweep(cand * temp, temp, hess=True)
+                        col2, h2 = self.sweep(cand * temp, temp, hess=True)
                     break
                 alpha *= 0.5
             if not accepted:  # Sinkhorn column step: exact descent on g for the columns
@@ -218,8 +222,9 @@ class _CappedDual:
                 cand = xp.where(
                     open_, xp.maximum(base + xp.nan_to_num(ratio, neginf=-1e30), 0), xp.inf
                 )
-                g2, col2, h2 = self.sweep(cand * temp, temp, hess=True)
-            bt, g, col, hmat = cand, g2, col2, h2
+                col2, h2 = self.sweep(cand * temp, temp, hess=True)
+                alpha = 0.25
+            bt, col, hmat = cand, col2, h2
         return xp.where(open_, bt * temp, xp.inf), self.done(bt, col, tol)
 
 

@@ -2,11 +2,20 @@
 
 One iteration: rotate the K references (:class:`fourier.Projector`), stream the iteration's
 particles in batches through the E-step (:mod:`score`) — class posteriors
-``p(k | X) ∝ pi_k exp(ll / u)`` (or Sinkhorn-capped weights in balanced mode) — and the
-sufficient statistics (:mod:`mstep`), then the M-step: back-rotate, Wiener-filter,
-half-set FRC, tau², noise per shell, class priors, optional re-centring. The schedule
-(online mini-batches, then full passes; annealing of u and of the noise model) is in
-:mod:`schedule`. State is checkpointed after every iteration (:mod:`checkpoint`).
+``p(k | X) ∝ pi_k exp(ll / u)`` (Sinkhorn-capped weights in balanced mode and during the
+warm-up) — and the sufficient statistics (:mod:`mstep`), then the M-step: back-rotate,
+Wiener-filter, half-set FRC, tau², noise per shell, class priors, optional re-centring and
+re-seeding of empty classes. The schedule (online mini-batches, then full passes; annealing
+of u; the noise model; the warm-up) is in :mod:`schedule`, the seeding iteration in
+:mod:`init`. State is checkpointed after every iteration (:mod:`checkpoint`).
+
+Resolution: as RELION does, the E-step of each iteration only uses the Fourier shells up to
+the current resolution (the last shell where the best class's data-vs-prior ratio
+``mean(D)·T·tau²`` is ≥ 1) plus ``INCR_SHELLS``; the first iteration starts from the
+initial low-pass plus ``INCR_SHELLS``. This keeps the alignment from fitting noise while
+the classes are still blurred (and makes early iterations cheap). The M-step always uses
+every shell up to --max-resolution, so the half-set FRC beyond the E-step limit is free of
+reference bias.
 """
 
 from __future__ import annotations

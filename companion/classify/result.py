@@ -39,21 +39,29 @@ class ClassResult:
         accuracy_rot_deg, accuracy_trans_A: float32 (rlnAccuracyRotations / ...TranslationsAngst).
         prior_offset_px: float32[K, 2] (rlnClassPriorOffsetX/Y in pixels; zeros if not used).
 
-    Spectra (per Fourier shell of the ORIGINAL box, length box // 2 + 1):
+    Spectra (per Fourier shell of the ORIGINAL box, length box // 2 + 1; powers in RELION's
+    normalisation — forward FFT divided by the pixel count — of the normalised particle
+    images; sigma2 and tau2 are half the power per complex coefficient, as in RELION):
         shell_resolution_A: float32, resolution of each shell (Å; inf for shell 0).
-        frc: float32[K, S], half-set FRC per class (0 beyond the working limit).
-        ssnr: float32[K, S], spectral SNR per class.
+        frc: float32[K, S], half-set FRC per class (0 beyond the working limit). Both halves
+            are aligned against the same reference, so within the E-step resolution limit it
+            is optimistic (reference bias), as for any 2D classification.
+        ssnr: float32[K, S], spectral SNR per class (RELION's data-vs-prior ratio,
+            rlnSsnrMap: mean Wiener weight × T × tau2).
         sigma2_ref: float32[K, S], reference power per shell.
-        tau2: float32[K, S], signal power estimate per shell.
+        tau2: float32[K, S], signal power estimate per shell (the prior of the next
+            M-step's Wiener filter: half the power spectrum of the reference).
         sigma2_noise: float32[G, S], noise power per shell per optics group (G groups in
-            the order of ``optics_groups``).
+            the order of ``optics_groups``), as used by the last E-step (beyond the working
+            limit: the last working shell's value).
         optics_groups: int32[G], optics-group ids matching ``sigma2_noise`` rows.
 
     Run:
         iteration: the last finished iteration (1-based).
         n_iterations: iterations planned.
         work_box, work_psize: the working (Fourier-cropped) box and its pixel size.
-        current_resolution_A: resolution limit used in the last iteration (Å).
+        current_resolution_A: E-step resolution limit of the last iteration (Å; the
+            M-step always reaches --max-resolution).
         loglik_total: float, summed log-likelihood.
         avg_pmax: float, mean of max_prob.
         sigma_offsets_A: float, RMS of the shifts (Å).
