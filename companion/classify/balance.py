@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: the auction may always evaluate this many scores, whatever ``max_work`` says
 _MIN_WORK = 4e8
+#: auction rounds allowed: this many per class plus the minimum
+_ROUNDS_PER_CLASS = 20
+_ROUNDS_MIN = 200
 #: elements per row chunk (NumPy / CuPy); bounds the temporaries of every pass.
 _CHUNK_ELEMS = {"numpy": 1 << 21, "cupy": 1 << 25}
 
@@ -307,9 +310,10 @@ def assign_capped(
     the bounds picks the members that may be among the weakest, and only those are ranked and
     re-evaluated.
 
-    Work is bounded: after ``max_work · N`` row evaluations or ``20 K + 200`` rounds (scores
-    with alike class preferences in every row cascade through the classes one per round) a
-    greedy repair finishes. The repair, also run after a finished auction, is what
+    Work is bounded: after ``max_work · N`` row evaluations or ``20 K + 200`` rounds (more
+    for small problems; rows with alike class preferences cascade through the classes one
+    per round, and near-ties start price wars that advance by ``eps``) a greedy repair
+    finishes. The repair, also run after a finished auction, is what
     guarantees the cap, by construction: it trims every overfull class to exactly its cap
     (keeping its highest-margin members); then a few rounds place unassigned rows, each row
     proposing to its best few classes that still have room and each class accepting at most
@@ -321,7 +325,7 @@ def assign_capped(
         scores: (N, K) float array, higher is better (e.g. log posteriors). ``-inf`` = never,
             unless every class with room is ``-inf`` for that row.
         cap: int or (K,) ints ≥ 0 with ``sum ≥ N``.
-        eps: bid increment; default ``1e-2 ×`` the mean finite row spread (max − min).
+        eps: bid increment; default ``1e-3 ×`` the mean finite row spread (max − min).
         max_work: auction budget in row evaluations per row (at least ``4e8 / K`` in all)
             before the repair takes over.
         return_prices: also return the final class prices (float64, ``inf`` for cap 0).
@@ -343,9 +347,11 @@ def assign_capped(
     p = xp.where(caps > 0, 0.0, xp.inf)
     spread = _mean_row_spread(xp, s)
     if eps is None:
-        eps = 1e-2 * spread
+        eps = 1e-3 * spread
     budget = max(max_work * n, _MIN_WORK / k)  # row evaluations; small problems finish
-    max_rounds = 20 * k + 200  # a cascade takes ~K rounds; ties can take more
+    # a cascade takes ~K rounds, a price war among near-ties up to ~K·spread/eps; small
+    # problems (cheap rounds) may always run to the end
+    max_rounds = max(_ROUNDS_PER_CLASS * k + _ROUNDS_MIN, min(int(2e7 / (n * k)), 2000 * k))
 
     labels, v1, v2 = _top2(xp, s, p, None, None, rows)
     labels[~xp.isfinite(v1)] = -1  # no finite open class: left to the repair
