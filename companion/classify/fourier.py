@@ -137,8 +137,8 @@ def radial_mask(box: int, radius: float, xp: Any = np) -> Any:
     return to_device(np.hypot(x - c, y - c) > radius, xp)
 
 
-def fourier_crop(images: Any, size: int) -> Any:
-    """Images (B, n, n) resampled to (B, size, size) by cropping their spectrum (size ≤ n).
+def fourier_resample(images: Any, size: int) -> Any:
+    """Images (B, n, n) resampled to (B, size, size) by cropping or zero-padding the spectrum.
 
     The centre pixel ``n//2`` maps to ``size//2``; pixel values (not sums) are preserved.
     """
@@ -147,29 +147,23 @@ def fourier_crop(images: Any, size: int) -> Any:
     if size == n:
         return images.astype(xp.float32, copy=False)
     f = xp.fft.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), norm="ortho")
-    h = size // 2
+    m = min(n, size)  # the band both grids share
+    lo, h, cols = (m + 1) // 2, m // 2, m // 2 + 1  # rows ky >= 0: 0..lo-1; ky < 0: last h
     out = xp.zeros(images.shape[:-2] + (size, size // 2 + 1), dtype=f.dtype)
-    lo = (size + 1) // 2  # rows with ky >= 0 kept: 0..lo-1; negative rows: size-h..size-1
-    out[..., :lo, :] = f[..., :lo, : size // 2 + 1]
-    out[..., size - h :, :] = f[..., n - h :, : size // 2 + 1]
+    out[..., :lo, :cols] = f[..., :lo, :cols]
+    out[..., size - h :, :cols] = f[..., n - h :, :cols]
     img = xp.fft.irfft2(out * (size / n), s=(size, size), norm="ortho")
     return xp.fft.fftshift(img, axes=(-2, -1)).astype(xp.float32)
+
+
+def fourier_crop(images: Any, size: int) -> Any:
+    """Downsample (B, n, n) images to (B, size, size), size ≤ n, by cropping the spectrum."""
+    return fourier_resample(images, size)
 
 
 def fourier_pad(images: Any, size: int) -> Any:
-    """Images (B, n, n) resampled to (B, size, size) by zero-padding their spectrum (size ≥ n)."""
-    xp = get_array_module(images)
-    n = images.shape[-1]
-    if size == n:
-        return images.astype(xp.float32, copy=False)
-    f = xp.fft.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), norm="ortho")
-    h = n // 2
-    out = xp.zeros(images.shape[:-2] + (size, size // 2 + 1), dtype=f.dtype)
-    lo = (n + 1) // 2
-    out[..., :lo, : n // 2 + 1] = f[..., :lo, :]
-    out[..., size - h :, : n // 2 + 1] = f[..., n - h :, :]
-    img = xp.fft.irfft2(out * (size / n), s=(size, size), norm="ortho")
-    return xp.fft.fftshift(img, axes=(-2, -1)).astype(xp.float32)
+    """Upsample (B, n, n) images to (B, size, size), size ≥ n, by zero-padding the spectrum."""
+    return fourier_resample(images, size)
 
 
 # ------------------------------------------------------------------ kept coefficients
