@@ -7,7 +7,8 @@ classifies the same particles in four modes for each K:
 
 - ``default``: CryoSPARC-like annealing (uncertainty factor decays to 1, noise model
   re-estimated),
-- ``anneal-off``: uncertainty and noise model held at their initial values,
+- ``anneal-off``: uncertainty and noise model held at their initial values, class priors
+  uniform,
 - ``balanced``: ``--balance equal`` (cap = ceil(N / K); uniform priors; Sinkhorn-capped
   E-steps and a capped final assignment),
 - ``balanced+anneal-off``: both.

@@ -43,9 +43,10 @@ class ClassifyParams(BaseModel):
             "Annealing. 'on' (CryoSPARC's behaviour): the uncertainty factor decays to 1 and the "
             "noise model is re-estimated, which sharpens assignments but can funnel particles "
             "into a few 'attractor' classes and absorb junk into good classes. 'off': the "
-            "uncertainty factor stays at --initial-uncertainty and the noise model stays at its "
-            "initial estimate; use it to keep junk and less-ordered species in classes of "
-            "their own. Sets the defaults of --uncertainty-schedule and --noise-model."
+            "uncertainty factor stays at --initial-uncertainty, the noise model stays at its "
+            "initial estimate and the class priors are held uniform; use it to keep junk and "
+            "less-ordered species in classes of their own. Sets the defaults of "
+            "--uncertainty-schedule, --noise-model and --class-priors."
         ),
     )
     uncertainty_schedule: Literal["anneal", "constant"] | None = Field(
@@ -62,6 +63,17 @@ class ClassifyParams(BaseModel):
             "Noise power per resolution shell: 'estimated' from residuals each iteration, "
             "'fixed' at the initial estimate, or 'white'. Default: 'estimated' with --anneal on, "
             "'fixed' with --anneal off."
+        ),
+    )
+    class_priors: Literal["estimated", "uniform"] | None = Field(
+        None,
+        description=(
+            "Class priors in the E-step: 'estimated' from the class occupancies each "
+            "iteration (RELION, CryoSPARC), or held 'uniform', so a class that is large "
+            "does not attract particles for being large. While the uncertainty factor is "
+            "above 1 it divides the likelihood but not the prior, so estimated priors then "
+            "weigh u times more and a dominant class keeps growing. Default: 'estimated' with "
+            "--anneal on, 'uniform' with --anneal off; always uniform with --balance."
         ),
     )
     initial_uncertainty: float = Field(
@@ -162,6 +174,14 @@ class ClassifyParams(BaseModel):
         return "estimated" if self.anneal == "on" else "fixed"
 
     @property
+    def resolved_class_priors(self) -> str:
+        if self.balance != "off":
+            return "uniform"
+        if self.class_priors is not None:
+            return self.class_priors
+        return "estimated" if self.anneal == "on" else "uniform"
+
+    @property
     def total_iters(self) -> int:
         return self.online_iters + self.full_iters
 
@@ -194,6 +214,7 @@ class ClassifyParams(BaseModel):
         d = self.model_dump()
         d["uncertainty_schedule"] = self.resolved_uncertainty_schedule
         d["noise_model"] = self.resolved_noise_model
+        d["class_priors"] = self.resolved_class_priors
         return d
 
 

@@ -24,7 +24,7 @@ class IterationInfo:
     noise: str  # noise power used: "initial", "residual" or "white" (see schedule.py)
     resolution_A: float  # median per-class FRC-0.143 resolution (Å; inf if undetermined)
     class_sizes: np.ndarray  # int64[K] hard assignments in this iteration's E-step
-    class_distribution: np.ndarray  # float32[K] class priors after the M-step
+    class_distribution: np.ndarray  # float32[K] soft class occupancy after the M-step
     avg_pmax: float
     loglik: float  # mean per-particle log-likelihood contribution
     seconds: float

@@ -280,7 +280,7 @@ class _Run:
             noise=noise,
             resolution_A=float(np.median(res)) if res.size else math.inf,
             class_sizes=stats["hard"],
-            class_distribution=st.prior.astype(np.float32),
+            class_distribution=output.occupancy(st),
             avg_pmax=stats["pmax"] / max(stats["n"], 1),
             loglik=stats["loglik"] / max(stats["n"], 1),
             seconds=secs,
@@ -425,7 +425,7 @@ class _Run:
         st.sigma2_est = np.where(ok, est, st.sigma2_est)
         st.sigma2_est[:, 0] = st.sigma2_est[:, 1]
         occ = np.maximum(st.run_occ, 0)
-        if p.balance != "off" or occ.sum() <= 0:
+        if p.resolved_class_priors == "uniform" or occ.sum() <= 0:
             st.prior = np.full(self.k, 1.0 / self.k)
         else:
             prior = np.maximum(occ / occ.sum(), 1e-12)

@@ -108,6 +108,15 @@ def assign_balanced(run: _Run, st: EMState, stats: dict[str, Any]) -> None:
              "largest class %d", run.cap, int(moved.sum()), int(sizes.max()))  # fmt: skip
 
 
+def occupancy(st: EMState) -> np.ndarray:
+    """float32[K] soft class occupancy, summing to 1 (rlnClassDistribution) — not the E-step
+    prior, which is held uniform with --class-priors uniform or --balance."""
+    occ = np.maximum(np.asarray(st.run_occ, np.float64), 0)
+    if occ.sum() <= 0:
+        occ = np.asarray(st.prior, np.float64)
+    return (occ / max(occ.sum(), 1e-30)).astype(np.float32)
+
+
 def reseed(run: _Run, st: EMState, hard: np.ndarray, halves: Any = None) -> None:
     """Re-seed classes below ``--reseed-empty`` × mean size (companion.classify.reseed):
     each gets a split of a donor class (its half-set averages, else a perturbed copy); the
@@ -125,7 +134,7 @@ def reseed(run: _Run, st: EMState, hard: np.ndarray, halves: Any = None) -> None
         st.run_occ[d] *= 0.5
         st.run_occ[e] = st.run_occ[d]
         st.acc_rot[e], st.acc_trans[e] = st.acc_rot[d], st.acc_trans[d]
-    if run.params.balance == "off":
+    if run.params.resolved_class_priors == "estimated":
         prior = np.maximum(np.asarray(res.sizes, np.float64), 0)
         if prior.sum() > 0:
             prior = np.maximum(prior / prior.sum(), 1e-12)
@@ -168,7 +177,7 @@ def build_result(run: _Run, st: EMState) -> ClassResult:
         class_ess=st.class_ess.astype(np.float32),
         averages=averages,
         class_sizes=sizes,
-        class_distribution=(st.prior / max(st.prior.sum(), 1e-30)).astype(np.float32),
+        class_distribution=occupancy(st),
         resolution_A=st.resolution.astype(np.float32),
         accuracy_rot_deg=np.asarray(st.acc_rot, np.float32),
         accuracy_trans_A=np.asarray(st.acc_trans, np.float32),

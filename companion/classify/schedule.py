@@ -19,6 +19,15 @@ Annealing (``progress a(i) = clip((i - anneal_start) / anneal_iters, 0, 1)``):
   the model never sharpens); ``white`` — the initial estimate's mean over all kept
   frequencies, throughout.
 
+Class priors (``--class-priors``): ``estimated`` — the class occupancies of the last M-step,
+as RELION and CryoSPARC do; ``uniform`` — held at 1/K (the default with ``--anneal off``, and
+always in balanced mode). The posterior is ``pi_k exp(ll / u)``: u divides the likelihood
+but not the prior, so while u > 1 an estimated prior weighs u times more against the data and
+a large class grows for being large. With ``--anneal off`` u never comes down to 1, and on the
+simulated flexible-domain set (``companion bench modes``) estimated priors made the largest
+class bigger and let more junk into good classes than the default did; uniform priors
+reversed both.
+
 Warm-up: the first ``warmup_iters`` iterations (the first is the seeding iteration of
 init.py) hold the class sizes equal — the class posteriors of each batch are Sinkhorn-scaled
 to equal column sums, as balanced mode does with its cap — so that while the references are
