@@ -43,6 +43,9 @@ def test_quality_floor(four, mode, floor):
     r = classify(four.particles, params(**mode))
     assert ari(four.labels, r.class_id) > floor
     assert np.array_equal(np.bincount(r.class_id, minlength=4), r.class_sizes)
+    # rlnClassDistribution is the soft occupancy, not the (possibly uniform) E-step prior
+    assert r.class_distribution.sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(r.class_distribution, r.class_sizes / 600, atol=0.05)
     if mode.get("balance"):
         assert r.cap == 150 and r.class_sizes.max() <= r.cap
 
@@ -161,3 +164,15 @@ def _fingerprint(sim, p: ClassifyParams) -> str:
     ps = sim.particles
     g = Geometry.create(ps.box, ps.pixel_size, p.max_resolution, p.particle_diameter)
     return fingerprint(ps, g)
+
+
+def test_uniform_priors_still_report_the_occupancy(tmp_path):
+    """With --anneal off the E-step prior is uniform, but rlnClassDistribution must still tell
+    a 60/30/10 split apart (RELION's Subset selection sorts on it)."""
+    labels = np.repeat([0, 1, 2], [180, 90, 30])
+    s = make_particles(tmp_path, n=300, n_classes=3, box=48, psize=3.0, snr=1.0, seed=3,
+                       labels=labels)  # fmt: skip
+    r = classify(s.particles, params(n_classes=3, anneal="off"))
+    assert r.params["class_priors"] == "uniform"
+    np.testing.assert_allclose(r.class_distribution, r.class_sizes / 300, atol=0.05)
+    assert sorted(r.class_distribution)[-1] > 0.45 and sorted(r.class_distribution)[0] < 0.2
