@@ -44,8 +44,9 @@ class ClassifyParams(BaseModel):
             "noise model is re-estimated, which sharpens assignments but can funnel particles "
             "into a few 'attractor' classes and absorb junk into good classes. 'off': the "
             "uncertainty factor stays at --initial-uncertainty, the noise model stays at its "
-            "initial estimate and the class priors are held uniform; use it to keep junk and "
-            "less-ordered species in classes of their own. Sets the defaults of "
+            "initial estimate and the class priors are held uniform, which weakens the "
+            "attractor; try it when junk or less-ordered species are absorbed into good "
+            "classes. Sets the defaults of "
             "--uncertainty-schedule, --noise-model and --class-priors."
         ),
     )
