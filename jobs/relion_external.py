@@ -188,8 +188,11 @@ def find_out_dir(argv: list[str]) -> str | None:
 # --- running ---------------------------------------------------------------------------
 
 
-class Terminated(Exception):
-    """SIGTERM / SIGINT arrived."""
+class Terminated(BaseException):
+    """SIGTERM / SIGINT arrived. A BaseException, like KeyboardInterrupt: raised from the
+    signal handler wherever the job is, it must not be swallowed by an ``except Exception``
+    (logging's handlers catch those, so a signal that lands while a line is being written
+    would otherwise be lost and the job would run on)."""
 
 
 def _on_signal(signum: int, frame: Any) -> None:
