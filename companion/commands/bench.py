@@ -1,4 +1,4 @@
-"""Measure speed and quality on simulated particles (bench speed | bench quality | bench modes).
+"""Measure speed and quality (bench speed | bench quality | bench modes | bench assign).
 
 Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any).
 
@@ -13,6 +13,9 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
            per-class correlation of the average with the true projection.
   modes    default, annealing-off, balanced and balanced + annealing-off on the same
            particles, one row per mode.
+  assign   the balanced-mode solvers (soft Sinkhorn E-step, final capped labels) on an
+           N × K score matrix with an attractor built in: seconds, extra memory, cap kept,
+           particles moved, score given up for the cap.
 
 Examples:
   companion bench speed                              # CPU, 1000 particles, K 20, box 128
@@ -21,13 +24,13 @@ Examples:
   companion bench quality                            # 10,000 particles, K 24
   companion bench quality --n 2000 --classes 12 --anneal off --json
   companion bench modes --json
+  companion bench assign                             # N 1,000,000, K 200, CPU
+  companion bench assign --device both --n 200000 --classes 500
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -80,15 +83,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_params_arguments(qp, ClassifyParams)
     qp.set_defaults(_bench=_quality)
 
+    from companion import bench_assign, bench_modes
+
     mp = sub.add_parser(
         "modes", help="default / annealing-off / balanced modes compared", formatter_class=fmt
     )
-    custom = _modes_module_args(mp)
-    if not custom:
-        mp.add_argument("--n", type=int, default=None, help="particles")
-        mp.add_argument("--classes", type=int, nargs="+", default=None, help="K values")
-        _common(mp)
+    bench_modes.add_args(mp)
     mp.set_defaults(_bench=_modes)
+
+    ap = sub.add_parser(
+        "assign", help="balanced-mode assignment: seconds and memory at scale", formatter_class=fmt
+    )
+    bench_assign.add_args(ap)
+    ap.set_defaults(_bench=_assign)
 
 
 def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -101,18 +108,6 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
         help="keep data and outputs here [default: a temporary directory]",
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
-
-
-def _modes_module_args(p: argparse.ArgumentParser) -> bool:
-    """Let companion.bench_modes define its own options when it offers ``add_args``."""
-    try:
-        bench_modes = importlib.import_module("companion.bench_modes")
-    except ImportError:
-        return False
-    if hasattr(bench_modes, "add_args"):
-        bench_modes.add_args(p)
-        return True
-    return False
 
 
 def main(args: argparse.Namespace) -> int:
@@ -188,24 +183,22 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def _modes(args: argparse.Namespace) -> int:
+    from companion.bench_modes import run_modes_benchmark
     from companion.bench_speed import describe_machine, machine_info
 
-    try:
-        from companion.bench_modes import run_modes_benchmark
-    except ImportError as exc:
-        from companion.errors import CompanionError
-
-        raise CompanionError(f"bench modes is not available: {exc}") from None
     print(describe_machine(machine_info()), file=sys.stderr)
-    if hasattr(sys.modules["companion.bench_modes"], "add_args"):
-        return int(run_modes_benchmark(args) or 0)
-    wanted = inspect.signature(run_modes_benchmark).parameters
-    given = dict(vars(args))
-    if given.get("out") is not None:
-        given["out_dir"] = Path(given["out"])
-    kwargs = {k: v for k, v in given.items() if k in wanted and v is not None}
-    rep = run_modes_benchmark(**kwargs)
-    if isinstance(rep, dict):
-        text = rep.get("table") if isinstance(rep.get("table"), str) else json.dumps(rep, indent=2)
-        _emit(args, rep, text)
+    return int(run_modes_benchmark(args) or 0)
+
+
+def _assign(args: argparse.Namespace) -> int:
+    from companion.bench_assign import format_assign, run_assign_benchmark
+    from companion.bench_speed import describe_machine, machine_info
+    from companion.run import check_device
+
+    if args.device != "cpu":
+        check_device("gpu")
+    print(describe_machine(machine_info()), file=sys.stderr)
+    rows = run_assign_benchmark(args.n, args.classes, slack=args.slack, spread=args.spread,
+                                device=args.device, seed=args.seed)  # fmt: skip
+    _emit(args, {"runs": rows}, format_assign(rows))
     return 0
