@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"comparison: {out / 'truth_comparison.json'}")
     if args.anneal == "on" and args.balance == "off":
         print(
-            "compare the modes on the same particles: add --anneal off (junk kept apart) or "
+            "compare the modes on the same particles: add --anneal off (a weaker attractor) or "
             "--balance equal (no nearly empty classes), with another --out"
         )
     return 0
