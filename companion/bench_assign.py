@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from companion.bench_speed import _sync
+from companion.bench_speed import device_sync
 
 #: rows generated per chunk (bounds the generator's temporaries)
 _GEN_ROWS = 1 << 16
@@ -87,7 +87,7 @@ def _one(xp: Any, dev: str, scores: np.ndarray, best: np.ndarray, uncapped: np.n
 
     n, k = scores.shape
     s = to_device(scores, xp)
-    sync = _sync(xp)
+    sync = device_sync(xp)
     mem = _Memory(xp)
     sync()
     t0 = time.perf_counter()

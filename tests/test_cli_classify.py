@@ -311,3 +311,14 @@ def test_bench_assign(capsys):
     assert r["sinkhorn_largest_column"] <= r["cap"] * (1 + 1e-4)
     assert 0 < r["moved_fraction"] < 1 and r["score_given_up_per_particle"] > 0
     assert r["sinkhorn_s"] > 0 and r["assign_s"] > 0 and r["assign_extra_GB"] >= 0
+
+
+@pytest.mark.gpu
+def test_bench_assign_on_gpu(capsys):
+    """Both devices solve the same matrix; the GPU's cap holds and its score is as good."""
+    assert main(["bench", "assign", "--n", "4000", "--classes", "40", "--device", "both",
+                 "--json"]) == 0  # fmt: skip
+    cpu, gpu = json.loads(capsys.readouterr().out)["runs"]
+    assert cpu["bench_device"] == "cpu" and gpu["bench_device"] == "gpu"
+    assert gpu["cap_respected"] and gpu["largest_class"] <= gpu["cap"] == cpu["cap"]
+    assert gpu["score_given_up_per_particle"] <= cpu["score_given_up_per_particle"] * 1.01 + 1e-3
