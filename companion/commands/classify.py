@@ -70,7 +70,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-iterations",
         action="store_true",
-        help="write the outputs of every iteration, not only the last",
+        help="write the outputs of every iteration, not only the last (with --balance, an "
+        "iteration whose soft labels exceed the cap is skipped with a warning: only capped "
+        "labels are ever written)",
     )
     parser.add_argument("--json", action="store_true", help="print summary.json on stdout")
     add_params_arguments(parser, ClassifyParams)
