@@ -71,7 +71,37 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_TABLE,
         help=f"write the table as JSON here [default: ./{DEFAULT_TABLE}]",
     )
+    p.add_argument(
+        "--set",
+        dest="set_params",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="a classification parameter for every mode (repeatable), as named in companion "
+        "classify --help without the dashes, e.g. --set noise_model=white; the modes' own "
+        "settings (anneal, balance) win",
+    )
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["noise_model=white", "online_iters=10"]`` → a dict (values validated later by
+    ClassifyParams); a malformed item or an unknown name is a one-line ParameterError."""
+    from companion.errors import ParameterError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if not sep or not name:
+            raise ParameterError(f"--set {item!r}: expected NAME=VALUE, e.g. noise_model=white")
+        if name not in ClassifyParams.model_fields:
+            raise ParameterError(
+                f"--set {item!r}: no classification parameter {name!r} (see companion "
+                "classify --help)"
+            )
+        out[name] = value.strip()
+    return out
 
 
 def run_modes_benchmark(
@@ -127,7 +157,8 @@ def run_modes_benchmark(
         for r in rows:
             r["data"] = {"n": n, "box": box, "psize": 192.0 / box, "snr": snr, "seed": seed,
                          "n_views": sim.n_views, "n_states": sim.n_states,
-                         "junk_fraction": sim.junk_fraction}  # fmt: skip
+                         "junk_fraction": sim.junk_fraction,
+                         "set": dict(params or {})}  # fmt: skip
         return rows
     finally:
         if not keep:
@@ -197,6 +228,7 @@ def format_modes(rows: list[dict[str, Any]]) -> str:
             f"data: {d['n']} simulated particles, box {d['box']} ({d['psize']:.2f} Å/px), SNR "
             f"{d['snr']}, {d['n_views']} views × {d['n_states']} states (last: domain "
             f"missing), {100 * d['junk_fraction']:.0f}% junk; device {rows[0]['device']}"
+            + "".join(f"; {k}={v}" for k, v in d.get("set", {}).items())
         )
         lines.append(
             "<10%: classes below 10% of the mean size; largest: largest class / N; NMI, ARI "
@@ -210,6 +242,7 @@ def format_modes(rows: list[dict[str, Any]]) -> str:
 def _cli(args: argparse.Namespace) -> int:
     from companion.report import jsonable
 
+    extra = parse_set(args.set_params)
     rows = run_modes_benchmark(
         Path(args.out) if args.out else None,
         n=args.n,
@@ -219,6 +252,7 @@ def _cli(args: argparse.Namespace) -> int:
         snr=args.snr,
         device=args.device,
         modes=args.modes,
+        params=extra or None,
     )
     table = Path(args.table)
     table.write_text(json.dumps(jsonable(rows), indent=2) + "\n")

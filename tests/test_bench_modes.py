@@ -42,3 +42,23 @@ def test_bench_modes_command(tmp_path, capsys):
     assert printed == json.loads(table.read_text())
     (row,) = printed
     assert row["mode"] == "balanced" and row["largest_class"] <= row["cap"] == 40
+
+
+def test_bench_modes_set_applies_to_every_mode(tmp_path, capsys):
+    table = tmp_path / "modes.json"
+    rc = main(["bench", "modes", "--n", "120", "--classes", "4", "--box", "48",
+               "--modes", "default", "anneal-off", "--set", "noise_model=white",
+               "--set", "online-iters=2", "--table", str(table)])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(table.read_text())
+    assert [r["params"]["noise_model"] for r in rows] == ["white", "white"]
+    assert [r["params"]["online_iters"] for r in rows] == [2, 2]
+    assert [r["params"]["anneal"] for r in rows] == ["on", "off"]  # the modes' own win
+    assert "noise_model=white" in capsys.readouterr().out
+
+
+def test_bench_modes_set_rejects_unknown_names_before_work(tmp_path, capsys):
+    rc = main(["bench", "modes", "--set", "noise=white", "--table", str(tmp_path / "t.json")])
+    assert rc == 2 and not (tmp_path / "t.json").exists()
+    assert "no classification parameter 'noise'" in capsys.readouterr().err
+
