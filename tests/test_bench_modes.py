@@ -61,4 +61,3 @@ def test_bench_modes_set_rejects_unknown_names_before_work(tmp_path, capsys):
     rc = main(["bench", "modes", "--set", "noise=white", "--table", str(tmp_path / "t.json")])
     assert rc == 2 and not (tmp_path / "t.json").exists()
     assert "no classification parameter 'noise'" in capsys.readouterr().err
-
