@@ -159,6 +159,11 @@ class ClassifyParams(BaseModel):
     def _check(self) -> ClassifyParams:
         if self.balance == "cap" and self.max_per_class is None:
             raise ValueError("--balance cap needs --max-per-class N")
+        if self.balance != "off" and self.class_priors == "estimated":
+            raise ValueError(
+                "--class-priors estimated cannot be combined with --balance, which holds the "
+                "priors uniform — drop one of them"
+            )
         return self
 
     # Resolved knobs (what the run actually uses).

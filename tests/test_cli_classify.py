@@ -51,6 +51,7 @@ def tiny(tmp_path_factory):
         (["--reseed-empty", "-0.1"], "--reseed-empty"),
         (["--n-classes", "500"], "500 classes for 120 particles"),
         (["--balance", "cap"], "--max-per-class"),
+        (["--balance", "equal", "--class-priors", "estimated"], "--class-priors estimated"),
     ],
 )
 def test_bad_parameters_exit_2_before_work(tiny, tmp_path, capsys, extra, fragment):
