@@ -323,3 +323,13 @@ def test_bench_assign_on_gpu(capsys):
     assert cpu["bench_device"] == "cpu" and gpu["bench_device"] == "gpu"
     assert gpu["cap_respected"] and gpu["largest_class"] <= gpu["cap"] == cpu["cap"]
     assert gpu["score_given_up_per_particle"] <= cpu["score_given_up_per_particle"] * 1.01 + 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [(["--n", "10", "--classes", "20"], "N ≥ K"), (["--slack", "0.5"], "--slack 0.5")],
+)
+def test_bench_assign_bad_input_is_one_line(capsys, extra, fragment):
+    assert main(["bench", "assign", "--n", "1000", "--classes", "20", *extra]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err

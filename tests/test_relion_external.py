@@ -5,6 +5,7 @@ outputs and starting a new 2D run from the selected particles."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from companion.errors import InputError, ParameterError
@@ -154,7 +156,6 @@ def test_parse_select():
 
 
 def test_auto_select_drops_empty_and_unresolved_junk_classes():
-    import numpy as np
     from fake_result import make_fake_result
 
     result = make_fake_result(600, 6, 16)
@@ -386,10 +387,6 @@ def _start(proj: Path, job: str, *extra: str, slow: bool = True) -> subprocess.P
 
 def _checkpointed(job_dir: Path) -> int:
     """The last iteration saved in the job's checkpoint."""
-    import json
-
-    import numpy as np
-
     with np.load(job_dir / "checkpoint" / "state.npz") as z:
         return int(json.loads(z["__header__"].tobytes())["scalars"]["iteration"])
 
