@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+REAL_DATA = Path(__file__).resolve().parent / "data"
 
 
 def gpu_available() -> bool:
@@ -49,7 +48,7 @@ def xp(request):
 
 @pytest.fixture(scope="session")
 def real_data() -> Path:
-    """Directory of real RELION/CryoSPARC metadata files (../shared/data/real)."""
+    """Directory of real RELION/CryoSPARC metadata files (tests/data, see its README.md)."""
     if not REAL_DATA.is_dir():
         pytest.fail(f"real host files not found at {REAL_DATA}")
     return REAL_DATA

@@ -1,4 +1,4 @@
-"""Pose conventions of ClassResult (RELION's, ../shared/RELION.md "Geometry").
+"""Pose conventions of ClassResult (RELION's: x = column, y = row).
 
 A particle made by rotating a reference counter-clockwise by theta and shifting it by d
 pixels must come back with psi = -theta + c and origin = -d + R(-psi) s, with one rotation
