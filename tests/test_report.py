@@ -78,11 +78,3 @@ def test_jsonable():
         {"a": np.float32(1.5), "b": np.array([1, 2]), "c": math.inf, 1: (np.int64(3), math.nan)}
     )
     assert out == {"a": 1.5, "b": [1, 2], "c": None, "1": [3, None]}
-
-
-def test_atomic_path_cleans_up_on_error(tmp_path):
-    with pytest.raises(RuntimeError):
-        with report.atomic_path(tmp_path / "x.txt") as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []

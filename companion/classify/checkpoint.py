@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from companion.errors import ParameterError
+from companion.io.atomic import atomic_write_bytes
 from companion.params import ClassifyParams
 
 STATE_FILE = "state.npz"
@@ -96,18 +96,9 @@ def save(ckpt_dir: Path, state: EMState, params: ClassifyParams, fingerprint: st
     }
     arrays["__header__"] = np.frombuffer(json.dumps(header, default=_json).encode(), np.uint8)
     path = ckpt_dir / STATE_FILE
-    tmp = ckpt_dir / (STATE_FILE + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            buf = io.BytesIO()
-            np.savez(buf, **arrays)
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getbuffer(), fsync=True)
     return path
 
 

@@ -25,6 +25,7 @@ from companion.classify.callbacks import call, stop_requested
 from companion.classify.ctf import ctf_2d
 from companion.classify.init import accumulate
 from companion.errors import Aborted
+from companion.io.atomic import atomic_write_text
 from companion.particles import ParticleSet
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,7 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     coeffs.flush()
     sigma2 = _initial_noise(geom, sum_x, sum_x2, sum_v, count)
     meta = {"fingerprint": fp, "shape": [n, nf], "sigma2_init": sigma2.tolist()}
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta))
-    tmp.replace(meta_path)
+    atomic_write_text(meta_path, json.dumps(meta))
     coeffs = np.memmap(data_path, dtype=np.complex64, mode="r", shape=(n, nf))
     secs = time.perf_counter() - t0
     log.info("preprocessed %d particles to box %d (%d coefficients) in %.1fs", n, w, nf, secs)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,8 @@ import pandas as pd
 from cryosparc.dataset import Dataset
 
 from companion.cryosparc import conventions as cv
-from companion.errors import InputError
+from companion.io.atomic import atomic_path
+from companion.io.problems import ProblemReport
 from companion.particles import CtfParams, ParticleSet
 
 log = logging.getLogger(__name__)
@@ -31,24 +30,6 @@ REQUIRED_CTF = ("ctf/df1_A", "ctf/df2_A", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_
 # optional ctf fields and the value assumed when a file lacks them
 OPTIONAL_CTF = {"ctf/df_angle_rad": 0.0, "ctf/phase_shift_rad": 0.0, "ctf/bfactor": 0.0}
 OPTIONAL_CTF_SCALE = 1.0
-
-
-class _Report:
-    """Problems found while reading: raised at once (strict) or collected (inspect)."""
-
-    def __init__(self, strict: bool) -> None:
-        self.strict = strict
-        self.errors: list[str] = []
-        self.notes: list[str] = []
-
-    def error(self, msg: str) -> None:
-        if self.strict:
-            raise InputError(msg)
-        self.errors.append(msg)
-
-    def note(self, msg: str) -> None:
-        """A non-fatal remark (an assumed default); never raised."""
-        self.notes.append(msg)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -67,7 +48,7 @@ def read_particles(
     first referenced stack exists (else the .cs directory). ``contrast`` overrides the
     ``blob/sign`` rule (see :func:`conventions.contrast_from_sign`).
     """
-    particles = _read(Path(path), project_dir, contrast, _Report(strict=True))
+    particles = _read(Path(path), project_dir, contrast, ProblemReport(strict=True))
     assert particles is not None  # strict mode raises instead
     return particles
 
@@ -84,7 +65,7 @@ def inspect_particles(
     Problems are one-line messages (file, row or field, what to do). With ``check_images``
     the stacks are checked too (missing files, indices past the end, box mismatch).
     """
-    report = _Report(strict=False)
+    report = ProblemReport(strict=False)
     particles = _read(Path(path), project_dir, contrast, report)
     problems = report.errors + report.notes
     if particles is not None and check_images:
@@ -93,7 +74,7 @@ def inspect_particles(
 
 
 def _read(
-    path: Path, project_dir: str | Path | None, contrast: Any, report: _Report
+    path: Path, project_dir: str | Path | None, contrast: Any, report: ProblemReport
 ) -> ParticleSet | None:
     dset = _load(path, report)
     if dset is None:
@@ -164,7 +145,7 @@ def _read(
     )
 
 
-def _load(path: Path, report: _Report) -> Dataset | None:
+def _load(path: Path, report: ProblemReport) -> Dataset | None:
     fix = "pass a particle .cs file written by CryoSPARC (exported or from a job directory)"
     if not path.exists():
         report.error(f"{path}: file not found — check the path")
@@ -185,7 +166,7 @@ def _load(path: Path, report: _Report) -> Dataset | None:
         return None
 
 
-def _check_fields(path: Path, fields: set[str], report: _Report) -> bool:
+def _check_fields(path: Path, fields: set[str], report: ProblemReport) -> bool:
     ok = True
     for prefix, required, what in (
         ("blob", REQUIRED_BLOB, "particle images"),
@@ -212,7 +193,7 @@ def _check_fields(path: Path, fields: set[str], report: _Report) -> bool:
 
 
 def _check_rows(
-    path: Path, field: str, bad: np.ndarray, what: str, fix: str, report: _Report
+    path: Path, field: str, bad: np.ndarray, what: str, fix: str, report: ProblemReport
 ) -> None:
     """Report rows where ``bad`` holds (1-based row of the first, and the count)."""
     if not np.any(bad):
@@ -222,7 +203,7 @@ def _check_rows(
     report.error(f"{path}: row {rows[0] + 1}{more}: {field} {what} — {fix}")
 
 
-def _box(path: Path, shape: np.ndarray, report: _Report) -> int:
+def _box(path: Path, shape: np.ndarray, report: ProblemReport) -> int:
     shape = shape.reshape(len(shape), -1)
     uniq, counts = np.unique(shape, axis=0, return_counts=True)
     best = uniq[np.argmax(counts)]
@@ -241,7 +222,7 @@ def _box(path: Path, shape: np.ndarray, report: _Report) -> int:
     return int(best[-1])
 
 
-def _ctf(path: Path, dset: Dataset, fields: set[str], report: _Report) -> CtfParams:
+def _ctf(path: Path, dset: Dataset, fields: set[str], report: ProblemReport) -> CtfParams:
     n = len(dset)
 
     def col(name: str, default: float) -> np.ndarray:
@@ -297,7 +278,7 @@ def _ctf(path: Path, dset: Dataset, fields: set[str], report: _Report) -> CtfPar
 
 
 def _project_dir(
-    path: Path, project_dir: str | Path | None, rel_paths: list[str], report: _Report
+    path: Path, project_dir: str | Path | None, rel_paths: list[str], report: ProblemReport
 ) -> Path:
     if project_dir is not None:
         root = Path(os.path.abspath(project_dir))
@@ -432,17 +413,3 @@ def _normalise_fields(fields: dict[str, Any] | None, n: int) -> dict[str, np.nda
             raise ValueError(f"field {name!r} has shape {arr.shape}, expected {n} rows")
         out[name] = arr
     return out
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -9,17 +9,16 @@ float32, pixel size in the header) and ``class_averages.cs`` (the ``template`` o
 from __future__ import annotations
 
 import hashlib
-import os
-from contextlib import ExitStack
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 from cryosparc.dataset import Dataset
 
 from companion.classify.result import ClassResult
 from companion.cryosparc import conventions as cv
 from companion.cryosparc.dataset_io import mix64, particle_uids
+from companion.io.atomic import atomic_paths
+from companion.io.mrc import write_mrc_stack
 from companion.particles import ParticleSet
 
 PARTICLES_NAME = "particles.cs"
@@ -49,8 +48,7 @@ def write_class2d_outputs(
     }
     out.mkdir(parents=True, exist_ok=True)
     # every file goes to a temporary name first; renames happen only after all three exist
-    with ExitStack() as stack:
-        tmp = {key: stack.enter_context(_deferred(path)) for key, path in paths.items()}
+    with atomic_paths(paths) as tmp:
         write_mrc_stack(tmp["class_averages_mrc"], result.averages, psize)
         parts.save(str(tmp["particles"]))
         templates.save(str(tmp["class_averages"]))
@@ -69,37 +67,3 @@ def template_uids(particle_uids: np.ndarray, k: int) -> np.ndarray:
     digest = hashlib.blake2b(np.ascontiguousarray(particle_uids).tobytes(), digest_size=8)
     seed = np.uint64(int.from_bytes(digest.digest(), "little"))
     return mix64(seed ^ mix64(np.arange(k, dtype=np.uint64)))
-
-
-def write_mrc_stack(path: str | Path, images: np.ndarray, psize: float) -> None:
-    """A valid MRC2014 image stack (ispg 0, float32, voxel size ``psize``) at ``path``."""
-    data = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
-    if data.ndim == 2:
-        data = data[np.newaxis]
-    with mrcfile.new(str(path), overwrite=True) as mrc:
-        mrc.set_data(data)
-        mrc.set_image_stack()
-        mrc.voxel_size = float(psize)
-        mrc.update_header_stats()
-
-
-class _deferred:
-    """Context manager: a temp path for ``path``, renamed by the ExitStack only on success.
-
-    Unlike ``dataset_io.atomic_path`` (one file), the rename waits until every file of the set
-    has been written: on any failure all temporaries are removed and no target changes.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif self.tmp.exists():
-            self.tmp.unlink()
-        return False

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import mrcfile
 import numpy as np
 
 from companion.classify.result import ClassResult
+from companion.io.atomic import atomic_write_text
+from companion.io.mrc import write_mrc_stack
 from companion.particles import ParticleSet
-from companion.relion.pipeline import atomic_write_text
 
 STAR_VERSION = "# version 30001"
 NO_RESOLUTION = 999.0  # what RELION writes for an undetermined resolution
@@ -177,16 +177,7 @@ def write_class2d_outputs(
 
 def write_classes_mrcs(path: str | Path, averages: np.ndarray, psize: float) -> None:
     """K × box × box float32 stack with the pixel size in the header (atomic)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(averages, dtype=np.float32))
-            mrc.set_image_stack()
-            mrc.voxel_size = float(psize)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_mrc_stack(path, averages, psize)
 
 
 def read_optics_rows(path: str | Path) -> list[tuple[int, str]]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from companion.errors import InputError, ParameterError
+from companion.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -182,19 +183,6 @@ def node_name(path: str | Path, project_dir: str | Path = ".") -> str:
         return full.relative_to(Path(os.path.abspath(project_dir))).as_posix()
     except ValueError:
         return full.as_posix()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --- exit and abort files -------------------------------------------------------------

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from companion.errors import InputError
+from companion.io.problems import ProblemReport as _Report
+from companion.io.problems import StopReading as _Stop
 from companion.particles import CtfParams, ParticleSet
 from companion.relion.star import StarFile, crlf_message, parse_star, read_bytes
 from companion.relion.tables import RelionTables, convert_legacy
@@ -25,30 +27,6 @@ PARTICLE_FILE_HINT = (
 )
 
 
-class _Stop(Exception):
-    """Reading cannot go on (collect mode)."""
-
-
-class _Report:
-    """Raises the first error (strict) or collects every problem (collect mode)."""
-
-    def __init__(self, collect: bool) -> None:
-        self.collect = collect
-        self.problems: list[str] = []
-
-    def error(self, msg: str) -> None:
-        if not self.collect:
-            raise InputError(msg)
-        self.problems.append(msg)
-
-    def stop(self, msg: str) -> None:
-        self.error(msg)
-        raise _Stop
-
-    def note(self, msg: str) -> None:
-        self.problems.append(msg)
-
-
 def read_particles(path: str | Path, project_dir: str | Path | None = None) -> ParticleSet:
     """Particles of a RELION STAR file; InputError on the first problem a user must fix.
 
@@ -57,7 +35,7 @@ def read_particles(path: str | Path, project_dir: str | Path | None = None) -> P
     directory and its parents (the STAR file's directory when none has it). Stacks need not
     exist to read the metadata. Non-fatal problems are listed in ``ParticleSet.problems``.
     """
-    particles, _ = _read(Path(path), project_dir, _Report(collect=False))
+    particles, _ = _read(Path(path), project_dir, _Report(strict=True))
     assert particles is not None
     return particles
 
@@ -70,7 +48,7 @@ def inspect_particles(
     With ``check_images``, problems with the stacks (missing files, indices past the end,
     wrong box) are included too.
     """
-    report = _Report(collect=True)
+    report = _Report(strict=False)
     try:
         particles, problems = _read(Path(path), project_dir, report)
     except (_Stop, InputError) as exc:

@@ -9,9 +9,7 @@ text (names, paths, Zernike lists) are always read as strings, so ``0001`` stays
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from companion.errors import InputError
+from companion.io.atomic import atomic_path
 from companion.relion.star_format import escape_string, format_value, iter_table_bytes
 
 Block = pd.DataFrame | dict[str, Any]
@@ -224,22 +223,14 @@ def write_star(
     """
     path = Path(path)
     comment = _version_line(version_comment)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            for name, block in blocks.items():
-                bname = name[5:] if name.startswith("data_") else name
-                f.write(f"\n{comment}\ndata_{bname}\n\n".encode())
-                if isinstance(block, pd.DataFrame):
-                    _write_loop(f, block, approximate)
-                else:
-                    _write_pairs(f, block)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
+        for name, block in blocks.items():
+            bname = name[5:] if name.startswith("data_") else name
+            f.write(f"\n{comment}\ndata_{bname}\n\n".encode())
+            if isinstance(block, pd.DataFrame):
+                _write_loop(f, block, approximate)
+            else:
+                _write_pairs(f, block)
 
 
 def _version_line(version_comment: str | int | None) -> str:
@@ -274,12 +265,3 @@ def _write_pairs(f: Any, pairs: Mapping[str, Any]) -> None:
 
 def _label(name: Any) -> str:
     return str(name).lstrip("_")
-
-
-def _default_mode() -> int:
-    mask = os.umask(0o022)  # read once, at import (single-threaded)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_FILE_MODE = _default_mode()

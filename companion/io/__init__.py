@@ -1,0 +1,1 @@
+"""Host-neutral file I/O: atomic writes, the MRC stack writer, the problem report."""
