@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from companion.classify.result import ClassResult
-from companion.errors import DeviceError, ParameterError
+from companion.errors import DeviceError
+from companion.host import Host, host_named
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 from companion.report import build_summary, write_gallery, write_json, write_occupancy
@@ -35,8 +36,6 @@ SUMMARY = "summary.json"
 GALLERY = "class_averages.png"
 OCCUPANCY = "class_occupancy.png"
 
-Sink = Callable[[Path, str, ParticleSet, ClassResult, int], dict[str, Path]]
-
 
 @dataclass
 class RunOutputs:
@@ -45,32 +44,6 @@ class RunOutputs:
     paths: dict[str, Path]
     summary: dict[str, Any]
     result: ClassResult
-
-
-def classify(*args: Any, **kwargs: Any) -> ClassResult:
-    """The classifier (imported on first use; tests replace this name)."""
-    from companion.classify import classify as _classify
-
-    return _classify(*args, **kwargs)
-
-
-def _sink_for(host: str) -> Sink:
-    """The host writer: ``(out_dir, root, particles, result, iteration) -> {name: path}``."""
-    if host == "relion":
-        from companion.relion import write_class2d_outputs as relion_write
-
-        return relion_write
-    if host == "cryosparc":
-        from companion.cryosparc import write_class2d_outputs as cs_write
-
-        def write(out: Path, root: str, ps: ParticleSet, res: ClassResult, it: int) -> Any:
-            return cs_write(out, ps, res)
-
-        return write
-    raise ParameterError(
-        f"particles come from host {host!r}; companion writes results for 'relion' or "
-        "'cryosparc' inputs only — read them with companion.relion or companion.cryosparc"
-    )
 
 
 def check_device(device: str) -> None:
@@ -314,29 +287,22 @@ def _all_or_nothing(out_dir: Path) -> Iterator[None]:
         raise
 
 
-def _write_host(
-    sink: Sink,
-    out_dir: Path,
-    root: str,
-    particles: ParticleSet,
-    result: ClassResult,
-    iteration: int,
-) -> dict[str, Path]:
-    paths = sink(out_dir, root, particles, result, iteration) or {}
-    return {name: Path(p) for name, p in paths.items()}
-
-
 def run_classification(
     particles: ParticleSet,
     params: ClassifyParams,
     out_dir: str | Path,
+    sink: Host | None = None,
     *,
     resume: bool = False,
     keep_iterations: bool = False,
     callbacks: Any = None,
     root: str = "run",
+    classifier: Callable[..., ClassResult] | None = None,
 ) -> RunOutputs:
     """Classify ``particles`` into ``out_dir`` and write every output; see the module doc.
+
+    ``sink``: the Host that writes the result (default: the host the particles came from);
+    ``classifier``: the classification function (default :func:`companion.classify.classify`).
 
     Raises ParameterError / DeviceError before any work when the parameters cannot work
     (cap below N/K, more classes than particles, GPU asked for and absent), Aborted when
@@ -346,7 +312,9 @@ def run_classification(
     n = len(particles)
     params.check_feasible(n)
     check_device(params.device)
-    sink = _sink_for(particles.host)
+    sink = sink if sink is not None else host_named(particles.host)
+    if classifier is None:
+        from companion.classify import classify as classifier
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_path = out_dir / SUMMARY
@@ -362,10 +330,10 @@ def run_classification(
         except RuntimeError as exc:  # never write it; do not kill the run for a snapshot
             log.warning("iteration %d not written: %s", iteration, exc)
             return
-        target = out_dir if particles.host == "relion" else out_dir / f"iteration_{iteration:03d}"
+        target = sink.iteration_dir(out_dir, iteration)
         target.mkdir(parents=True, exist_ok=True)
         with _all_or_nothing(target):
-            _write_host(sink, target, root, ps, res, iteration)
+            sink.write_result(target, root, ps, res, iteration)
 
     hooks = _Hooks(ProgressLog(n, params), callbacks, write_iteration if keep_iterations else None)
     log.info(
@@ -378,13 +346,13 @@ def run_classification(
         out_dir,
     )
     t0 = time.perf_counter()
-    result = classify(particles, params, work_dir=out_dir, resume=resume, callbacks=hooks.build())
+    result = classifier(particles, params, work_dir=out_dir, resume=resume, callbacks=hooks.build())
     t_classify = time.perf_counter() - t0
     check_cap(result, n, cap)
 
     t0 = time.perf_counter()
     with _all_or_nothing(out_dir):
-        paths = _write_host(sink, out_dir, root, particles, result, result.iteration)
+        paths = sink.write_result(out_dir, root, particles, result, result.iteration)
         title = (
             f"{particles.source_path.name}: {n} particles, {result.n_classes} classes, "
             f"iteration {result.iteration}"
@@ -406,7 +374,7 @@ def run_classification(
             files=paths,
             n_particles=n,
             source=particles.source_path,
-            host=particles.host,
+            host=sink.name,
             params=params.resolved(),
             timings={
                 "classify_s": t_classify,

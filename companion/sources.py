@@ -12,30 +12,15 @@ from pathlib import Path
 
 from companion.contrast import ContrastCheck, measure_contrast
 from companion.errors import InputError
+from companion.host import host_for_path
 from companion.particles import ParticleSet
 
-SUFFIXES = {".star": "relion", ".cs": "cryosparc"}
 MAX_REPEATS_LISTED = 3
 
 
 def host_of(path: str | Path) -> str:
     """``"relion"`` or ``"cryosparc"`` from the file suffix; InputError otherwise."""
-    p = Path(path)
-    host = SUFFIXES.get(p.suffix.lower())
-    if host is None:
-        raise InputError(
-            f"{p}: unknown particle file type {p.suffix or '(no suffix)'!r} — give a RELION "
-            "particles .star file or a CryoSPARC .cs file"
-        )
-    return host
-
-
-def _module(host: str):  # noqa: ANN202 - a host package
-    if host == "relion":
-        import companion.relion as mod
-    else:
-        import companion.cryosparc as mod
-    return mod
+    return host_for_path(path).name
 
 
 def _check_exists(path: Path) -> None:
@@ -48,9 +33,9 @@ def _check_exists(path: Path) -> None:
 def open_particles(path: str | Path, project_dir: str | Path | None = None) -> ParticleSet:
     """Read the particles in ``path`` (STAR or .cs); InputError on the first fatal problem."""
     path = Path(path)
-    host = host_of(path)
+    host = host_for_path(path)
     _check_exists(path)
-    return _module(host).read_particles(path, project_dir)
+    return host.read(path, project_dir)
 
 
 @dataclass
@@ -78,18 +63,17 @@ def inspect_report(path: str | Path, project_dir: str | Path | None = None) -> I
     """
     path = Path(path)
     try:
-        host = host_of(path)
+        host = host_for_path(path)
         _check_exists(path)
     except InputError as exc:
         return Inspection(path, None, None, [str(exc)], blocking=True)
-    mod = _module(host)
     try:
-        particles = mod.read_particles(path, project_dir)
+        particles = host.read(path, project_dir)
     except InputError as exc:
-        particles, problems = mod.inspect_particles(path, project_dir)
+        particles, problems = host.inspect(path, project_dir)
         if not problems:
             problems = [str(exc)]
-        return Inspection(path, host, particles, _dedupe(problems), blocking=True)
+        return Inspection(path, host.name, particles, _dedupe(problems), blocking=True)
     notes = list(particles.problems)
     blocking = _summarise_repeats(path, particles.check_images())
     if len(particles) == 0:
@@ -109,7 +93,9 @@ def inspect_report(path: str | Path, project_dir: str | Path | None = None) -> I
                 "as read — the convention looks inverted; class averages would come out "
                 "negative (for a .cs file, pass --contrast to override blob/sign)"
             )
-    return Inspection(path, host, particles, _dedupe(notes + blocking), bool(blocking), measured)
+    return Inspection(
+        path, host.name, particles, _dedupe(notes + blocking), bool(blocking), measured
+    )
 
 
 def inspect(

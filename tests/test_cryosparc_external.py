@@ -257,7 +257,7 @@ def test_end_to_end_through_the_api(standin, spy, capsys):
 
 
 def test_script_with_mounted_project_dir(standin, spy, capsys):
-    from jobs.cryosparc_external import main as script_main
+    from companion.cryosparc.external_job import main as script_main
 
     rc = script_main(
         [

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from companion.errors import InputError, ParameterError
+from companion.relion.external_job import JobArgsError, parse_job_args, parse_select
 from companion.relion.pipeline import (
     ABORT_NOW,
     EXIT_ABORTED,
@@ -33,7 +34,6 @@ from companion.relion.pipeline import (
     write_output_nodes,
 )
 from companion.relion.star import read_star
-from jobs.relion_external import JobArgsError, parse_job_args, parse_select
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,7 +118,7 @@ def test_bare_flags_and_job_options():
 
 
 def test_help_lists_parameters(capsys):
-    from jobs.relion_external import main
+    from companion.relion.external_job import main
 
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
@@ -278,7 +278,7 @@ def job_command(job: str, *extra: str, slow: bool = False) -> list[str]:
     # RELION's exact shape: --o with a trailing slash, inputs, params, --j, --pipeline_control
     params = {**CLASSIFY, **(SLOW if slow else {})}
     return [
-        sys.executable, "-m", "jobs.relion_external", "--o", f"External/{job}/",
+        sys.executable, "-m", "companion.relion.external_job", "--o", f"External/{job}/",
         "--in_parts", "particles.star",
         *[t for k, v in params.items() for t in (f"--{k}", str(v))],
         *extra, "--j", "1", "--pipeline_control", f"External/{job}/",
@@ -396,7 +396,7 @@ def test_signal_during_a_log_line_is_not_swallowed():
     get through, or a SIGTERM that lands while a line is written is lost."""
     import logging
 
-    from jobs.relion_external import Terminated, _on_signal
+    from companion.relion.external_job import Terminated, _on_signal
 
     class Stream:
         def write(self, text: str) -> None:
@@ -493,7 +493,7 @@ def test_failure_writes_exit_file_and_reason(project, extra, reason):
     job_dir = project / "External" / "job030"
     job_dir.mkdir(parents=True)
     (job_dir / OUTPUT_NODES).write_text("stale")  # from an earlier run: must not survive
-    cmd = [sys.executable, "-m", "jobs.relion_external", "--o", "External/job030/", *extra]
+    cmd = [sys.executable, "-m", "companion.relion.external_job", "--o", "External/job030/", *extra]
     r = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=_env(), timeout=60)
     assert r.returncode != 0
     assert exit_files(job_dir) == {EXIT_FAILURE}

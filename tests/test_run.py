@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from runner_fakes import fake_particles, fake_result
 
+import companion.classify
 import companion.classify.backend as backend
+from companion import host as hostmod
 from companion import run as runmod
 from companion.errors import Aborted, DeviceError, ParameterError
 from companion.params import ClassifyParams
@@ -34,6 +37,24 @@ class FakeSink:
         return {"data": data, "model": model}
 
 
+@dataclass(frozen=True)
+class FakeHost:
+    """A real Host's layout (iteration directories) with the fixture's sink as its writer."""
+
+    real: hostmod.Host
+    state: dict
+
+    @property
+    def name(self) -> str:
+        return self.real.name
+
+    def iteration_dir(self, out_dir, iteration):
+        return self.real.iteration_dir(out_dir, iteration)
+
+    def write_result(self, out_dir, root, particles, result, iteration):
+        return self.state["sink"](out_dir, root, particles, result, iteration)
+
+
 @pytest.fixture
 def fakes(monkeypatch):
     state = {"calls": 0, "result": fake_result(n=60, k=5, box=32), "sink": FakeSink()}
@@ -51,8 +72,9 @@ def fakes(monkeypatch):
                 raise Aborted(f"stopped after iteration {it}")
         return state["result"]
 
-    monkeypatch.setattr(runmod, "classify", classify)
-    monkeypatch.setattr(runmod, "_sink_for", lambda host: state["sink"])
+    monkeypatch.setattr(companion.classify, "classify", classify)
+    for name, real in hostmod.HOSTS.items():
+        monkeypatch.setitem(hostmod.HOSTS, name, FakeHost(real, state))
     return state
 
 
@@ -198,7 +220,7 @@ def test_user_callbacks_are_called(tmp_path, fakes):
 
 
 def test_unknown_host_is_refused_before_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(runmod, "classify", lambda *a, **k: pytest.fail("classify ran"))
+    monkeypatch.setattr(companion.classify, "classify", lambda *a, **k: pytest.fail("classify ran"))
     with pytest.raises(ParameterError, match="host 'other'"):
         runmod.run_classification(fake_particles(60, host="other"), _params(), tmp_path / "o")
 
@@ -237,7 +259,7 @@ def test_intermediate_writes_only_particles_seen(tmp_path, fakes, monkeypatch):
         callbacks.intermediate(1, partial)
         return real
 
-    monkeypatch.setattr(runmod, "classify", classify)
+    monkeypatch.setattr(companion.classify, "classify", classify)
     runmod.run_classification(fake_particles(60), _params(), tmp_path / "o", keep_iterations=True)
     assert written == [(1, 30, 30, 30), (3, 60, 60, 60)]
 
@@ -248,3 +270,25 @@ def test_params_cap_is_enforced_even_if_result_forgets_it(tmp_path, fakes):
     with pytest.raises(RuntimeError, match="> 20 particles"):
         runmod.run_classification(fake_particles(60), params, tmp_path / "o")
     assert fakes["sink"].calls == []
+
+
+def test_sink_and_classifier_can_be_injected(tmp_path):
+    state = {"sink": FakeSink()}
+    host = FakeHost(hostmod.CRYOSPARC, state)  # relion particles, CryoSPARC layout
+    result = fake_result(n=60, k=5, box=32)
+    out = runmod.run_classification(
+        fake_particles(60),
+        _params(),
+        tmp_path / "o",
+        host,
+        keep_iterations=True,
+        classifier=lambda particles, params, *, work_dir, resume, callbacks: result,
+    )
+    assert out.summary["host"] == "cryosparc" and state["sink"].calls == [result.iteration]
+
+
+def test_host_registry():
+    assert hostmod.host_for_path("a/b.STAR") is hostmod.RELION
+    assert hostmod.host_for_path("x.cs") is hostmod.CRYOSPARC
+    assert hostmod.host_named("cryosparc").iteration_dir(Path("o"), 2) == Path("o/iteration_002")
+    assert hostmod.RELION.iteration_dir(Path("o"), 2) == Path("o")

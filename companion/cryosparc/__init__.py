@@ -1,25 +1,31 @@
 """CryoSPARC host package: ``.cs`` particle datasets in and out, 2D outputs, conventions.
 
-Nothing outside ``companion.cryosparc`` (and ``jobs/``) knows a ``blob/*``, ``ctf/*`` or
+Nothing outside ``companion.cryosparc`` knows a ``blob/*``, ``ctf/*`` or
 ``alignments2D/*`` field; :mod:`companion.cryosparc.conventions` owns the unit and sign rules.
+The names load on first use (``python -m companion.cryosparc.external_job`` imports this
+package before its own code runs).
 """
 
-from companion.cryosparc.conventions import (
-    alignments2d_fields,
-    class_average_fields,
-    contrast_from_sign,
-    sign_from_contrast,
-)
-from companion.cryosparc.dataset_io import inspect_particles, read_particles, write_particles
-from companion.cryosparc.outputs import write_class2d_outputs
+from __future__ import annotations
 
-__all__ = [
-    "alignments2d_fields",
-    "class_average_fields",
-    "contrast_from_sign",
-    "inspect_particles",
-    "read_particles",
-    "sign_from_contrast",
-    "write_class2d_outputs",
-    "write_particles",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "alignments2d_fields": "companion.cryosparc.conventions",
+    "class_average_fields": "companion.cryosparc.conventions",
+    "contrast_from_sign": "companion.cryosparc.conventions",
+    "sign_from_contrast": "companion.cryosparc.conventions",
+    "inspect_particles": "companion.cryosparc.dataset_io",
+    "read_particles": "companion.cryosparc.dataset_io",
+    "write_particles": "companion.cryosparc.dataset_io",
+    "write_class2d_outputs": "companion.cryosparc.outputs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -55,6 +55,14 @@ def write_class2d_outputs(
     return paths
 
 
+def write_result(
+    out_dir: str | Path, root: str, particles: ParticleSet, result: ClassResult, iteration: int
+) -> dict[str, Path]:
+    """:func:`write_class2d_outputs` with the Host writer's arguments (CryoSPARC's file
+    names carry neither ``root`` nor ``iteration``)."""
+    return write_class2d_outputs(out_dir, particles, result)
+
+
 def particle_uids_for(particles: ParticleSet) -> np.ndarray:
     """The input's own uids for a CryoSPARC dataset, else :func:`particle_uids`."""
     if isinstance(particles.passthrough, Dataset):

@@ -7,32 +7,30 @@ Public API:
     read_star(path) -> {block: DataFrame | dict};  write_star(path, blocks, version_comment)
     RelionTables: the passthrough tables (optics, particles, version, take(idx)).
     write_class2d_outputs: re-exported from companion.relion.class2d.
+
+The names load on first use, so ``python -m companion.relion.external_job`` can set the
+thread count before NumPy is imported.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
-from companion.relion.reading import inspect_particles, read_particles
-from companion.relion.star import read_star, write_star
-from companion.relion.tables import RelionTables
-from companion.relion.writing import write_particles
+_EXPORTS = {
+    "RelionTables": "companion.relion.tables",
+    "inspect_particles": "companion.relion.reading",
+    "read_particles": "companion.relion.reading",
+    "read_star": "companion.relion.star",
+    "write_class2d_outputs": "companion.relion.class2d",
+    "write_particles": "companion.relion.writing",
+    "write_star": "companion.relion.star",
+}
 
-__all__ = [
-    "RelionTables",
-    "inspect_particles",
-    "read_particles",
-    "read_star",
-    "write_class2d_outputs",
-    "write_particles",
-    "write_star",
-]
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    # lazy: class2d builds on this package, so it cannot be imported at package import time
-    if name == "write_class2d_outputs":
-        from companion.relion.class2d import write_class2d_outputs
-
-        return write_class2d_outputs
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 PROG = "companion-relion"
-log = logging.getLogger("companion.relion_external")
+log = logging.getLogger("companion.relion.external_job")
 
 INPUT_OPTIONS = ("in_parts", "in_mics", "in_movies", "in_coords", "in_3dref", "in_mask")
 VALUE_OPTIONS = (
