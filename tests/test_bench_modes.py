@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from companion.bench_modes import MODES, format_modes, run_modes_benchmark
+from companion.bench.modes import MODES, format_modes, run_modes_benchmark
 from companion.cli import main
 
 SHORT = {"online_iters": 4, "full_iters": 1, "batch_per_class": 40, "max_resolution": 12.0}

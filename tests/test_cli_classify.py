@@ -255,7 +255,7 @@ def test_bench_quality_and_speed_tiny(tmp_path, capsys):
 
 
 def test_relion_command_matches_companion_sampling():
-    from companion.bench_speed import relion_command, sampling_counts
+    from companion.bench.speed import relion_command, sampling_counts
     from companion.params import ClassifyParams
 
     p = ClassifyParams(n_classes=7, psi_step=6.0, max_shift=0.1, seed=4)

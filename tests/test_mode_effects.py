@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from companion.bench_modes import run_modes_benchmark
+from companion.bench.modes import run_modes_benchmark
 
 N, K, SEED = 2000, 16, 2
 

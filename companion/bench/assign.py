@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from companion.bench_speed import device_sync
+from companion.bench.speed import device_sync
 
 #: rows generated per chunk (bounds the generator's temporaries)
 _GEN_ROWS = 1 << 16

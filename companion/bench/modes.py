@@ -124,7 +124,7 @@ def run_modes_benchmark(
     """
     if isinstance(out_dir, argparse.Namespace):
         return _cli(out_dir)
-    from companion.bench_quality import evaluate
+    from companion.bench.quality import evaluate
     from companion.classify import classify
     from companion.simulate import load_truth, simulate
     from companion.sources import open_particles

@@ -158,7 +158,7 @@ def run_quality_benchmark(
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Simulate with truth, classify, evaluate; returns the figures (and machine info)."""
-    from companion.bench_speed import machine_info
+    from companion.bench.speed import machine_info
     from companion.run import run_classification
     from companion.simulate import load_truth, simulate
     from companion.sources import open_particles
@@ -245,7 +245,7 @@ def format_figures(f: dict[str, Any]) -> list[str]:
 
 
 def format_quality(rep: dict[str, Any]) -> str:
-    from companion.bench_speed import describe_machine
+    from companion.bench.speed import describe_machine
 
     d = rep["data"]
     p = rep["params"]

@@ -83,7 +83,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_params_arguments(qp, ClassifyParams)
     qp.set_defaults(_bench=_quality)
 
-    from companion import bench_assign, bench_modes
+    from companion.bench import assign as bench_assign
+    from companion.bench import modes as bench_modes
 
     mp = sub.add_parser(
         "modes", help="default / annealing-off / balanced modes compared", formatter_class=fmt
@@ -125,14 +126,14 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from companion.bench_speed import describe_machine, format_speed, machine_info
+    from companion.bench.speed import describe_machine, format_speed, machine_info
     from companion.run import check_device
 
     devices = ("cpu", "gpu") if args.device == "both" else (args.device,)
     if "gpu" in devices:
         check_device("gpu")
     print(describe_machine(machine_info()), file=sys.stderr)
-    from companion.bench_speed import run_speed_benchmark
+    from companion.bench.speed import run_speed_benchmark
 
     rep = run_speed_benchmark(
         n=args.n,
@@ -151,8 +152,8 @@ def _speed(args: argparse.Namespace) -> int:
 
 
 def _quality(args: argparse.Namespace) -> int:
-    from companion.bench_quality import format_quality, run_quality_benchmark
-    from companion.bench_speed import describe_machine, machine_info
+    from companion.bench.quality import format_quality, run_quality_benchmark
+    from companion.bench.speed import describe_machine, machine_info
 
     overrides = {k: getattr(args, k) for k in ClassifyParams.model_fields if hasattr(args, k)}
     classes = overrides.pop("n_classes", args.classes)
@@ -183,16 +184,16 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def _modes(args: argparse.Namespace) -> int:
-    from companion.bench_modes import run_modes_benchmark
-    from companion.bench_speed import describe_machine, machine_info
+    from companion.bench.modes import run_modes_benchmark
+    from companion.bench.speed import describe_machine, machine_info
 
     print(describe_machine(machine_info()), file=sys.stderr)
     return int(run_modes_benchmark(args) or 0)
 
 
 def _assign(args: argparse.Namespace) -> int:
-    from companion.bench_assign import format_assign, run_assign_benchmark
-    from companion.bench_speed import describe_machine, machine_info
+    from companion.bench.assign import format_assign, run_assign_benchmark
+    from companion.bench.speed import describe_machine, machine_info
     from companion.run import check_device
 
     if args.device != "cpu":

@@ -75,7 +75,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from companion.bench_quality import evaluate, format_figures
+    from companion.bench.quality import evaluate, format_figures
     from companion.errors import ParameterError
     from companion.params import validate_params
     from companion.report import jsonable, write_json

@@ -1,0 +1,1 @@
+"""Benchmarks that print the figures README cites: speed, quality, modes, assign."""
