@@ -175,3 +175,10 @@ def device_errors(what: str = "classification") -> Iterator[None]:
                 "fewer classes, or a coarser --max-resolution"
             ) from None
         raise
+
+
+def logsumexp(a: Any) -> Any:
+    """``log(sum(exp(a), axis=1))`` of a 2-D array on its own array module, overflow-safe."""
+    xp = get_array_module(a)
+    m = a.max(axis=1)
+    return m + xp.log(xp.exp(a - m[:, None]).sum(axis=1))

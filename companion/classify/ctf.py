@@ -5,18 +5,22 @@ Follows RELION's ``src/ctf.h``: with defocus ``df`` in Å (positive = underfocus
     gamma = -pi*lambda*df(angle)*k^2 + pi/2*Cs*lambda^3*k^4 - phase_shift - atan(Q0/sqrt(1-Q0^2))
     CTF   = -sin(gamma) * exp(-B/4 * k^2) * scale
 
-RELION stores ``deltaf = -df`` internally (``getDeltaF``); ../shared/RELION.md writes the
-defocus term without that minus sign, which would add defocus and spherical aberration
-instead of opposing them. The sign here gives CTF > 0 at low frequency (protein white).
+RELION stores ``deltaf = -df`` internally (``getDeltaF``); writing the defocus term without
+that minus sign would add defocus and spherical aberration instead of opposing them. The
+sign here gives CTF > 0 at low frequency (protein white).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from companion.classify.backend import get_array_module
+from companion.classify.backend import get_array_module, to_device
+
+if TYPE_CHECKING:
+    from companion.classify.fourier import Geometry
+    from companion.particles import ParticleSet
 
 
 def electron_wavelength(voltage_kv: Any) -> Any:
@@ -90,3 +94,31 @@ def ctf_2d(
         out *= xp.exp(k4.astype(dtype) * k2g)
     out *= col(scale).astype(dtype)
     return out.astype(dtype)
+
+
+def ctf_terms(particles: ParticleSet, idx: np.ndarray, geom: Geometry, xp: Any
+              ) -> tuple[Any, Any, Any, Any]:  # fmt: skip
+    """Per-particle CTF factors on the kept coefficients, each (B, F) float32 on ``xp``:
+
+    - ``cy``: what multiplies the data in the likelihood's cross term (C; 1 for
+      CTF-premultiplied images; |C| for phase-flipped ones),
+    - ``c2``: C² (the quadratic term),
+    - ``v``: noise variance factor (1; C² for premultiplied images, whose noise is C·n),
+    - ``cm``: the model's CTF on the reference (C; C² premultiplied; |C| phase-flipped).
+    """
+    c = particles.ctf
+    kx, ky = geom.freqs_A()
+    ctf = ctf_2d(
+        to_device(kx, xp), to_device(ky, xp),
+        *(to_device(getattr(c, f)[idx], xp) for f in (
+            "defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
+            "phase_shift", "bfactor", "scale")),
+    )  # fmt: skip
+    prem = to_device(particles.ctf_premultiplied[idx], xp)[:, None]
+    flip = to_device(particles.phase_flipped[idx], xp)[:, None]
+    c2 = ctf * ctf
+    absc = xp.abs(ctf)
+    cy = xp.where(prem, xp.float32(1.0), xp.where(flip, absc, ctf)).astype(xp.float32)
+    cm = xp.where(prem, c2, xp.where(flip, absc, ctf)).astype(xp.float32)
+    v = xp.where(prem, xp.maximum(c2, 1e-4), xp.float32(1.0)).astype(xp.float32)
+    return cy, c2.astype(xp.float32), v, cm

@@ -1,4 +1,4 @@
-"""The EM loop of 2D classification (see ../shared/DESIGN.md, "The classifier").
+"""The EM loop of 2D classification.
 
 One iteration: rotate the K references (:class:`fourier.Projector`), stream the iteration's
 particles in batches through the E-step (:mod:`score`) — class posteriors
@@ -38,15 +38,17 @@ from companion.classify.backend import (
     batch_size,
     describe_device,
     device_errors,
+    logsumexp,
     select_device,
     to_device,
     to_host,
     work_budget,
 )
 from companion.classify.callbacks import IterationInfo, call, stop_requested
+from companion.classify.ctf import ctf_terms
 from companion.classify.init import initial_references, lowpass_shell, seed_owner
 from companion.classify.mstep import Accumulator, reconstruct, shell_power
-from companion.classify.preprocess import Prepared, ctf_terms, fingerprint, prepare
+from companion.classify.preprocess import Prepared, fingerprint, prepare
 from companion.classify.result import ClassResult
 from companion.classify.score import RotatedRefs, Search, broadcast_classes, score
 from companion.errors import Aborted, ParameterError
@@ -365,7 +367,7 @@ class _Run:
                     post = _softmax(sc.ev_u + log_prior_d[None])
             out = output.particle_outputs(self, sc, post, x, v, is2, log_prior_d)
             if final_scores:
-                lp = sc.ev_u - _logsumexp(sc.ev_u)[:, None]
+                lp = sc.ev_u - logsumexp(sc.ev_u)[:, None]
                 stats["logpost"][chunk] = to_host(lp)
                 stats["pose"][chunk] = to_host(sc.rot * self.search.n_shift + sc.shift)
             if acc is not None:
@@ -474,14 +476,6 @@ class _Run:
         acc = geom.work_psize / np.sqrt(np.maximum(to_host(dt), 1e-12))
         st.acc_trans = np.clip(acc, 0, geom.box * geom.psize).astype(np.float32)
         st.acc_rot = np.asarray(st.acc_rot, np.float32)
-
-
-def _logsumexp(a: Any) -> Any:
-    from companion.classify.backend import get_array_module
-
-    xp = get_array_module(a)
-    m = a.max(axis=1)
-    return m + xp.log(xp.exp(a - m[:, None]).sum(axis=1))
 
 
 def _softmax(a: Any) -> Any:

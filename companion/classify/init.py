@@ -47,7 +47,7 @@ def accumulate(sums: list[np.ndarray], coef: Any, cy: Any) -> None:
 
 def initial_references(particles: ParticleSet, prep: Any, k: int, xp: Any) -> np.ndarray:
     """(K, w, w) float32 working-box references, all the same."""
-    from companion.classify.preprocess import ctf_terms
+    from companion.classify.ctf import ctf_terms
 
     geom = prep.geom
     sums = prep.average_sums

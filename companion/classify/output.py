@@ -3,26 +3,48 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from companion.classify import fourier as fo
-from companion.classify.backend import get_array_module, to_device, to_host
+from companion.classify.backend import get_array_module, logsumexp, to_device, to_host
 from companion.classify.result import ClassResult
 from companion.classify.score import BatchScores
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from companion.classify.checkpoint import EMState
-    from companion.classify.em import _Run
+    from companion.params import ClassifyParams
+    from companion.particles import ParticleSet
 
 log = logging.getLogger(__name__)
+
+
+class RunContext(Protocol):
+    """What this module reads of a classification run (the EM loop's run state)."""
+
+    particles: ParticleSet
+    params: ClassifyParams
+    xp: Any
+    device: str
+    geom: fo.Geometry
+    search: Any  # the pose grid: ``shifts`` (pixels at the work box) and ``step``
+    ckpt_dir: Path
+    r: int  # in-plane rotations
+    k: int
+    n: int
+    total: int  # iterations in the run
+    cap: int | None
+    marginal: bool
+
 
 SIG = 1e-3  # posterior probability that makes a (class, pose) sample "significant"
 IN_RAM = 256 << 20  # larger (N, K) arrays go to memory maps in the cache directory
 
 
-def host_array(run: _Run, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+def host_array(run: RunContext, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes <= IN_RAM:
         return np.zeros(shape, dtype)
@@ -31,7 +53,7 @@ def host_array(run: _Run, name: str, shape: tuple[int, ...], dtype: Any) -> np.n
     return np.memmap(d / f"{name}.bin", dtype=dtype, mode="w+", shape=shape)
 
 
-def poses(run: _Run, rot: Any, shift_idx: Any) -> tuple[np.ndarray, np.ndarray]:
+def poses(run: RunContext, rot: Any, shift_idx: Any) -> tuple[np.ndarray, np.ndarray]:
     """(psi in degrees, RELION range (-180, 180]; origin (x, y) in original pixels)."""
     rot, shift_idx = to_host(rot), to_host(shift_idx)
     psi = -rot.astype(np.float64) * (360.0 / run.r)
@@ -41,13 +63,7 @@ def poses(run: _Run, rot: Any, shift_idx: Any) -> tuple[np.ndarray, np.ndarray]:
     return psi.astype(np.float32), shift.astype(np.float32)
 
 
-def _lse(a: Any) -> Any:
-    xp = get_array_module(a)
-    m = a.max(axis=1)
-    return m + xp.log(xp.exp(a - m[:, None]).sum(axis=1))
-
-
-def particle_outputs(run: _Run, sc: BatchScores, post: Any, x: Any, v: Any, is2: Any,
+def particle_outputs(run: RunContext, sc: BatchScores, post: Any, x: Any, v: Any, is2: Any,
                      log_prior: Any) -> dict[str, np.ndarray]:  # fmt: skip
     """Host arrays for one batch, named as the per-particle fields of EMState."""
     xp = get_array_module(post)
@@ -72,7 +88,7 @@ def particle_outputs(run: _Run, sc: BatchScores, post: Any, x: Any, v: Any, is2:
     p = xp.maximum(post, 1e-30)
     ess = xp.exp(-(post * xp.log(p)).sum(axis=1))
     data = 0.5 * ((x.real**2 + x.imag**2) * is2 / v).sum(axis=1)
-    ll = _lse(sc.ev_1 + log_prior[None]) - data
+    ll = logsumexp(sc.ev_1 + log_prior[None]) - data
     return {
         "class_id": to_host(lab).astype(np.int32),
         "psi": psi,
@@ -85,7 +101,7 @@ def particle_outputs(run: _Run, sc: BatchScores, post: Any, x: Any, v: Any, is2:
     }
 
 
-def assign_balanced(run: _Run, st: EMState, stats: dict[str, Any]) -> None:
+def assign_balanced(run: RunContext, st: EMState, stats: dict[str, Any]) -> None:
     """Final hard labels under the cap over ALL particles; each keeps its best pose in the
     class it is given."""
     from companion.classify import balance
@@ -117,7 +133,7 @@ def occupancy(st: EMState) -> np.ndarray:
     return (occ / max(occ.sum(), 1e-30)).astype(np.float32)
 
 
-def reseed(run: _Run, st: EMState, hard: np.ndarray, halves: Any = None) -> None:
+def reseed(run: RunContext, st: EMState, hard: np.ndarray, halves: Any = None) -> None:
     """Re-seed classes below ``--reseed-empty`` × mean size (companion.classify.reseed):
     each gets a split of a donor class (its half-set averages, else a perturbed copy); the
     donor's prior is shared between the two and the new class's running sums start empty."""
@@ -153,7 +169,7 @@ def _extend(a: np.ndarray, n: int, fill_last: bool = False) -> np.ndarray:
     return out
 
 
-def build_result(run: _Run, st: EMState) -> ClassResult:
+def build_result(run: RunContext, st: EMState) -> ClassResult:
     geom, params = run.geom, run.params
     n_out = geom.box // 2 + 1
     # spectra in RELION's normalisation (forward FFT divided by the pixel count)

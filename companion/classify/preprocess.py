@@ -22,7 +22,7 @@ import numpy as np
 from companion.classify import fourier as fo
 from companion.classify.backend import batch_size, to_device, to_host, work_budget
 from companion.classify.callbacks import call, stop_requested
-from companion.classify.ctf import ctf_2d
+from companion.classify.ctf import ctf_terms
 from companion.classify.init import accumulate
 from companion.errors import Aborted
 from companion.io.atomic import atomic_write_text
@@ -45,34 +45,6 @@ class Prepared:
     seconds: float = 0.0
     # [Σ cy·X, Σ |cy|] over all particles: the initial reference (see init.py)
     average_sums: list | None = None
-
-
-def ctf_terms(particles: ParticleSet, idx: np.ndarray, geom: fo.Geometry, xp: Any
-              ) -> tuple[Any, Any, Any, Any]:  # fmt: skip
-    """Per-particle CTF factors on the kept coefficients, each (B, F) float32 on ``xp``:
-
-    - ``cy``: what multiplies the data in the likelihood's cross term (C; 1 for
-      CTF-premultiplied images; |C| for phase-flipped ones),
-    - ``c2``: C² (the quadratic term),
-    - ``v``: noise variance factor (1; C² for premultiplied images, whose noise is C·n),
-    - ``cm``: the model's CTF on the reference (C; C² premultiplied; |C| phase-flipped).
-    """
-    c = particles.ctf
-    kx, ky = geom.freqs_A()
-    ctf = ctf_2d(
-        to_device(kx, xp), to_device(ky, xp),
-        *(to_device(getattr(c, f)[idx], xp) for f in (
-            "defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
-            "phase_shift", "bfactor", "scale")),
-    )  # fmt: skip
-    prem = to_device(particles.ctf_premultiplied[idx], xp)[:, None]
-    flip = to_device(particles.phase_flipped[idx], xp)[:, None]
-    c2 = ctf * ctf
-    absc = xp.abs(ctf)
-    cy = xp.where(prem, xp.float32(1.0), xp.where(flip, absc, ctf)).astype(xp.float32)
-    cm = xp.where(prem, c2, xp.where(flip, absc, ctf)).astype(xp.float32)
-    v = xp.where(prem, xp.maximum(c2, 1e-4), xp.float32(1.0)).astype(xp.float32)
-    return cy, c2.astype(xp.float32), v, cm
 
 
 def fingerprint(particles: ParticleSet, geom: fo.Geometry) -> str:

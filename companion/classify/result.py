@@ -1,6 +1,6 @@
 """What a classification run produces: host-neutral arrays that the sinks write out.
 
-Geometry follows RELION's convention (see ../shared/RELION.md, "Geometry"): aligning
+Geometry follows RELION's convention (x = column, y = row): aligning
 particle i means shifting it by ``+shift_px[i]`` (original pixels) and then rotating it by
 ``psi_deg[i]``; the host writers convert (CryoSPARC: radians, pixels at ``alignments2D/psize_A``).
 """

@@ -2,7 +2,7 @@
 and ``{root}_itNNN_classes.mrcs``.
 
 The files match what RELION's own 2D classification writes (3.1.3 layout, checked against
-``relion_refine`` output and ../shared/RELION.md), so Subset selection / ``relion_display``
+``relion_refine`` output), so Subset selection / ``relion_display``
 and ``relion_class_ranker`` open them: all four STAR files share one root, the optimiser
 names the model, the model's ``rlnReferenceImage`` rows point into the classes stack.
 The model carries both the 3.1 noise tables (``data_model_group_N``) and the 4.0+ ones

@@ -3,7 +3,7 @@
 RELION runs an External job from the project directory and waits for one of the exit files
 ``RELION_JOB_EXIT_SUCCESS`` / ``_FAILURE`` / ``_ABORTED`` in the job directory; before
 ``SUCCESS`` the job lists its outputs in ``RELION_OUTPUT_NODES.star``, with node types that
-differ by version (3.1 integers, 4.0 and 5.0 labels; see ../shared/RELION.md).
+differ by version (3.1 integers, 4.0 and 5.0 labels).
 """
 
 from __future__ import annotations

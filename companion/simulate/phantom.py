@@ -11,7 +11,7 @@ analytic: no interpolation, and sub-pixel rotations and shifts are exact. Images
 directly in Fourier space (:func:`render_rfft`), separably: per blob one factor along y and
 one along x, summed over blobs as a real matrix product.
 
-Geometry (RELION's, see ../shared/RELION.md): x = column, y = row, the image centre is pixel
+Geometry (RELION's): x = column, y = row, the image centre is pixel
 ``(box // 2, box // 2)``. A particle with in-plane angle ``psi`` (degrees, counter-clockwise
 in (x, y)) and shift ``(dx, dy)`` pixels holds the reference density moved from ``r`` to
 ``R(psi) @ r + (dx, dy)`` with ``R = [[cos, -sin], [sin, cos]]``.
