@@ -326,6 +326,41 @@ def test_server_error_on_save_output_fails_the_job(standin, fake, capsys):
     assert all(o.num_items == 0 for o in job.spec.outputs.root.values())
 
 
+def test_server_refusing_the_second_save_says_what_was_saved(standin, fake, capsys):
+    standin.on(
+        "jobs.save_output",
+        lambda: standin.fail("jobs.save_output", 422, "quota exceeded"),
+        after=1,
+    )
+    assert run_cli(standin) == 2
+    line = one_line_error(capsys)
+    (job,) = new_jobs(standin)
+    assert saved_outputs(standin, job) == ["particles"]  # what the server holds
+    assert "quota exceeded" in line and "saving output class_averages" in line
+    assert f"keeps the outputs already saved: particles ({N})" in line
+    assert "not saved: class_averages" in line
+    assert job.status == "failed"
+    assert "particles (" in job.errors_run[-1].message
+
+
+def test_outputs_are_checked_before_the_first_save(standin, fake, monkeypatch, capsys):
+    from companion.cryosparc import conventions
+
+    real = conventions.alignments2d_fields
+
+    def broken(particles, result):
+        fields = real(particles, result)
+        fields["alignments2D/shift"] = fields["alignments2D/shift"] * np.nan
+        return fields
+
+    monkeypatch.setattr(conventions, "alignments2d_fields", broken)
+    assert run_cli(standin) == 2
+    line = one_line_error(capsys)
+    assert "alignments2D/shift holds NaN" in line and "nothing was saved" in line
+    (job,) = new_jobs(standin)
+    assert job.status == "failed" and saved_outputs(standin, job) == []
+
+
 def test_connection_lost_mid_run_marks_job_failed_when_server_returns(standin, fake, capsys):
     # the server goes away after answering the first in-place update of the iteration line
     # and is back 0.3 s later, while companion still tries to mark the job failed

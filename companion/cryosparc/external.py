@@ -1,6 +1,6 @@
 """The CryoSPARC External job: classify a job's particles, save the results as job outputs.
 
-Workflow (cryosparc-tools 5.x, names as in ``../shared/CRYOSPARC.md``):
+Workflow (cryosparc-tools 5.x, names as in its ``Job``/``ExternalJob`` API):
 
 1. connect, find the source job and its particle output (slots ``blob``, ``ctf``), load it
    and check everything that can be checked before a job exists: parameters against N, the
@@ -17,7 +17,9 @@ Workflow (cryosparc-tools 5.x, names as in ``../shared/CRYOSPARC.md``):
 4. upload ``J<n>/class_averages.mrc``, then save every output and mark the job completed.
 
 Any failure after the job exists marks it failed with the reason (:func:`.joblog.failing_job`);
-outputs are saved only after everything else succeeded, so a failed job carries none.
+outputs are saved only after everything else succeeded and every output was checked
+(:func:`check_outputs`), so a job that fails before the saves carries none; if the server
+refuses a save part-way, the failure names the outputs already saved on the job.
 Conventions (pose in radians, shift in pixels at ``alignments2D/psize_A``, ``blob/sign``,
 class ↔ ``blob/idx``) live in :mod:`companion.cryosparc.conventions`.
 """
@@ -382,9 +384,8 @@ def _classify_and_save(run: _Run, should_stop: Callable[[], bool] | None) -> Ext
             f"Selected {len(kept)} of {result.n_classes} classes ({int(mask.sum())} "
             f"particles): {', '.join(map(str, kept)) or 'none'}"
         )
-    for name, ds in saves:
-        run.job_call(f"saving output {name}", job.save_output, name, ds)
-    joblog.line("Saved outputs: " + ", ".join(f"{k} ({len(d)})" for k, d in saves))
+    check_outputs(saves, inp["uid"], result.n_classes)
+    _save_outputs(run, saves)
     run.job_call("marking the job completed", job.stop)
     return ExternalJobResult(
         url=run.url,
@@ -397,6 +398,61 @@ def _classify_and_save(run: _Run, should_stop: Callable[[], bool] | None) -> Ext
         selected_classes=kept,
         summary=summary,
     )
+
+
+def check_outputs(saves: list[tuple[str, Any]], input_uids: Any, n_classes: int) -> None:
+    """Every output checked before the first save, so a save can fail only on the server.
+
+    ``particles`` and the selected/rejected pair hold the input's uids (each once; together
+    exactly the input), ``class_averages`` one row per class with ``blob/idx`` 0..K-1, and no
+    ``alignments2D``/``blob`` number is NaN. CryoSPARCError naming the output otherwise.
+    """
+    uids = np.sort(np.asarray(input_uids, dtype=np.uint64))
+    by_name = dict(saves)
+
+    def fail(name: str, what: str) -> None:
+        raise CryoSPARCError(f"output {name}: {what} — a companion bug; nothing was saved")
+
+    for name, ds in saves:
+        for field_name in ds.fields():
+            col = np.asarray(ds[field_name])
+            if col.dtype.kind == "f" and not np.isfinite(col).all():
+                fail(name, f"{field_name} holds NaN or infinite values")
+        own = np.sort(np.asarray(ds["uid"], dtype=np.uint64))
+        if name == "class_averages":
+            idx = np.asarray(ds["blob/idx"])
+            if len(ds) != n_classes or not np.array_equal(np.sort(idx), np.arange(n_classes)):
+                fail(name, f"{len(ds)} rows with blob/idx not 0..{n_classes - 1}")
+            if np.unique(own).size != own.size:
+                fail(name, "uids repeat")
+        elif name == "particles" and not np.array_equal(own, uids):
+            fail(name, f"{len(ds)} rows do not hold the input's {len(uids)} particles")
+    if all(name in by_name for name, _ in SELECT_OUTPUTS):
+        both = np.sort(np.concatenate([np.asarray(by_name[n]["uid"]) for n, _ in SELECT_OUTPUTS]))
+        if not np.array_equal(both.astype(np.uint64), uids):
+            fail("particles_selected/rejected", "together they are not the input's particles")
+
+
+def _save_outputs(run: _Run, saves: list[tuple[str, Any]]) -> None:
+    """Save the outputs in order; if the server refuses one, the error (and the job's event
+    log) says exactly which outputs were saved before it and which were not."""
+    job, where = run.job, f"{run.job.project_uid}-{run.job.uid}"
+    done: list[str] = []
+    for i, (name, ds) in enumerate(saves):
+        try:
+            run.job_call(f"saving output {name}", job.save_output, name, ds)
+        except CryoSPARCError as exc:
+            if not done:
+                raise
+            left = ", ".join(n for n, _ in saves[i:])
+            msg = (
+                f"{exc}; {where} keeps the outputs already saved: {', '.join(done)} "
+                f"(not saved: {left}) — delete or clear the job before using them"
+            )
+            run.joblog.line(msg)
+            raise CryoSPARCError(msg) from exc
+        done.append(f"{name} ({len(ds)})")
+    run.joblog.line("Saved outputs: " + ", ".join(done))
 
 
 def _match_input(particles: ParticleSet, dset: Any, inp: Any, source: Source) -> ParticleSet:
