@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -67,7 +69,7 @@ def test_alignments2d_values_come_from_the_result(j2):
     r = make_fake_result(len(ps), 4, ps.box, seed=7)
     f = alignments2d_fields(ps, r)
     np.testing.assert_array_equal(f["alignments2D/class"], r.class_id)
-    np.testing.assert_array_equal(f["alignments2D/split"], r.half_set)
+    assert not f["alignments2D/split"].any()  # CryoSPARC 2D writes 0 (the real export: all 0)
     np.testing.assert_array_equal(f["alignments2D/class_posterior"], r.class_prob)
     np.testing.assert_array_equal(f["alignments2D/class_ess"], r.class_ess)
     np.testing.assert_array_equal(f["alignments2D/psize_A"], ps.psize)
@@ -186,7 +188,12 @@ def _check_outputs(paths, ps, result, uids):
     assert t.fields() == ["uid", "blob/path", "blob/idx", "blob/shape", "blob/psize_A", "blob/sign"]
     assert len(t) == k and len(np.unique(t["uid"])) == k
     np.testing.assert_array_equal(t["blob/idx"], np.arange(k))
-    assert set(t["blob/path"]) == {"class_averages.mrc"}
+    mrc = Path(paths["class_averages_mrc"]).resolve()
+    try:  # CryoSPARC paths are relative to the project directory
+        expect = mrc.relative_to(Path(ps.project_dir).resolve()).as_posix()
+    except ValueError:
+        expect = mrc.as_posix()
+    assert set(t["blob/path"]) == {expect}
     np.testing.assert_array_equal(t["blob/shape"], np.full((k, 2), box))
     # every particle's class names a template row (class <-> blob/idx)
     assert set(parts["alignments2D/class"]) <= set(t["blob/idx"])
@@ -208,6 +215,14 @@ def test_write_class2d_outputs_for_a_cs_input(j2, tmp_path):
         "class_averages.mrc",
         "particles.cs",
     ]
+
+
+def test_offline_class_averages_path_is_relative_to_the_project(j2, tmp_path):
+    ps = dataclasses.replace(read_particles(j2), project_dir=tmp_path)
+    result = make_fake_result(len(ps), 3, ps.box, seed=2)
+    paths = write_class2d_outputs(tmp_path / "J9" / "companion", ps, result)
+    t = Dataset.load(paths["class_averages"])
+    assert set(t["blob/path"]) == {"J9/companion/class_averages.mrc"}
 
 
 def test_write_class2d_outputs_for_a_generated_set_matches_write_particles(j2, tmp_path):

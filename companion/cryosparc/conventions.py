@@ -123,7 +123,7 @@ CTF_FIELDS: list[tuple[str, str, tuple[int, ...]]] = [
 # alignments2D/* as CryoSPARC 2D classification writes them, in its order, with what
 # companion puts there.
 ALIGNMENTS2D_FIELDS: list[tuple[str, str, tuple[int, ...], str]] = [
-    ("alignments2D/split", "<u4", (), "half set (ClassResult.half_set)"),
+    ("alignments2D/split", "<u4", (), "0, as CryoSPARC's 2D classification writes it"),
     ("alignments2D/shift", "<f4", (2,), "origin in pixels at psize_A (shift_from_origin)"),
     ("alignments2D/pose", "<f4", (), "radians(psi) mod 2pi (pose_from_psi)"),
     ("alignments2D/psize_A", "<f4", (), "particle pixel size (blob/psize_A)"),
@@ -290,7 +290,7 @@ def alignments2d_fields(particles: ParticleSet, result: ClassResult) -> dict[str
         error = -2.0 * np.asarray(result.loglik, dtype=np.float64)
         alpha_min = np.ones(n)
     values: dict[str, Any] = {
-        "alignments2D/split": np.asarray(result.half_set),
+        "alignments2D/split": zeros,  # CryoSPARC's 2D classification writes 0 (no half sets)
         "alignments2D/shift": shift_from_origin(result.shift_px, psize, psize),
         "alignments2D/pose": pose_from_psi(result.psi_deg),
         "alignments2D/psize_A": psize,
@@ -319,7 +319,7 @@ def class_average_fields(result: ClassResult, mrc_path_rel: str, psize: float) -
     """``blob/*`` fields of the ``class_averages`` template output, one row per class.
 
     Row k is class k: ``blob/idx = k`` = image k of the stack at ``mrc_path_rel`` (relative
-    to the project directory for a job, to the output directory offline). ``uid`` is the
+    to the project directory, for a job and offline). ``uid`` is the
     caller's (``job.alloc_output`` makes them; :mod:`companion.cryosparc.outputs` derives them).
     """
     k, ny, nx = result.averages.shape

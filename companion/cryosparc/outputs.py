@@ -3,12 +3,14 @@
 ``particles.cs`` (uid + every ``alignments2D/*`` field; join it with the input on uid, as
 CryoSPARC joins a job's output with its passthrough), ``class_averages.mrc`` (K images,
 float32, pixel size in the header) and ``class_averages.cs`` (the ``template`` output:
-``blob/idx`` = class index = image in the .mrc). All three appear together or not at all.
+``blob/idx`` = class index = image in the .mrc; ``blob/path`` relative to the particles'
+project directory, as CryoSPARC paths are). All three appear together or not at all.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,9 @@ def write_class2d_outputs(
     templates = Dataset(
         [
             ("uid", template_uids(uids, result.n_classes)),
-            *cv.class_average_fields(result, AVERAGES_MRC_NAME, psize).items(),
+            *cv.class_average_fields(
+                result, project_path(out / AVERAGES_MRC_NAME, particles.project_dir), psize
+            ).items(),
         ]
     )
     paths = {
@@ -53,6 +57,16 @@ def write_class2d_outputs(
         parts.save(str(tmp["particles"]))
         templates.save(str(tmp["class_averages"]))
     return paths
+
+
+def project_path(path: Path, project_dir: str | Path) -> str:
+    """``path`` as a CryoSPARC ``blob/path``: relative to the project directory when it lies
+    inside it, else absolute (CryoSPARC resolves relative paths against the project)."""
+    full = Path(os.path.abspath(path))
+    try:
+        return full.relative_to(Path(os.path.abspath(project_dir))).as_posix()
+    except ValueError:
+        return full.as_posix()
 
 
 def write_result(
