@@ -292,3 +292,16 @@ def test_host_registry():
     assert hostmod.host_for_path("x.cs") is hostmod.CRYOSPARC
     assert hostmod.host_named("cryosparc").iteration_dir(Path("o"), 2) == Path("o/iteration_002")
     assert hostmod.RELION.iteration_dir(Path("o"), 2) == Path("o")
+
+
+def test_external_job_modules_load_without_numpy():
+    """The RELION job sets BLAS threads from --j before NumPy loads: importing the job
+    module (and so its host package) must not import NumPy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, companion.relion.external_job, companion.cryosparc.external_job; "
+        "sys.exit('numpy' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -8,8 +8,7 @@ package before its own code runs).
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from companion.lazy import lazy_getattr
 
 _EXPORTS = {
     "alignments2d_fields": "companion.cryosparc.conventions",
@@ -23,9 +22,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
