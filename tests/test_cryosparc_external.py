@@ -301,7 +301,7 @@ def test_streamed_images_equal_mounted_images(standin, fake, monkeypatch, tmp_pa
         local = real_stage(source, particles, root, joblog)
         seen["streamed"] = local.read_images(np.arange(N))
         seen["mounted"] = ext._load_particles(
-            standin.dset, tmp_path / "x.cs", standin.project_dir, None
+            standin.dset, standin.project_dir, None, "P1 J1.particles"
         ).read_images(np.arange(N))
         return local
 

@@ -73,10 +73,29 @@ def inspect_particles(
     return particles, problems
 
 
+def read_dataset(
+    dset: Dataset,
+    label: str,
+    project_dir: str | Path,
+    *,
+    contrast: str | float | None = None,
+) -> ParticleSet:
+    """Particles of a Dataset already in memory (e.g. a job's output loaded through the API),
+    checked like :func:`read_particles`; messages and ``source_path`` name ``label``."""
+    particles = _read(Path(label), project_dir, contrast, ProblemReport(strict=True), dset)
+    assert particles is not None  # strict mode raises instead
+    return particles
+
+
 def _read(
-    path: Path, project_dir: str | Path | None, contrast: Any, report: ProblemReport
+    path: Path,
+    project_dir: str | Path | None,
+    contrast: Any,
+    report: ProblemReport,
+    dset: Dataset | None = None,
 ) -> ParticleSet | None:
-    dset = _load(path, report)
+    if dset is None:
+        dset = _load(path, report)
     if dset is None:
         return None
     fields = set(dset.fields())

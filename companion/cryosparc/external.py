@@ -26,6 +26,7 @@ class ↔ ``blob/idx``) live in :mod:`companion.cryosparc.conventions`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -49,6 +50,7 @@ from companion.cryosparc.client import (
 from companion.cryosparc.joblog import JobCallbacks, JobLog, failing_job, params_text
 from companion.cryosparc.staging import check_disk, check_project_dir, stage_images
 from companion.errors import InputError, ParameterError
+from companion.host import CRYOSPARC
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 
@@ -98,17 +100,28 @@ class ExternalJobResult:
         return jsonable(self.__dict__)
 
 
+def write_no_files(
+    out_dir: Path, root: str, particles: ParticleSet, result: Any, iteration: int
+) -> dict[str, Path]:
+    """The job's Host writer: nothing on disk, the outputs are saved through the API."""
+    return {}
+
+
+# CryoSPARC's layout, without the offline .cs/.mrc files the job would only delete again
+JOB_SINK = dataclasses.replace(CRYOSPARC, writer=f"{__name__}:write_no_files")
+
+
 def classify(
     particles: ParticleSet, params: ClassifyParams, out_dir: Path, callbacks: Any
 ) -> tuple[Any, dict[str, Path], dict[str, Any]]:
     """Run the classifier; returns ``(ClassResult, local files, summary)``.
 
     The one place the External job calls the core: ``companion.run.run_classification``
-    (classify + local CryoSPARC files + gallery/occupancy PNGs + summary.json).
+    (classify + gallery/occupancy PNGs + summary.json; no local .cs files, see JOB_SINK).
     """
     from companion.run import run_classification
 
-    outputs = run_classification(particles, params, out_dir, callbacks=callbacks)
+    outputs = run_classification(particles, params, out_dir, JOB_SINK, callbacks=callbacks)
     return outputs.result, outputs.paths, outputs.summary
 
 
@@ -161,24 +174,12 @@ def select_classes(result: Any, spec: str | list[int]) -> np.ndarray:
 # ------------------------------------------------------------------ the workflow
 
 
-def _load_particles(
-    dset: Any, path: Path, project_dir: Path, contrast: str | None, label: str | None = None
-) -> ParticleSet:
-    """ParticleSet from a loaded Dataset, through the .cs reader (saved at ``path``).
+def _load_particles(dset: Any, project_dir: Path, contrast: str | None, label: str) -> ParticleSet:
+    """ParticleSet from a loaded Dataset, checked like a .cs file; messages name ``label``
+    (e.g. ``P3 J42.particles``)."""
+    from companion.cryosparc.dataset_io import read_dataset
 
-    Messages name ``label`` (e.g. ``P3 J42.particles``) instead of the temporary file.
-    """
-    from dataclasses import replace
-
-    from companion.cryosparc import read_particles
-    from companion.errors import InputError
-
-    dset.save(path)
-    try:
-        particles = read_particles(path, project_dir=project_dir, contrast=contrast)
-    except InputError as exc:
-        raise InputError(str(exc).replace(str(path), label or str(path))) from None
-    return replace(particles, source_path=Path(label)) if label else particles
+    return read_dataset(dset, label, project_dir, contrast=contrast)
 
 
 @dataclass
@@ -245,10 +246,9 @@ def _preflight(run: _Run) -> None:
         what=f"loading {source.label}",
     )
     image_root = req.project_dir if req.project_dir is not None else run.stage_root
-    cs_file = run.work / f"{source.project.uid}_{source.job.uid}_{source.output}.cs"
     if len(run.dset) == 0:
         raise CryoSPARCError(f"{source.label} holds no particles — pick an output that has some")
-    run.particles = _load_particles(run.dset, cs_file, image_root, req.contrast, source.label)
+    run.particles = _load_particles(run.dset, image_root, req.contrast, source.label)
     params.check_feasible(len(run.particles))
     check_device(params.device)
     run.particles.pixel_size  # noqa: B018 - raises when pixel sizes differ
