@@ -139,6 +139,12 @@ def parse_job_args(argv: list[str]) -> JobArgs:
         elif key in fields:
             job.params[key] = _param_value(token, value, fields[key])
         else:
+            import difflib
+
+            known = [*fields, *VALUE_OPTIONS, *FLAG_OPTIONS]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            if close:
+                raise JobArgsError(f"unknown option {token} — did you mean --{close[0]}?")
             raise JobArgsError(
                 f"unknown option {token} — classifier parameters are: "
                 + ", ".join("--" + f for f in fields)
@@ -227,6 +233,42 @@ def set_threads(threads: int | None) -> None:
             os.environ[var] = n
         else:
             os.environ.setdefault(var, n)
+
+
+def warn_threads(threads: int | None) -> None:
+    """Warn when ``--j`` asks for more threads than this process has cores."""
+    from companion.threads import available_cores
+
+    cores = available_cores()
+    if threads is not None and threads > cores:
+        log.warning(
+            "--j %d: only %d cores are available to this job (CPU affinity / cgroup quota); "
+            "the threads will share them — lower 'Number of threads' to %d",
+            threads, cores, cores,
+        )  # fmt: skip
+
+
+def finished_job(job_dir: Path) -> bool:
+    """Whether ``job_dir`` holds a finished job (exit file, or node file and summary)."""
+    from companion.relion.pipeline import EXIT_SUCCESS, OUTPUT_NODES
+
+    return (job_dir / EXIT_SUCCESS).is_file() or (
+        (job_dir / OUTPUT_NODES).is_file() and (job_dir / "summary.json").is_file()
+    )
+
+
+def refuse_continue(job: JobArgs) -> str | None:
+    """Why continuing ``job`` would be refused (bad or changed parameters), else None;
+    checked before any file of the job is touched."""
+    from companion.classify.checkpoint import check_params
+    from companion.errors import CompanionError
+    from companion.params import validate_params
+
+    try:
+        check_params(Path(job.out) / "checkpoint", validate_params(job.params))
+    except CompanionError as exc:
+        return str(exc)
+    return None
 
 
 def auto_select(result: Any) -> list[int]:
@@ -423,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         job = parse_job_args(argv)
     except JobArgsError as exc:
         parse_error = exc
+    if job is not None:
+        warn_threads(job.threads)
     set_threads(job.threads if job else None)  # before NumPy is imported
     job_dir = Path(out)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -433,6 +477,15 @@ def main(argv: list[str] | None = None) -> int:
         write_exit_file,
     )
 
+    if job is not None and finished_job(job_dir):
+        refused = refuse_continue(job)
+        if refused is not None:  # a finished job stays finished, its files as they were
+            write_exit_file(job_dir, "success")  # (RELION may have removed it before)
+            print(
+                f"{PROG}: error: {refused} (the finished job in {job_dir} is left as it was)",
+                file=sys.stderr,
+            )
+            return 2
     clear_exit_files(job_dir)
     (job_dir / OUTPUT_NODES).unlink(missing_ok=True)  # rewritten once everything exists
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -529,3 +529,45 @@ def test_relion_reads_outputs_and_refines_selected_particles(project):
     data = read_star(project / "Class2D" / "job041" / "run_it001_data.star")["particles"]
     assert len(data) == len(read_star(job_dir / "particles.star")["particles"])
     assert set(data["rlnClassNumber"]) <= {1, 2}
+
+
+def test_refused_continue_leaves_a_finished_job_as_it_was(project):
+    """RELION 'Continue' with changed parameters: refused with one line, exit status 2, and
+    the finished job keeps RELION_JOB_EXIT_SUCCESS, its node file and every output."""
+    job_dir = project / "External" / "job040"
+    r = run_job(project, "job040")
+    assert r.returncode == 0, (job_dir / "run.err").read_text()[-3000:]
+    before = {p: p.read_bytes() for p in job_dir.rglob("*") if p.is_file() and "run." not in p.name}
+    assert job_dir / OUTPUT_NODES in before and job_dir / EXIT_SUCCESS in before
+    for extra in (["--tau2_fudge", "3"], ["--tau2_fudge", "-1"]):  # changed; invalid
+        cmd = job_command("job040", *extra)
+        r = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=_env(), timeout=60)
+        assert r.returncode == 2, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+        assert len(lines) == 1 and "--tau2-fudge" in lines[0], r.stderr
+        assert "left as it was" in lines[0]
+        after = {
+            p: p.read_bytes() for p in job_dir.rglob("*") if p.is_file() and "run." not in p.name
+        }
+        assert after == before
+        assert exit_files(job_dir) == {EXIT_SUCCESS}
+
+
+def test_more_threads_than_cores_warns(project, monkeypatch):
+    """--j beyond the cores available to the job: a warning in run.err naming the count."""
+    import jobs.relion_external as rj
+
+    monkeypatch.setattr("companion.threads.available_cores", lambda: 2)
+    records = []
+    monkeypatch.setattr(rj.log, "warning", lambda msg, *a: records.append(msg % a))
+    rj.warn_threads(8)
+    assert len(records) == 1 and "--j 8" in records[0] and "only 2 cores" in records[0]
+    records.clear()
+    rj.warn_threads(2)
+    rj.warn_threads(None)
+    assert records == []
+
+
+def test_unknown_option_suggests_the_closest():
+    with pytest.raises(JobArgsError, match="did you mean --n_classes"):
+        parse_job_args(["--o", "X/", "--n_clases", "3"])
