@@ -274,6 +274,9 @@ def add_params_arguments(
             if literal is not None:
                 kwargs["choices"] = list(literal.__args__)
             kwargs["metavar"] = name.upper() if literal is None else None
+            number = next((t for t in (int, float) if t is ann or t in args), None)
+            if literal is None and number is not None:
+                kwargs["type"] = number  # so every command sees numbers, not strings
         add_option(group, option_name(name), aliases=tuple((aliases or {}).get(name, ())), **kwargs)
 
 
