@@ -111,7 +111,9 @@ class ClassifyParams(BaseModel):
         ),
     )
     max_per_class: int | None = Field(
-        None, ge=1, description="Cap on particles per class (with --balance cap)."
+        None,
+        ge=1,
+        description="Cap on particles per class; needs --balance cap (an error without it).",
     )
     balance_slack: float = Field(
         1.0, ge=1.0, description="With --balance equal: cap = ceil(slack × N / K)."

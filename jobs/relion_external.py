@@ -258,12 +258,14 @@ def finished_job(job_dir: Path) -> bool:
 
 
 def refuse_continue(job: JobArgs) -> str | None:
-    """Why continuing ``job`` would be refused (bad or changed parameters), else None;
-    checked before any file of the job is touched."""
+    """Why continuing ``job`` would be refused (bad or changed parameters, no input), else
+    None; checked before any file of the job is touched."""
     from companion.classify.checkpoint import check_params
     from companion.errors import CompanionError
     from companion.params import validate_params
 
+    if not job.in_parts or not Path(job.in_parts).is_file():
+        return f"{job.in_parts or '--in_parts'}: input particles file not found (--in_parts)"
     try:
         check_params(Path(job.out) / "checkpoint", validate_params(job.params))
     except CompanionError as exc:

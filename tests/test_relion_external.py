@@ -539,12 +539,19 @@ def test_refused_continue_leaves_a_finished_job_as_it_was(project):
     assert r.returncode == 0, (job_dir / "run.err").read_text()[-3000:]
     before = {p: p.read_bytes() for p in job_dir.rglob("*") if p.is_file() and "run." not in p.name}
     assert job_dir / OUTPUT_NODES in before and job_dir / EXIT_SUCCESS in before
-    for extra in (["--tau2_fudge", "3"], ["--tau2_fudge", "-1"]):  # changed; invalid
+    for extra, want in [
+        (["--tau2_fudge", "3"], "--tau2-fudge"),  # changed
+        (["--tau2_fudge", "-1"], "--tau2-fudge"),  # invalid
+        (["--in_parts", "gone.star"], "gone.star: input particles file not found"),
+    ]:
         cmd = job_command("job040", *extra)
+        if "--in_parts" in extra:  # replaces the usual input
+            i = cmd.index("--in_parts")
+            del cmd[i : i + 2]
         r = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=_env(), timeout=60)
         assert r.returncode == 2, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
-        assert len(lines) == 1 and "--tau2-fudge" in lines[0], r.stderr
+        assert len(lines) == 1 and want in lines[0], r.stderr
         assert "left as it was" in lines[0]
         after = {
             p: p.read_bytes() for p in job_dir.rglob("*") if p.is_file() and "run." not in p.name
