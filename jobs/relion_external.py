@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     job_dir = Path(out)
     job_dir.mkdir(parents=True, exist_ok=True)
     from companion.relion.pipeline import (
+        EXIT_SUCCESS,
         OUTPUT_NODES,
         AbortWatcher,
         clear_exit_files,
@@ -482,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     if job is not None and finished_job(job_dir):
         refused = refuse_continue(job)
         if refused is not None:  # a finished job stays finished, its files as they were
-            write_exit_file(job_dir, "success")  # (RELION may have removed it before)
+            if not (job_dir / EXIT_SUCCESS).exists():  # RELION may have removed it
+                write_exit_file(job_dir, "success")
             print(
                 f"{PROG}: error: {refused} (the finished job in {job_dir} is left as it was)",
                 file=sys.stderr,

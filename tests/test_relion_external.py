@@ -537,7 +537,15 @@ def test_refused_continue_leaves_a_finished_job_as_it_was(project):
     job_dir = project / "External" / "job040"
     r = run_job(project, "job040")
     assert r.returncode == 0, (job_dir / "run.err").read_text()[-3000:]
-    before = {p: p.read_bytes() for p in job_dir.rglob("*") if p.is_file() and "run." not in p.name}
+
+    def files():  # content and modification time of everything but the logs
+        return {
+            p: (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in job_dir.rglob("*")
+            if p.is_file() and "run." not in p.name
+        }
+
+    before = files()
     assert job_dir / OUTPUT_NODES in before and job_dir / EXIT_SUCCESS in before
     for extra, want in [
         (["--tau2_fudge", "3"], "--tau2-fudge"),  # changed
@@ -553,11 +561,18 @@ def test_refused_continue_leaves_a_finished_job_as_it_was(project):
         lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
         assert len(lines) == 1 and want in lines[0], r.stderr
         assert "left as it was" in lines[0]
-        after = {
-            p: p.read_bytes() for p in job_dir.rglob("*") if p.is_file() and "run." not in p.name
-        }
-        assert after == before
+        assert files() == before
         assert exit_files(job_dir) == {EXIT_SUCCESS}
+    # RELION's GUI deletes the exit files before a continue: the refusal puts SUCCESS back
+    (job_dir / EXIT_SUCCESS).unlink()
+    r = subprocess.run(job_command("job040", "--tau2_fudge", "3"), cwd=project,
+                       capture_output=True, text=True, env=_env(), timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "cannot continue with changed parameters" in r.stderr
+    assert exit_files(job_dir) == {EXIT_SUCCESS}
+    after = files()
+    assert {p: v for p, v in after.items() if p.name != EXIT_SUCCESS} == {
+        p: v for p, v in before.items() if p.name != EXIT_SUCCESS
+    }
 
 
 def test_more_threads_than_cores_warns(project, monkeypatch):
