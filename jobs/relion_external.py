@@ -6,7 +6,8 @@ RELION runs, from the project directory::
         --n_classes 100 --anneal off --balance equal --select auto --j 8
 
 Inputs may come in any order (``--in_mics --in_movies --in_coords --in_3dref/--in_3Dref
---in_mask`` are accepted and ignored), ``--j`` is optional, ``--pipeline_control DIR`` is
+--in_mask`` are accepted and ignored), ``--j`` is optional (more threads than the cores
+available to the job draw a warning), ``--pipeline_control DIR`` is
 ignored, and every classifier parameter is ``--<name> <value>`` with RELION-style
 underscores (``--n_classes 50``) or the CLI's dashes (``--n-classes 50``); a parameter
 whose value field is empty arrives as a bare flag (a boolean then means "on", an optional
@@ -20,7 +21,8 @@ gallery, ``summary.json``, then ``RELION_OUTPUT_NODES.star`` and, once every lis
 exists, ``RELION_JOB_EXIT_SUCCESS``. Any error writes ``RELION_JOB_EXIT_FAILURE`` (reason on
 the last line of stderr, i.e. run.err); the GUI's abort (``RELION_JOB_ABORT_NOW``) or
 SIGTERM writes ``RELION_JOB_EXIT_ABORTED``. Running the same command again continues from
-the last finished iteration (checkpoints in ``<job>/checkpoint``).
+the last finished iteration (checkpoints in ``<job>/checkpoint``); changed or invalid
+parameters are refused (exit status 2) and a finished job's files are left as they were.
 """
 
 from __future__ import annotations
