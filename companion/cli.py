@@ -13,6 +13,7 @@ import logging
 import sys
 
 from companion import __version__
+from companion.commands.options import Parser
 from companion.errors import CompanionError
 
 # command name -> module under companion.commands
@@ -27,7 +28,9 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``companion`` parser; every (sub)parser is a :class:`Parser` (no abbreviations,
+    one-line errors with a suggestion)."""
+    parser = Parser(
         prog="companion",
         description="2D classification companion for cryo-EM (RELION and CryoSPARC projects).",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -110,7 +111,9 @@ class ClassifyParams(BaseModel):
         ),
     )
     max_per_class: int | None = Field(
-        None, ge=1, description="Cap on particles per class (with --balance cap)."
+        None,
+        ge=1,
+        description="Cap on particles per class; needs --balance cap (an error without it).",
     )
     balance_slack: float = Field(
         1.0, ge=1.0, description="With --balance equal: cap = ceil(slack × N / K)."
@@ -159,6 +162,11 @@ class ClassifyParams(BaseModel):
     def _check(self) -> ClassifyParams:
         if self.balance == "cap" and self.max_per_class is None:
             raise ValueError("--balance cap needs --max-per-class N")
+        if self.max_per_class is not None and self.balance != "cap":
+            raise ValueError(
+                f"--max-per-class {self.max_per_class} is only used with --balance cap: add "
+                "--balance cap (or drop --max-per-class)"
+            )
         if self.balance != "off" and self.class_priors == "estimated":
             raise ValueError(
                 "--class-priors estimated cannot be combined with --balance, which holds the "
@@ -228,15 +236,35 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def add_params_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    """Add one ``--kebab-name`` option per model field (defaults left to the model)."""
-    group = parser.add_argument_group("classification parameters")
-    for name, info in model.model_fields.items():
+def add_params_arguments(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    *,
+    only: Iterable[str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    aliases: Mapping[str, tuple[str, ...]] | None = None,
+    title: str = "classification parameters",
+) -> None:
+    """Add one ``--kebab-name`` option per model field: every command spells a parameter
+    the same way. ``only``: a subset of the fields; ``defaults``: the command's own
+    defaults (else the model's, applied at validation); ``aliases``: field -> deprecated
+    old spellings, which warn when used."""
+    from companion.commands.options import add_option
+
+    group = parser.add_argument_group(title)
+    defaults = dict(defaults or {})
+    names = list(model.model_fields) if only is None else list(only)
+    for name in names:
+        info = model.model_fields[name]
         help_text = (info.description or "").replace("%", "%%")
-        default = info.default
+        default = defaults.get(name, info.default)
         if default is not None:
             help_text += f" [default: {default}]"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": defaults.get(name, argparse.SUPPRESS),
+            "help": help_text,
+        }
         ann = info.annotation
         args = getattr(ann, "__args__", ())
         if ann is bool:
@@ -248,7 +276,10 @@ def add_params_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
             if literal is not None:
                 kwargs["choices"] = list(literal.__args__)
             kwargs["metavar"] = name.upper() if literal is None else None
-        group.add_argument(option_name(name), **kwargs)
+            number = next((t for t in (int, float) if t is ann or t in args), None)
+            if literal is None and number is not None:
+                kwargs["type"] = number  # so every command sees numbers, not strings
+        add_option(group, option_name(name), aliases=tuple((aliases or {}).get(name, ())), **kwargs)
 
 
 def params_from_namespace(

@@ -12,6 +12,7 @@ started are removed again, so nothing half-written is left behind.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -371,7 +372,7 @@ def run_classification(
         t_write = time.perf_counter() - t0
         summary = build_summary(
             result,
-            files=paths,
+            files={name: os.path.relpath(path, out_dir) for name, path in paths.items()},
             n_particles=n,
             source=particles.source_path,
             host=sink.name,

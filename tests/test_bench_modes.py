@@ -35,7 +35,7 @@ def test_modes_table_and_caps(tmp_path):
 
 def test_bench_modes_command(tmp_path, capsys):
     table = tmp_path / "modes.json"
-    rc = main(["bench", "modes", "--n", "160", "--classes", "4", "--box", "48",
+    rc = main(["bench", "modes", "--n-particles", "160", "--n-classes", "4", "--box", "48",
                "--modes", "balanced", "--table", str(table), "--json"])  # fmt: skip
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
@@ -46,7 +46,7 @@ def test_bench_modes_command(tmp_path, capsys):
 
 def test_bench_modes_set_applies_to_every_mode(tmp_path, capsys):
     table = tmp_path / "modes.json"
-    rc = main(["bench", "modes", "--n", "120", "--classes", "4", "--box", "48",
+    rc = main(["bench", "modes", "--n-particles", "120", "--n-classes", "4", "--box", "48",
                "--modes", "default", "anneal-off", "--set", "noise_model=white",
                "--set", "online-iters=2", "--table", str(table)])  # fmt: skip
     assert rc == 0

@@ -529,3 +529,67 @@ def test_relion_reads_outputs_and_refines_selected_particles(project):
     data = read_star(project / "Class2D" / "job041" / "run_it001_data.star")["particles"]
     assert len(data) == len(read_star(job_dir / "particles.star")["particles"])
     assert set(data["rlnClassNumber"]) <= {1, 2}
+
+
+def test_refused_continue_leaves_a_finished_job_as_it_was(project):
+    """RELION 'Continue' with changed parameters: refused with one line, exit status 2, and
+    the finished job keeps RELION_JOB_EXIT_SUCCESS, its node file and every output."""
+    job_dir = project / "External" / "job040"
+    r = run_job(project, "job040")
+    assert r.returncode == 0, (job_dir / "run.err").read_text()[-3000:]
+
+    def files():  # content and modification time of everything but the logs
+        return {
+            p: (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in job_dir.rglob("*")
+            if p.is_file() and "run." not in p.name
+        }
+
+    before = files()
+    assert job_dir / OUTPUT_NODES in before and job_dir / EXIT_SUCCESS in before
+    for extra, want in [
+        (["--tau2_fudge", "3"], "--tau2-fudge"),  # changed
+        (["--tau2_fudge", "-1"], "--tau2-fudge"),  # invalid
+        (["--in_parts", "gone.star"], "gone.star: input particles file not found"),
+    ]:
+        cmd = job_command("job040", *extra)
+        if "--in_parts" in extra:  # replaces the usual input
+            i = cmd.index("--in_parts")
+            del cmd[i : i + 2]
+        r = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=_env(), timeout=60)
+        assert r.returncode == 2, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+        assert len(lines) == 1 and want in lines[0], r.stderr
+        assert "left as it was" in lines[0]
+        assert files() == before
+        assert exit_files(job_dir) == {EXIT_SUCCESS}
+    # RELION's GUI deletes the exit files before a continue: the refusal puts SUCCESS back
+    (job_dir / EXIT_SUCCESS).unlink()
+    r = subprocess.run(job_command("job040", "--tau2_fudge", "3"), cwd=project,
+                       capture_output=True, text=True, env=_env(), timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "cannot continue with changed parameters" in r.stderr
+    assert exit_files(job_dir) == {EXIT_SUCCESS}
+    after = files()
+    assert {p: v for p, v in after.items() if p.name != EXIT_SUCCESS} == {
+        p: v for p, v in before.items() if p.name != EXIT_SUCCESS
+    }
+
+
+def test_more_threads_than_cores_warns(project, monkeypatch):
+    """--j beyond the cores available to the job: a warning in run.err naming the count."""
+    import companion.relion.external_job as rj
+
+    monkeypatch.setattr("companion.threads.available_cores", lambda: 2)
+    records = []
+    monkeypatch.setattr(rj.log, "warning", lambda msg, *a: records.append(msg % a))
+    rj.warn_threads(8)
+    assert len(records) == 1 and "--j 8" in records[0] and "only 2 cores" in records[0]
+    records.clear()
+    rj.warn_threads(2)
+    rj.warn_threads(None)
+    assert records == []
+
+
+def test_unknown_option_suggests_the_closest():
+    with pytest.raises(JobArgsError, match="did you mean --n_classes"):
+        parse_job_args(["--o", "X/", "--n_clases", "3"])

@@ -92,7 +92,7 @@ def test_writes_host_outputs_report_and_summary_last(tmp_path, fakes, monkeypatc
         order.append("summary")
         for name, p in obj["files"].items():
             if name != "summary":
-                assert Path(p).is_file(), f"{name} missing when summary.json is written"
+                assert (out / p).is_file(), f"{name} missing when summary.json is written"
         assert not Path(path).exists()
         return real_write_json(path, obj)
 
@@ -104,9 +104,11 @@ def test_writes_host_outputs_report_and_summary_last(tmp_path, fakes, monkeypatc
     assert fakes["sink"].calls == [3]
     summary = json.loads((out / "summary.json").read_text())
     assert summary == res.summary
-    assert Path(summary["files"]["data"]) == out / "run_it003_data.star"
-    assert Path(summary["files"]["gallery"]).name == "class_averages.png"
-    assert Path(summary["files"]["occupancy"]).is_file()
+    # relative to the output directory, so a script reading it from elsewhere finds them
+    assert summary["files"]["data"] == "run_it003_data.star"
+    assert summary["files"]["gallery"] == "class_averages.png"
+    assert summary["files"]["summary"] == "summary.json"
+    assert (out / summary["files"]["occupancy"]).is_file()
     assert summary["class_sizes"] == fakes["result"].class_sizes.tolist()
     assert summary["iterations"] == 3 and summary["device"] == "cpu (numpy)"
     assert set(summary["timings"]) >= {"classify_s", "write_s", "run_s"}

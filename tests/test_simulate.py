@@ -260,14 +260,16 @@ def test_geometry_is_relions():
 
 def test_cli_simulate(tmp_path, capsys):
     out = tmp_path / "s"
-    rc = cli_main(["simulate", str(out), "-n", "250", "--box", "48", "--seed", "2", "--quiet"])
+    rc = cli_main(
+        ["simulate", str(out), "--n-particles", "250", "--box", "48", "--seed", "2", "--quiet"]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "250 particles" in text and "particles/s" in text
     for name in ("particles.star", "particles.cs", "truth.csv", "simulation.json"):
         assert (out / name).is_file()
     assert len(load_truth(out)) == 250
-    rc = cli_main(["simulate", str(tmp_path / "bad"), "-n", "10", "--box", "33"])
+    rc = cli_main(["simulate", str(tmp_path / "bad"), "--n-particles", "10", "--box", "33"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "--box 33" in err and "Traceback" not in err

@@ -28,8 +28,11 @@ _GEN_ROWS = 1 << 16
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """Options of ``companion bench assign``."""
-    p.add_argument("--n", type=int, default=1_000_000, help="particles [default: 1000000]")
-    p.add_argument("--classes", type=int, default=200, help="K [default: 200]")
+    from companion.commands.options import add_n_particles, add_option
+
+    add_n_particles(p, 1_000_000)
+    add_option(p, "--n-classes", aliases=("--classes",), type=int, default=200, metavar="K",
+               help="number of classes K [default: 200]")  # fmt: skip
     p.add_argument(
         "--slack", type=float, default=1.0, help="cap = ceil(slack × N / K) [default: 1.0]"
     )
@@ -68,7 +71,9 @@ def run_assign_benchmark(n: int = 1_000_000, k: int = 200, *, slack: float = 1.0
     from companion.errors import ParameterError
 
     if k < 1 or n < k:
-        raise ParameterError(f"--n {n} --classes {k}: need at least one class and N ≥ K")
+        raise ParameterError(
+            f"--n-particles {n} --n-classes {k}: need at least one class and N ≥ K"
+        )
     if not slack >= 1.0:
         raise ParameterError(f"--slack {slack}: must be ≥ 1 (the caps must hold every particle)")
     if not spread > 0:

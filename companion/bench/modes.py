@@ -47,10 +47,11 @@ DEFAULT_TABLE = "bench_modes.json"
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """Options of ``companion bench modes``."""
-    p.add_argument("--n", type=int, default=10000, help="particles [default: 10000]")
-    p.add_argument(
-        "--classes", type=int, nargs="+", default=[24, 50], help="K values [default: 24 50]"
-    )
+    from companion.commands.options import add_n_particles, add_option
+
+    add_n_particles(p, 10000, minimum=10)
+    add_option(p, "--n-classes", aliases=("--classes",), type=int, nargs="+", default=[24, 50],
+               metavar="K", help="numbers of classes K [default: 24 50]")  # fmt: skip
     p.add_argument("--box", type=int, default=64, help="box in pixels [default: 64]")
     p.add_argument("--snr", type=float, default=0.05, help="simulated SNR [default: 0.05]")
     p.add_argument("--seed", type=int, default=0, help="simulation and run seed [default: 0]")
@@ -245,8 +246,8 @@ def _cli(args: argparse.Namespace) -> int:
     extra = parse_set(args.set_params)
     rows = run_modes_benchmark(
         Path(args.out) if args.out else None,
-        n=args.n,
-        k_values=tuple(args.classes),
+        n=args.n_particles,
+        k_values=tuple(args.n_classes),
         seed=args.seed,
         box=args.box,
         snr=args.snr,

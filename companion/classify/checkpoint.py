@@ -121,6 +121,25 @@ def load(ckpt_dir: Path, params: ClassifyParams, fingerprint: str) -> EMState | 
             f"{path}: the checkpoint was made for other particles — use a new output "
             "directory or remove the checkpoint to start again"
         )
+    _check_same_params(path, header, params)
+    return EMState(**arrays, **header["scalars"])
+
+
+def check_params(ckpt_dir: Path, params: ClassifyParams) -> None:
+    """ParameterError when the checkpoint in ``ckpt_dir`` was made with other parameters
+    (cheap: reads only its header; no checkpoint, nothing to check)."""
+    path = ckpt_dir / STATE_FILE
+    if not path.is_file():
+        return
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(z["__header__"].tobytes().decode())
+    except (OSError, ValueError, KeyError):
+        return  # load() reports an unreadable checkpoint
+    _check_same_params(path, header, params)
+
+
+def _check_same_params(path: Path, header: dict[str, Any], params: ClassifyParams) -> None:
     old, new = header.get("params", {}), comparable_params(params)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
@@ -131,7 +150,6 @@ def load(ckpt_dir: Path, params: ClassifyParams, fingerprint: str) -> EMState | 
             f"{path}: cannot continue with changed parameters ({what}) — run with the "
             "original parameters or start a new run"
         )
-    return EMState(**arrays, **header["scalars"])
 
 
 def _json(o: Any) -> Any:

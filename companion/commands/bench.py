@@ -19,13 +19,13 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
 
 Examples:
   companion bench speed                              # CPU, 1000 particles, K 20, box 128
-  companion bench speed --device both --n 20000 --classes 100 --json
-  companion bench speed --relion --n 500 --classes 10 --box 64
+  companion bench speed --device both --n-particles 20000 --n-classes 100 --json
+  companion bench speed --relion --n-particles 500 --n-classes 10 --box 64
   companion bench quality                            # 10,000 particles, K 24
-  companion bench quality --n 2000 --classes 12 --anneal off --json
+  companion bench quality --n-particles 2000 --n-classes 12 --anneal off --json
   companion bench modes --json
   companion bench assign                             # N 1,000,000, K 200, CPU
-  companion bench assign --device both --n 200000 --classes 500
+  companion bench assign --device both --n-particles 200000 --n-classes 500
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from companion.commands.options import add_n_particles
 from companion.params import ClassifyParams, add_params_arguments
+
+K_ALIAS = {"n_classes": ("--classes",)}  # the old spelling in demo and bench
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -47,16 +50,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "speed", help="throughput vs the machine's matmul peak and RELION", formatter_class=fmt
     )
     sp.add_argument("--device", choices=["cpu", "gpu", "both"], default="cpu")
-    sp.add_argument("--n", type=int, default=1000, help="particles [default: 1000]")
+    add_n_particles(sp, 1000)
     sp.add_argument("--box", type=int, default=128, help="box in pixels [default: 128]")
-    sp.add_argument("--classes", type=int, default=20, help="K [default: 20]")
     sp.add_argument("--iters", type=int, default=2, help="full passes [default: 2]")
-    sp.add_argument(
-        "--search",
-        choices=["fast", "exhaustive"],
-        default="fast",
-        help="pose search (see companion classify --help) [default: fast]",
-    )
+    add_params_arguments(sp, ClassifyParams, only=("n_classes", "search"),
+                         defaults={"n_classes": 20, "search": "fast"}, aliases=K_ALIAS)  # fmt: skip
     sp.add_argument(
         "--relion",
         action="store_true",
@@ -66,7 +64,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="RELION threads (--j) [default: the cores available]",
+        help="CPU threads for companion and RELION's --j [default: the cores available to "
+        "this process]",
     )
     _common(sp)
     sp.set_defaults(_bench=_speed)
@@ -74,13 +73,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     qp = sub.add_parser(
         "quality", help="classes against the truth of a simulated set", formatter_class=fmt
     )
-    qp.add_argument("--n", type=int, default=10000, help="particles [default: 10000]")
-    qp.add_argument("--classes", type=int, default=24, help="K [default: 24]")
+    add_n_particles(qp, 10000, minimum=10)
     qp.add_argument("--box", type=int, default=128, help="box in pixels [default: 128]")
     qp.add_argument("--psize", type=float, default=None, help="pixel size Å [default: 192 Å / box]")
     qp.add_argument("--snr", type=float, default=0.05, help="simulated SNR [default: 0.05]")
     _common(qp, seed=False)  # --seed comes with the classification parameters
-    add_params_arguments(qp, ClassifyParams)
+    add_params_arguments(qp, ClassifyParams, defaults={"n_classes": 24}, aliases=K_ALIAS)
     qp.set_defaults(_bench=_quality)
 
     from companion.bench import assign as bench_assign
@@ -134,19 +132,21 @@ def _speed(args: argparse.Namespace) -> int:
         check_device("gpu")
     print(describe_machine(machine_info()), file=sys.stderr)
     from companion.bench.speed import run_speed_benchmark
+    from companion.threads import limit_threads
 
-    rep = run_speed_benchmark(
-        n=args.n,
-        box=args.box,
-        classes=args.classes,
-        iters=args.iters,
-        devices=devices,
-        relion=args.relion,
-        out_dir=Path(args.out) if args.out else None,
-        seed=args.seed,
-        threads=args.threads,
-        search=args.search,
-    )
+    with limit_threads(args.threads) as threads:
+        rep = run_speed_benchmark(
+            n=args.n_particles,
+            box=args.box,
+            classes=args.n_classes,
+            iters=args.iters,
+            devices=devices,
+            relion=args.relion,
+            out_dir=Path(args.out) if args.out else None,
+            seed=args.seed,
+            threads=threads,
+            search=args.search,
+        )
     _emit(args, rep, format_speed(rep))
     return 0
 
@@ -156,20 +156,20 @@ def _quality(args: argparse.Namespace) -> int:
     from companion.bench.speed import describe_machine, machine_info
 
     overrides = {k: getattr(args, k) for k in ClassifyParams.model_fields if hasattr(args, k)}
-    classes = overrides.pop("n_classes", args.classes)
+    classes = overrides.pop("n_classes")
     device = overrides.pop("device", "auto")
     seed = overrides.pop("seed", 0)
     from companion.params import validate_params
 
     p = validate_params({"n_classes": classes, "device": device, "seed": seed, **overrides})
-    p.check_feasible(args.n)
+    p.check_feasible(args.n_particles)
     if device == "gpu":
         from companion.run import check_device
 
         check_device("gpu")
     print(describe_machine(machine_info()), file=sys.stderr)
     rep = run_quality_benchmark(
-        n=args.n,
+        n=args.n_particles,
         classes=classes,
         box=args.box,
         psize=args.psize or 192.0 / args.box,
@@ -199,7 +199,7 @@ def _assign(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         check_device("gpu")
     print(describe_machine(machine_info()), file=sys.stderr)
-    rows = run_assign_benchmark(args.n, args.classes, slack=args.slack, spread=args.spread,
-                                device=args.device, seed=args.seed)  # fmt: skip
+    rows = run_assign_benchmark(args.n_particles, args.n_classes, slack=args.slack,
+                                spread=args.spread, device=args.device, seed=args.seed)  # fmt: skip
     _emit(args, {"runs": rows}, format_assign(rows))
     return 0

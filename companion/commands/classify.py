@@ -35,8 +35,9 @@ Examples:
   companion classify particles.star --out c2d --continue     # resume after Ctrl-C
 
 Ctrl-C stops after the current iteration is saved (press twice to stop at once); run the same
-command with --continue to go on from the last finished iteration. --json prints
-summary.json on stdout at the end.
+command with --continue to go on from the last finished iteration. A finished or stopped run
+in --out is never overwritten without --overwrite. --json prints summary.json on stdout at
+the end (its file paths are relative to --out).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from companion.commands.options import add_threads_option, check_out_dir
 from companion.errors import Aborted
 from companion.params import ClassifyParams, add_params_arguments, params_from_namespace
 from companion.particles import ParticleSet
@@ -65,8 +67,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--continue",
         dest="resume",
         action="store_true",
-        help="resume from the last finished iteration in --out (same parameters)",
+        help="resume from the last finished iteration in --out (same parameters); refused "
+        "when --out holds no checkpoint",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (without it a finished or stopped run there is refused)",
+    )
+    add_threads_option(parser)
     parser.add_argument(
         "--keep-iterations",
         action="store_true",
@@ -95,11 +104,13 @@ def continue_hint(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from companion.run import run_classification, stop_on_signals
+    from companion.threads import limit_threads
 
     params = params_from_namespace(args)
+    check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
     particles = open_particles(args.input, args.project_dir)
     params.check_feasible(len(particles))
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop, limit_threads(args.threads):
         try:
             out = run_classification(
                 particles,

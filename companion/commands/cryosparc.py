@@ -47,6 +47,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from companion.commands.options import add_threads_option
 from companion.params import ClassifyParams, add_params_arguments, params_from_namespace
 
 log = logging.getLogger("companion.cryosparc")
@@ -119,6 +120,7 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--json", action="store_true", help="print the new job and its outputs as JSON on stdout"
     )
+    add_threads_option(g)
     add_params_arguments(p, ClassifyParams)
 
 
@@ -137,6 +139,7 @@ def run_classify(args: argparse.Namespace) -> int:
     """Build the request from parsed options, run it, report; returns the exit status."""
     from companion.cryosparc.external import ExternalJobRequest, run_external_job
     from companion.run import stop_on_signals
+    from companion.threads import limit_threads
 
     warnings.filterwarnings("ignore", message=r"\*\*\* API client")  # client retry chatter
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request
@@ -156,7 +159,7 @@ def run_classify(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         timeout=args.timeout,
     )
-    with stop_on_signals() as flag:
+    with stop_on_signals() as flag, limit_threads(args.threads):
         result = run_external_job(req, should_stop=flag)
     outs = ", ".join(f"{k} ({v})" for k, v in result.outputs.items())
     log.info("job %s %s completed with outputs %s", result.project_uid, result.job_uid, outs)

@@ -14,9 +14,9 @@ state, junk, psi_deg, shift_x_px, shift_y_px, micrograph, defocus, ...) and
 OUT/simulation.json. The same --seed gives the same files.
 
 Examples:
-  companion simulate sim -n 2000 --seed 1
+  companion simulate sim --n-particles 2000 --seed 1
   companion info sim/particles.star
-  companion simulate big -n 100000 --box 128 --psize 1.5 --snr 0.05 --n-views 6 \\
+  companion simulate big --n-particles 100000 --box 128 --psize 1.5 --snr 0.05 --n-views 6 \\
       --view-weights 6,5,4,3,2,1 --junk-fraction 0.2
 """
 
@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 
+from companion.commands.options import add_n_particles
 from companion.errors import ParameterError
 
 
@@ -38,7 +39,7 @@ def _floats(text: str) -> list[float]:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="output directory (new, empty or a simulation)")
-    parser.add_argument("-n", type=int, default=2000, help="number of particles (default 2000)")
+    add_n_particles(parser, 2000, aliases=("-n",))
     parser.add_argument("--box", type=int, default=128, help="box size in pixels (default 128)")
     parser.add_argument("--psize", type=float, default=1.5, help="pixel size in Å (default 1.5)")
     parser.add_argument(
@@ -68,7 +69,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="relative weights of gold_edge,contamination,noise (default 0.4,0.3,0.3)",
     )
     parser.add_argument(
-        "--max-shift", type=float, default=None, help="max shift per axis in px (default 3%% box)"
+        "--max-shift",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="max shift per axis as a fraction of the box, as in companion classify (default 0.03)",
     )
     parser.add_argument(
         "--per-micrograph", type=int, default=200, help="particles per micrograph (default 200)"
@@ -92,9 +97,15 @@ def main(args: argparse.Namespace) -> int:
 
     if len(args.defocus) != 2:
         raise ParameterError(f"--defocus {args.defocus}: give MIN,MAX in Å")
+    if args.max_shift is not None and not 0 <= args.max_shift <= 0.5:
+        raise ParameterError(
+            f"--max-shift {args.max_shift:g}: a fraction of the box between 0 and 0.5 (as in "
+            f"companion classify), e.g. 3 px of a {args.box} px box is "
+            f"{3 / args.box:.3f}"
+        )
     info = simulate(
         args.out,
-        args.n,
+        args.n_particles,
         box=args.box,
         psize=args.psize,
         snr=args.snr,
@@ -105,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
         state_weights=args.state_weights,
         junk_fraction=args.junk_fraction,
         junk_weights=args.junk_weights,
-        max_shift=args.max_shift,
+        max_shift=None if args.max_shift is None else args.max_shift * args.box,
         per_micrograph=args.per_micrograph,
         defocus_range=(args.defocus[0], args.defocus[1]),
         n_optics_groups=args.optics_groups,

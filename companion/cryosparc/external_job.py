@@ -23,8 +23,9 @@ PROG = "companion-cryosparc"
 def build_parser() -> argparse.ArgumentParser:
     from companion.commands.cryosparc import __doc__ as command_doc
     from companion.commands.cryosparc import add_classify_args
+    from companion.commands.options import Parser
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG, description=command_doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")

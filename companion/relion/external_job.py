@@ -6,7 +6,8 @@ RELION runs, from the project directory::
         --n_classes 100 --anneal off --balance equal --select auto --j 8
 
 Inputs may come in any order (``--in_mics --in_movies --in_coords --in_3dref/--in_3Dref
---in_mask`` are accepted and ignored), ``--j`` is optional, ``--pipeline_control DIR`` is
+--in_mask`` are accepted and ignored), ``--j`` is optional (more threads than the cores
+available to the job draw a warning), ``--pipeline_control DIR`` is
 ignored, and every classifier parameter is ``--<name> <value>`` with RELION-style
 underscores (``--n_classes 50``) or the CLI's dashes (``--n-classes 50``); a parameter
 whose value field is empty arrives as a bare flag (a boolean then means "on", an optional
@@ -20,7 +21,8 @@ gallery, ``summary.json``, then ``RELION_OUTPUT_NODES.star`` and, once every lis
 exists, ``RELION_JOB_EXIT_SUCCESS``. Any error writes ``RELION_JOB_EXIT_FAILURE`` (reason on
 the last line of stderr, i.e. run.err); the GUI's abort (``RELION_JOB_ABORT_NOW``) or
 SIGTERM writes ``RELION_JOB_EXIT_ABORTED``. Running the same command again continues from
-the last finished iteration (checkpoints in ``<job>/checkpoint``).
+the last finished iteration (checkpoints in ``<job>/checkpoint``); changed or invalid
+parameters are refused (exit status 2) and a finished job's files are left as they were.
 """
 
 from __future__ import annotations
@@ -139,6 +141,12 @@ def parse_job_args(argv: list[str]) -> JobArgs:
         elif key in fields:
             job.params[key] = _param_value(token, value, fields[key])
         else:
+            import difflib
+
+            known = [*fields, *VALUE_OPTIONS, *FLAG_OPTIONS]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            if close:
+                raise JobArgsError(f"unknown option {token} — did you mean --{close[0]}?")
             raise JobArgsError(
                 f"unknown option {token} — classifier parameters are: "
                 + ", ".join("--" + f for f in fields)
@@ -227,6 +235,44 @@ def set_threads(threads: int | None) -> None:
             os.environ[var] = n
         else:
             os.environ.setdefault(var, n)
+
+
+def warn_threads(threads: int | None) -> None:
+    """Warn when ``--j`` asks for more threads than this process has cores."""
+    from companion.threads import available_cores
+
+    cores = available_cores()
+    if threads is not None and threads > cores:
+        log.warning(
+            "--j %d: only %d cores are available to this job (CPU affinity / cgroup quota); "
+            "the threads will share them — lower 'Number of threads' to %d",
+            threads, cores, cores,
+        )  # fmt: skip
+
+
+def finished_job(job_dir: Path) -> bool:
+    """Whether ``job_dir`` holds a finished job (exit file, or node file and summary)."""
+    from companion.relion.pipeline import EXIT_SUCCESS, OUTPUT_NODES
+
+    return (job_dir / EXIT_SUCCESS).is_file() or (
+        (job_dir / OUTPUT_NODES).is_file() and (job_dir / "summary.json").is_file()
+    )
+
+
+def refuse_continue(job: JobArgs) -> str | None:
+    """Why continuing ``job`` would be refused (bad or changed parameters, no input), else
+    None; checked before any file of the job is touched."""
+    from companion.classify.checkpoint import check_params
+    from companion.errors import CompanionError
+    from companion.params import validate_params
+
+    if not job.in_parts or not Path(job.in_parts).is_file():
+        return f"{job.in_parts or '--in_parts'}: input particles file not found (--in_parts)"
+    try:
+        check_params(Path(job.out) / "checkpoint", validate_params(job.params))
+    except CompanionError as exc:
+        return str(exc)
+    return None
 
 
 def auto_select(result: Any) -> list[int]:
@@ -423,16 +469,29 @@ def main(argv: list[str] | None = None) -> int:
         job = parse_job_args(argv)
     except JobArgsError as exc:
         parse_error = exc
+    if job is not None:
+        warn_threads(job.threads)
     set_threads(job.threads if job else None)  # before NumPy is imported
     job_dir = Path(out)
     job_dir.mkdir(parents=True, exist_ok=True)
     from companion.relion.pipeline import (
+        EXIT_SUCCESS,
         OUTPUT_NODES,
         AbortWatcher,
         clear_exit_files,
         write_exit_file,
     )
 
+    if job is not None and finished_job(job_dir):
+        refused = refuse_continue(job)
+        if refused is not None:  # a finished job stays finished, its files as they were
+            if not (job_dir / EXIT_SUCCESS).exists():  # RELION may have removed it
+                write_exit_file(job_dir, "success")
+            print(
+                f"{PROG}: error: {refused} (the finished job in {job_dir} is left as it was)",
+                file=sys.stderr,
+            )
+            return 2
     clear_exit_files(job_dir)
     (job_dir / OUTPUT_NODES).unlink(missing_ok=True)  # rewritten once everything exists
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
