@@ -223,23 +223,44 @@ def write_star(
     values, where exactness is not worth a slow shortest-repr pass.
     """
     path = Path(path)
-    comment = _version_line(version_comment)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            for name, block in blocks.items():
-                bname = name[5:] if name.startswith("data_") else name
-                f.write(f"\n{comment}\ndata_{bname}\n\n".encode())
-                if isinstance(block, pd.DataFrame):
-                    _write_loop(f, block, approximate)
-                else:
-                    _write_pairs(f, block)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else _FILE_MODE)
+            _write_blocks(f, blocks, version_comment, approximate)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def format_star(
+    blocks: Mapping[str, Block],
+    version_comment: str | int | None = DEFAULT_VERSION,
+    *,
+    approximate: Collection[str] = (),
+) -> str:
+    """The text ``write_star`` writes for ``blocks`` (for small files built in memory)."""
+    buf = io.BytesIO()
+    _write_blocks(buf, blocks, version_comment, approximate)
+    return buf.getvalue().decode()
+
+
+def _write_blocks(
+    f: Any,
+    blocks: Mapping[str, Block],
+    version_comment: str | int | None,
+    approximate: Collection[str],
+) -> None:
+    comment = _version_line(version_comment)
+    for name, block in blocks.items():
+        bname = name[5:] if name.startswith("data_") else name
+        f.write(f"\n{comment}\ndata_{bname}\n\n".encode())
+        if isinstance(block, pd.DataFrame):
+            _write_loop(f, block, approximate)
+        else:
+            _write_pairs(f, block)
 
 
 def _version_line(version_comment: str | int | None) -> str:
@@ -282,4 +303,4 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
-_FILE_MODE = _default_mode()
+FILE_MODE = _default_mode()
