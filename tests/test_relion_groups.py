@@ -165,6 +165,9 @@ def test_data_and_model_carry_every_group(project):
     assert list(groups["rlnGroupNumber"]) == [1, 2, 3, 4]
     assert list(groups["rlnGroupName"]) == list(MICS)
     assert list(groups["rlnGroupNrParticles"]) == [6, 6, 6, 6]
+    # Subset selection's "Regroup" looks up each particle's rlnGroupNumber in model_groups
+    # (it failed "out of bounds! (1 objects present)" with one row per optics group)
+    assert set(data["rlnGroupNumber"]) <= set(groups["rlnGroupNumber"])
     np.testing.assert_allclose(groups["rlnGroupScaleCorrection"], r.group_scale, rtol=1e-6)
     for g in range(4):
         np.testing.assert_allclose(model[f"model_group_{g + 1}"]["rlnSigma2Noise"], g + 1.0)
@@ -267,7 +270,8 @@ def _two_groups(tmp: Path, gain: float) -> tuple[ParticleSet, np.ndarray]:
 
 def test_classifier_estimates_noise_and_scale_per_group(tmp_path):
     """Signal 1.5× stronger on the second micrograph: its scale comes out about 1.5× the
-    first's (measured 1.42-1.52 over seeds 1-3), the first below 1, the second above."""
+    first's (measured 1.45-1.46 over seeds 1-3; with equal signal 0.993-0.995), the first
+    below 1, the second above."""
     ps, _ = _two_groups(tmp_path, 1.5)
     p = ClassifyParams(n_classes=4, max_resolution=8.0, online_iters=4, batch_per_class=60,
                        full_iters=2, seed=1, device="cpu")  # fmt: skip
@@ -321,24 +325,3 @@ def test_relion_continues_with_micrograph_groups_and_the_same_sampling(project):
     # RELION's fine grid is its coarse grid oversampled, companion's a disc at the fine step:
     # the counts agree to the disc's edge (the bug gave 4×)
     assert 0.7 < n_trans / search.n_shift < 1.4
-
-
-@pytest.mark.relion
-def test_relion_display_regroups_a_selection(project):
-    """Subset selection's "Regroup particles" (relion_display --regroup) on our model and
-    data: run headless under xvfb-run; it reads model_groups and the data's rlnGroupNumber."""
-    if shutil.which("relion_display") is None or shutil.which("xvfb-run") is None:
-        pytest.skip("relion_display or xvfb-run not on PATH")
-    proj, ps = project
-    paths = write_class2d_outputs(proj / "External" / "job004", "run", ps, grouped_result(ps), 2)
-    out = proj / "Select" / "job005"
-    out.mkdir(parents=True)
-    cmd = ["xvfb-run", "-a", "relion_display", "--i", os.path.relpath(paths["model"], proj),
-           "--display", "rlnReferenceImage", "--allow_save", "--fn_parts",
-           "Select/job005/particles.star", "--regroup", "2", "--sort", "rlnClassDistribution",
-           "--reverse", "--col", "3", "--apply_orient", "--pick",
-           "--save_selected_all"]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=proj)
-    text = run.stdout + run.stderr
-    assert "out of bounds" not in text, text[-2000:]
-    assert run.returncode == 0, text[-2000:]
