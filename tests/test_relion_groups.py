@@ -280,6 +280,9 @@ def test_classifier_estimates_noise_and_scale_per_group(tmp_path):
     assert r.group_scale.shape == (2,) and r.group_scale.dtype == np.float32
     assert r.group_scale[0] < 1.0 < r.group_scale[1]
     assert 1.25 < r.group_scale[1] / r.group_scale[0] < 1.75
+    same, _ = _two_groups(tmp_path / "same", 1.0)
+    s = classify(same, p).group_scale
+    assert 0.95 < s[1] / s[0] < 1.05
     assert float(r.group_scale.mean()) == pytest.approx(1.0, abs=1e-4)  # equal counts
 
 

@@ -30,8 +30,13 @@ import pandas as pd
 
 from companion.classify.result import ClassResult
 from companion.particles import ParticleSet
-from companion.relion.pipeline import detect_version, normalise_version, star_version
-from companion.relion.star import FILE_MODE, format_star, write_star
+from companion.relion.pipeline import (
+    atomic_write_text,
+    detect_version,
+    normalise_version,
+    star_version,
+)
+from companion.relion.star import format_star, write_star
 from companion.relion.tables import RelionTables
 
 NO_RESOLUTION = 999.0  # what RELION writes for an undetermined resolution
@@ -211,20 +216,10 @@ def write_class2d_outputs(
     model = model_blocks(particles, result, names["classes"], optics, optics_ids, groups, flavour)
     write_star(paths["model"], model, version)
     write_star(paths["sampling"], {"sampling_general": sampling_pairs(particles, result)}, version)
-    _write_text(paths["optimiser"], optimiser_star(particles, result, iteration, names, flavour))
+    atomic_write_text(
+        paths["optimiser"], optimiser_star(particles, result, iteration, names, flavour)
+    )
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write with the permissions of the STAR writer (umask)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="\n") as fh:
-            fh.write(text)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_classes_mrcs(path: str | Path, averages: np.ndarray, psize: float) -> None:
@@ -241,7 +236,6 @@ def write_classes_mrcs(path: str | Path, averages: np.ndarray, psize: float) -> 
             h.mz = 1
             h.cella = (h.nx * float(psize), h.ny * float(psize), float(psize))
             mrc.update_header_stats()
-        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -228,7 +228,7 @@ def write_star(
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
             _write_blocks(f, blocks, version_comment, approximate)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else FILE_MODE)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -303,4 +303,4 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
-FILE_MODE = _default_mode()
+_FILE_MODE = _default_mode()
