@@ -121,12 +121,13 @@ def relion_flavour(particles: ParticleSet) -> str:
     """The RELION version the files are for: set by the External job
     (``RelionTables.relion_version``), else 5.0 for a 5.0 input, else the project's."""
     tables = particles.passthrough
-    if isinstance(tables, RelionTables):
-        if tables.relion_version:
-            return normalise_version(tables.relion_version)
-        if tables.version == "50001":
-            return "5.0"
-    return detect_version(particles.project_dir)
+    if not isinstance(tables, RelionTables):
+        return detect_version(particles.project_dir)
+    if not tables.relion_version:  # kept: the writers run once per iteration
+        tables.relion_version = (
+            "5.0" if tables.version == "50001" else detect_version(particles.project_dir)
+        )
+    return normalise_version(tables.relion_version)
 
 
 OVERSAMPLING = 1  # the adaptive oversampling order stated to RELION (fine step = coarse / 2)
