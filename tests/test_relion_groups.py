@@ -289,9 +289,10 @@ def test_classifier_estimates_noise_and_scale_per_group(tmp_path):
 # ------------------------------------------------------------------ the real RELION
 
 
-def _continue(proj: Path, paths: dict[str, Path], out: str) -> subprocess.CompletedProcess:
+def _continue(proj: Path, paths: dict[str, Path], out: str, iters: int = 3
+              ) -> subprocess.CompletedProcess:  # fmt: skip
     cmd = ["relion_refine", "--continue", os.path.relpath(paths["optimiser"], proj),
-           "--o", out, "--iter", "3", "--j", "1"]  # fmt: skip
+           "--o", out, "--iter", str(iters), "--j", "1"]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=proj)
 
 
@@ -328,3 +329,25 @@ def test_relion_continues_with_micrograph_groups_and_the_same_sampling(project):
     # RELION's fine grid is its coarse grid oversampled, companion's a disc at the fine step:
     # the counts agree to the disc's edge (the bug gave 4×)
     assert 0.7 < n_trans / search.n_shift < 1.4
+
+
+@pytest.mark.relion
+def test_relion_continues_from_a_real_classification(tmp_path, monkeypatch):
+    """The classifier's own result (three micrograph stacks, pooled into one noise row),
+    written and continued by relion_refine 3.1.3 for one iteration."""
+    if shutil.which("relion_refine") is None:
+        pytest.skip("relion_refine not on PATH")
+    sim = make_particles(tmp_path, n=120, n_classes=2, box=32, psize=4.0, snr=1.0, n_stacks=3)
+    ps = replace(sim.particles, group=sim.particles.stack_index,
+                 group_names=("m0", "m1", "m2"))  # fmt: skip
+    p = ClassifyParams(n_classes=2, max_resolution=10.0, online_iters=2, batch_per_class=30,
+                       full_iters=1, seed=2, device="cpu")  # fmt: skip
+    r = classify(ps, p)
+    assert r.sigma2_noise.shape[0] == 3 and np.allclose(r.group_scale, 1.0)  # one pooled row
+    monkeypatch.chdir(tmp_path)
+    paths = write_class2d_outputs(tmp_path / "External" / "job001", "run", ps, r, r.iteration)
+    run = _continue(tmp_path, paths, "External/job001/ct", r.iteration + 1)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    model = read_star(tmp_path / "External" / "job001" / f"ct_it{r.iteration + 1:03d}_model.star")
+    assert list(model["model_groups"]["rlnGroupName"]) == ["m0", "m1", "m2"]
