@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from companion.errors import InputError
 
@@ -81,6 +82,10 @@ class ParticleSet:
             must offer ``take(idx)`` returning the subset).
         source_row: int64[N], 0-based row of each particle in the source table (for errors).
         problems: non-fatal problems found while reading (for ``companion info``).
+        group: int32[N], 0-based index into ``group_names``: the particle's group (RELION's
+            micrograph group: rlnGroupName, else rlnMicrographName, else the optics group).
+            Noise spectra and intensity scale are estimated per group.
+        group_names: the group names (tuple of str); default: one group per optics group.
     """
 
     source_path: Path
@@ -99,6 +104,8 @@ class ParticleSet:
     passthrough: Any = None
     source_row: np.ndarray | None = None
     problems: list[str] = field(default_factory=list)
+    group: np.ndarray | None = None
+    group_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.image_index)
@@ -113,6 +120,14 @@ class ParticleSet:
         if self.source_row is None:
             self.source_row = np.arange(n, dtype=np.int64)
         self.source_row = _full(self.source_row, n, np.int64)
+        if self.group is None:
+            self.group, self.group_names = groups_from_names(
+                np.array([f"opticsGroup{g}" for g in self.optics_group.tolist()], dtype=object)
+            )
+        self.group = _full(self.group, n, np.int32)
+        self.group_names = tuple(str(g) for g in self.group_names)
+        if n and (self.group.min() < 0 or self.group.max() >= len(self.group_names)):
+            raise ValueError(f"group indices outside 0..{len(self.group_names) - 1}")
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -151,6 +166,7 @@ class ParticleSet:
             ctf_premultiplied=self.ctf_premultiplied[idx],
             phase_flipped=self.phase_flipped[idx],
             source_row=self.source_row[idx],
+            group=self.group[idx],
             passthrough=None if self.passthrough is None else self.passthrough.take(idx),
             problems=list(self.problems),
         )
@@ -174,6 +190,13 @@ class ParticleSet:
         from companion.stacks import check_stacks
 
         return check_stacks(self)
+
+
+def groups_from_names(names: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(0-based group index per particle, group names in order of first appearance) from
+    one name per particle — RELION numbers its groups the same way."""
+    codes, uniques = pd.factorize(np.asarray(names, dtype=object))
+    return codes.astype(np.int32), tuple(str(u) for u in uniques)
 
 
 def _full(value: Any, n: int, dtype: Any) -> np.ndarray:

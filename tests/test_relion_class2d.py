@@ -204,8 +204,17 @@ def test_sampling_matches_relion_layout(project, real_data):
     real = read_star(real_data / "run_it025_sampling_2D.star")["sampling_general"]
     ours = read_star(paths["sampling"])["sampling_general"]
     assert set(ours) == set(real)
-    assert ours["rlnPsiStep"] == pytest.approx(12.0)
+    # RELION states the coarse step before one order of oversampling: a 12° search is 24°
+    assert ours["rlnPsiStep"] == pytest.approx(24.0)
+    assert ours["rlnPsiStepOriginal"] == pytest.approx(24.0)
     assert ours["rlnOffsetRange"] == pytest.approx(0.1 * BOX * PSIZE)
+    step = result.params["shift_step"] * result.work_psize
+    assert ours["rlnOffsetStep"] == pytest.approx(2 * step)
+    opt = read_star(paths["optimiser"])["optimiser_general"]
+    assert opt["rlnAdaptiveOversampleOrder"] == 1
+    command = paths["optimiser"].read_text().splitlines()[1]
+    assert " --oversampling 1 --psi_step 24 " in command
+    assert f" --offset_step {2 * step / PSIZE:g} " in command
 
 
 def test_classes_stack(project):
@@ -243,7 +252,12 @@ def test_selection_outputs(project):
     assert len(parts["particles"]) == int(chosen.sum())
     assert set(parts["particles"]["rlnClassNumber"]) == {1, 3}
     assert len(parts["optics"]) >= 1
-    avgs = read_star(sel["class_averages"])["model_classes"]
+    # laid out as Subset selection saves class averages: a data_ block, rlnClassNumber last
+    text = sel["class_averages"].read_text()
+    assert "\ndata_\n" in text
+    avgs = read_star(sel["class_averages"])[""]
+    assert list(avgs.columns)[-2:] == ["rlnIsHelix", "rlnClassNumber"]
+    assert list(avgs["rlnIsHelix"]) == [0, 0]
     assert list(avgs["rlnClassNumber"]) == [1, 3]
     assert [r.split("@")[0] for r in avgs["rlnReferenceImage"]] == ["000001", "000003"]
     with pytest.raises(ValueError):

@@ -65,6 +65,7 @@ class EMState:
     dual: np.ndarray  # (K,) Sinkhorn class prices (balanced mode), else empty
     batch: int
     current_shell: int = 0  # E-step resolution limit (shell) of the next iteration
+    group_scale: np.ndarray = field(default_factory=lambda: np.ones(0))  # (G,) per noise row
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)

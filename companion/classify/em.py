@@ -46,6 +46,7 @@ from companion.classify.backend import (
 )
 from companion.classify.callbacks import IterationInfo, call, stop_requested
 from companion.classify.ctf import ctf_terms
+from companion.classify.groups import noise_rows
 from companion.classify.init import initial_references, lowpass_shell, seed_owner
 from companion.classify.mstep import Accumulator, reconstruct, shell_power
 from companion.classify.preprocess import Prepared, fingerprint, prepare
@@ -111,6 +112,10 @@ class _Run:
         self.device = describe_device(xp)
         self.fp = fingerprint(particles, self.geom)
         self.owner = seed_owner(self.n, self.k, params.seed)
+        # noise rows (sigma², scale) per particle and per ParticleSet group (groups.py)
+        self.noise_row, self.group_rows = noise_rows(
+            particles.group, particles.optics_group, len(particles.group_names)
+        )
 
     # ------------------------------------------------------------------ driver
 
@@ -198,6 +203,7 @@ class _Run:
             dual=np.zeros(k if self.params.balance != "off" else 0),
             batch=self.batch_size(),
             current_shell=self.initial_shell(),
+            group_scale=np.ones(g),
             timings={"iterations_s": [], "e_step_s": 0.0, "m_step_s": 0.0, "gflop": 0.0},
         )
 
@@ -318,7 +324,10 @@ class _Run:
 
         t0 = time.perf_counter()
         p, xp, geom = self.params, self.xp, self.geom
-        inv_s2 = to_device((1.0 / sigma2)[:, geom.shell].astype(np.float32), xp)  # (G, F)
+        # per noise row and shell; a batch gathers its rows (G can be thousands)
+        inv_s2 = to_device((1.0 / sigma2).astype(np.float32), xp)  # (G, S)
+        shell_d = to_device(geom.shell, xp)
+        scale_d = to_device(st.group_scale.astype(np.float32), xp) if st.group_scale.size else None
         log_prior = np.log(np.maximum(st.prior, 1e-12)).astype(np.float32)
         balanced = p.balance != "off" or self.early_balance(it)
         cap = self.cap if p.balance != "off" else math.ceil(self.n / self.k)
@@ -347,7 +356,10 @@ class _Run:
             x = to_device(np.asarray(prep.coeffs[chunk]), xp)
             cy, c2, v, cm = ctf_terms(self.particles, chunk, geom, xp)
             g = to_device(prep.group_index[chunk], xp)
-            is2 = inv_s2[g]
+            is2 = inv_s2[g][:, shell_d]
+            if scale_d is not None:  # RELION --scale: the model is scale · CTF · reference
+                sg = scale_d[g][:, None]
+                cy, c2, cm = cy * sg, c2 * (sg * sg), cm * sg
             xc = (x * (cy * is2)).astype(xp.complex64)
             c2s = c2 * is2
             if seeding is not None:  # first iteration: align against the dealt class only
@@ -426,6 +438,8 @@ class _Run:
         ok = np.isfinite(est) & (est > 0)
         st.sigma2_est = np.where(ok, est, st.sigma2_est)
         st.sigma2_est[:, 0] = st.sigma2_est[:, 1]
+        if it > 1:  # not against the seeding iteration's single blurred reference
+            self.update_scale(st, to_host(res["scale_num"]), to_host(res["scale_den"]))
         occ = np.maximum(st.run_occ, 0)
         if p.resolved_class_priors == "uniform" or occ.sum() <= 0:
             st.prior = np.full(self.k, 1.0 / self.k)
@@ -438,6 +452,17 @@ class _Run:
             halves = [to_host(self.masked(rec.halves[h])) for h in (0, 1)]
             output.reseed(self, st, to_host(res["hard"]), halves=halves)
             st.tau2 = shell_power(fo.to_kept(to_device(st.refs, xp), geom), geom)
+
+    def update_scale(self, st: checkpoint.EMState, num: np.ndarray, den: np.ndarray) -> None:
+        """Per-group intensity scale (RELION --scale): the least-squares factor between each
+        row's data and its scaled model, renormalised to a particle-weighted mean of 1."""
+        if st.group_scale.size < 2:
+            return
+        seen = den > 0
+        ratio = np.where(seen, num / np.where(seen, den, 1.0), 1.0)
+        scale = np.clip(st.group_scale * ratio, 0.2, 5.0)
+        count = np.bincount(self.noise_row, minlength=scale.size).astype(np.float64)
+        st.group_scale = scale / max(float((scale * count).sum() / count.sum()), 1e-12)
 
     def masked(self, coef: Any) -> Any:
         """Working-box images of coefficient sets, background set to 0, soft-masked."""

@@ -48,6 +48,9 @@ class Accumulator:
         self.n_groups = n_groups
         self.noise_num = xp.zeros(n_groups * self.n_shells, xp.float64)
         self.noise_den = xp.zeros(n_groups * self.n_shells, xp.float64)
+        # per noise row: Σ Re(X·conj(model)) and Σ |model|² within the E-step limit (scale)
+        self.scale_num = xp.zeros(n_groups, xp.float64)
+        self.scale_den = xp.zeros(n_groups, xp.float64)
         self.occupancy = xp.zeros(k, xp.float64)
         self.hard = xp.zeros(k, xp.int64)
         self.c2s_sum = xp.zeros(f, xp.float64)
@@ -132,12 +135,19 @@ class Accumulator:
         rot = sc.rot[ar, top]
         sh = sc.shift[ar, top]
         a = refs.full[top, rot]  # (B, F)
-        resid = x * search.phases[sh] - cm * a
+        xs = x * search.phases[sh]
+        model = cm * a
+        resid = xs - model
         power = resid.real**2 + resid.imag**2
         idx = (group[:, None] * self.n_shells + self.shell[None, :]).ravel()
         n = self.n_groups * self.n_shells
         self.noise_num += xp.bincount(idx, weights=power.ravel(), minlength=n)
         self.noise_den += xp.bincount(idx, weights=v.ravel(), minlength=n)
+        lim = slice(1, refs.n)  # shells 1 .. E-step limit (the DC term carries no scale)
+        prod = (xs[:, lim] * model[:, lim].conj()).real.sum(axis=1)
+        mpow = (model.real[:, lim] ** 2 + model.imag[:, lim] ** 2).sum(axis=1)
+        self.scale_num += xp.bincount(group, weights=prod, minlength=self.n_groups)
+        self.scale_den += xp.bincount(group, weights=mpow, minlength=self.n_groups)
 
     def finish(self, projector: fo.Projector) -> dict[str, Any]:
         """Back-rotated sums per half-set plus the per-iteration scalars (device arrays).
@@ -164,6 +174,8 @@ class Accumulator:
             "den": den,
             "noise_num": self.noise_num.reshape(self.n_groups, self.n_shells),
             "noise_den": self.noise_den.reshape(self.n_groups, self.n_shells),
+            "scale_num": self.scale_num,
+            "scale_den": self.scale_den,
             "occupancy": self.occupancy,
             "hard": self.hard,
             "c2s_mean": self.c2s_sum / max(self.count, 1),

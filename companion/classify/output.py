@@ -169,6 +169,12 @@ def _extend(a: np.ndarray, n: int, fill_last: bool = False) -> np.ndarray:
     return out
 
 
+def _group_scale(st: EMState, rows: np.ndarray) -> np.ndarray:
+    """ClassResult.group_scale: each group's noise-row scale (1 where none was kept)."""
+    scale = np.asarray(st.group_scale, np.float32)
+    return scale[rows] if scale.size > int(rows.max(initial=0)) else np.ones(len(rows), np.float32)
+
+
 def build_result(run: RunContext, st: EMState) -> ClassResult:
     geom, params = run.geom, run.params
     n_out = geom.box // 2 + 1
@@ -203,7 +209,8 @@ def build_result(run: RunContext, st: EMState) -> ClassResult:
         ssnr=_extend(st.ssnr, n_out),
         sigma2_ref=_extend(st.ref_power * norm, n_out),
         tau2=_extend(st.tau2 * norm, n_out),
-        sigma2_noise=_extend(st.sigma2_used * norm, n_out, fill_last=True),
+        sigma2_noise=_extend(st.sigma2_used * norm, n_out, fill_last=True)[run.group_rows],
+        group_scale=_group_scale(st, run.group_rows),
         optics_groups=groups,
         iteration=int(st.iteration),
         n_iterations=int(run.total),

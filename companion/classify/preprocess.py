@@ -23,6 +23,7 @@ from companion.classify import fourier as fo
 from companion.classify.backend import batch_size, to_device, to_host, work_budget
 from companion.classify.callbacks import call, stop_requested
 from companion.classify.ctf import ctf_terms
+from companion.classify.groups import MIN_GROUP_PARTICLES, noise_rows
 from companion.classify.init import accumulate
 from companion.errors import Aborted
 from companion.io.atomic import atomic_write_text
@@ -39,8 +40,8 @@ class Prepared:
 
     geom: fo.Geometry
     coeffs: np.ndarray  # (N, F) complex64 memmap
-    group_index: np.ndarray  # int32[N] row of sigma2 for each particle
-    groups: np.ndarray  # int32[G] optics-group ids
+    group_index: np.ndarray  # int32[N] noise row (sigma2, scale) of each particle
+    groups: np.ndarray  # int32[G] noise row of each ParticleSet group (see groups.py)
     sigma2_init: np.ndarray  # float64[G, S] initial noise power per shell (S = s_max + 1)
     seconds: float = 0.0
     # [Σ cy·X, Σ |cy|] over all particles: the initial reference (see init.py)
@@ -62,7 +63,8 @@ def fingerprint(particles: ParticleSet, geom: fo.Geometry) -> str:
             ]
         ).encode()
     )
-    for a in (particles.stack_index, particles.image_index, particles.contrast, particles.psize):
+    for a in (particles.stack_index, particles.image_index, particles.contrast, particles.psize,
+              particles.group, particles.optics_group):  # fmt: skip
         h.update(np.ascontiguousarray(a).tobytes())
     for p in particles.stack_paths:
         h.update(str(p).encode())
@@ -78,9 +80,9 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     cache_dir.mkdir(parents=True, exist_ok=True)
     data_path = cache_dir / "coeffs.c64"
     meta_path = cache_dir / "coeffs.json"
-    groups, group_index = np.unique(particles.optics_group, return_inverse=True)
-    groups = groups.astype(np.int32)
-    group_index = group_index.astype(np.int32)
+    group_index, groups = noise_rows(
+        particles.group, particles.optics_group, len(particles.group_names)
+    )
     fp = fingerprint(particles, geom)
     if reuse and meta_path.is_file() and data_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -96,7 +98,10 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     w = geom.work_box
     mask = fo.soft_mask(w, geom.mask_radius, xp=xp)
     background = fo.radial_mask(w, min(geom.mask_radius, 0.5 * w - 2), xp=xp)
-    n_g = len(groups)
+    # the initial spectrum is estimated per optics group (per-coefficient sums: memory
+    # O(optics groups)) and copied to its noise rows; the M-step refines each row
+    optics_ids, optics_index = np.unique(particles.optics_group, return_inverse=True)
+    n_g = len(optics_ids)
     sum_x = np.zeros((n_g, nf), np.complex128)
     sum_x2 = np.zeros((n_g, nf), np.float64)
     sum_v = np.zeros((n_g, nf), np.float64)
@@ -117,7 +122,7 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         accumulate(average, coef, cy)
         coef_h = to_host(coef)
         v_h = to_host(v).astype(np.float64)
-        gi = group_index[idx]
+        gi = optics_index[idx]
         for g in np.unique(gi):
             sel = gi == g
             sum_x[g] += coef_h[sel].sum(axis=0)
@@ -128,7 +133,9 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         done += len(idx)
         call(callbacks, "progress", done, n, "preprocess")
     coeffs.flush()
-    sigma2 = _initial_noise(geom, sum_x, sum_x2, sum_v, count)
+    row_optics = np.zeros(int(group_index.max()) + 1 if n else 1, np.int64)
+    row_optics[group_index] = optics_index
+    sigma2 = _initial_noise(geom, sum_x, sum_x2, sum_v, count)[row_optics]
     meta = {"fingerprint": fp, "shape": [n, nf], "sigma2_init": sigma2.tolist()}
     atomic_write_text(meta_path, json.dumps(meta))
     coeffs = np.memmap(data_path, dtype=np.complex64, mode="r", shape=(n, nf))
@@ -158,5 +165,9 @@ def _initial_noise(geom: fo.Geometry, sum_x: np.ndarray, sum_x2: np.ndarray,
     pooled = est(sum_x.sum(0), sum_x2.sum(0), sum_v.sum(0), float(count.sum()))
     out = np.empty((len(count), n_s))
     for g in range(len(count)):
-        out[g] = pooled if count[g] < 50 else est(sum_x[g], sum_x2[g], sum_v[g], count[g])
+        out[g] = (
+            pooled
+            if count[g] < MIN_GROUP_PARTICLES
+            else est(sum_x[g], sum_x2[g], sum_v[g], count[g])
+        )
     return out

@@ -51,10 +51,13 @@ class ClassResult:
         sigma2_ref: float32[K, S], reference power per shell.
         tau2: float32[K, S], signal power estimate per shell (the prior of the next
             M-step's Wiener filter: half the power spectrum of the reference).
-        sigma2_noise: float32[G, S], noise power per shell per optics group (G groups in
-            the order of ``optics_groups``), as used by the last E-step (beyond the working
-            limit: the last working shell's value).
-        optics_groups: int32[G], optics-group ids matching ``sigma2_noise`` rows.
+        sigma2_noise: float32[G, S], noise power per shell per micrograph group (G groups
+            in the order of ``ParticleSet.group_names``; groups too small for their own
+            spectrum share their optics group's pooled one, see classify/groups.py), as
+            used by the last E-step (beyond the working limit: the last working shell's).
+        optics_groups: int32, the optics-group ids of the particles.
+        group_scale: float32[G], per-group intensity scale correction (RELION --scale,
+            rlnGroupScaleCorrection; particle-weighted mean 1; 1 when not estimated).
 
     Run:
         iteration: the last finished iteration (1-based).
@@ -109,6 +112,7 @@ class ClassResult:
     device: str
     timings: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    group_scale: np.ndarray = field(default_factory=lambda: np.ones(0, np.float32))
 
     @property
     def n_classes(self) -> int:

@@ -21,7 +21,7 @@ from cryosparc.dataset import Dataset
 from companion.cryosparc import conventions as cv
 from companion.io.atomic import atomic_path
 from companion.io.problems import ProblemReport
-from companion.particles import CtfParams, ParticleSet
+from companion.particles import CtfParams, ParticleSet, groups_from_names
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,12 @@ def _read(
     stack_index = codes2[codes]
     root = _project_dir(path, project_dir, [str(p) for p in rel_paths], report)
     stack_paths = [Path(os.path.abspath(root / p)) for p in rel_paths]
+    if "location/micrograph_uid" in fields:  # one group per micrograph, as RELION forms them
+        group, group_names = groups_from_names(
+            np.asarray(dset["location/micrograph_uid"]).astype(str).astype(object)
+        )
+    else:
+        group, group_names = groups_from_names(np.asarray(stripped, dtype=object)[codes])
 
     return ParticleSet(
         source_path=path,
@@ -161,6 +167,8 @@ def _read(
         host="cryosparc",
         passthrough=dset,
         problems=list(report.notes),
+        group=group,
+        group_names=group_names,
     )
 
 

@@ -10,9 +10,14 @@ import numpy as np
 from companion.io.atomic import atomic_path
 
 
-def write_mrc_stack(path: str | Path, images: np.ndarray, psize: float) -> None:
+def write_mrc_stack(
+    path: str | Path, images: np.ndarray, psize: float, *, single_section_cell: bool = False
+) -> None:
     """A valid MRC2014 image stack (ispg 0, float32, voxel size ``psize`` Å, header
-    statistics filled in) at ``path``, written atomically."""
+    statistics filled in) at ``path``, written atomically.
+
+    ``single_section_cell``: the cell spans one section (``mz`` 1, cell z = ``psize``), as
+    RELION writes a 2D stack, so the pixel size reads the same on all three axes."""
     data = np.ascontiguousarray(np.asarray(images), dtype=np.float32)
     if data.ndim == 2:
         data = data[np.newaxis]
@@ -20,4 +25,8 @@ def write_mrc_stack(path: str | Path, images: np.ndarray, psize: float) -> None:
         mrc.set_data(data)
         mrc.set_image_stack()
         mrc.voxel_size = float(psize)
+        if single_section_cell:
+            h = mrc.header
+            h.mz = 1
+            h.cella = (h.nx * float(psize), h.ny * float(psize), float(psize))
         mrc.update_header_stats()

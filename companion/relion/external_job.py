@@ -376,6 +376,7 @@ def run_job(job: JobArgs, project_dir: Path) -> Path:
     if abort.requested():
         raise Aborted("RELION_JOB_ABORT_NOW was present at start")
     particles = read_particles(parts, project_dir=project_dir)
+    particles.passthrough.relion_version = version  # the writers' RELION flavour
     log.info(
         "read %d particles (box %d, %.3f Å/px) from %s",
         len(particles), particles.box, particles.pixel_size, job.in_parts,

@@ -14,8 +14,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from companion.errors import InputError, ParameterError
 from companion.io.atomic import atomic_write_text
+from companion.relion.star import format_star
 
 log = logging.getLogger(__name__)
 
@@ -134,20 +137,14 @@ def format_output_nodes(nodes: Sequence[tuple[str, str]], version: str) -> str:
     version = normalise_version(version)
     rows = [(name, node_type(kind, version)) for name, kind in nodes]
     rows = [(name, t) for name, t in rows if t is not None]
-    label = "_rlnPipeLineNodeType" if version == "3.1" else "_rlnPipeLineNodeTypeLabel"
-    header = "50001" if version == "5.0" else "30001"
-    lines = [
-        "",
-        f"# version {header}",
-        "",
-        "data_output_nodes",
-        "",
-        "loop_",
-        "_rlnPipeLineNodeName #1",
-        f"{label} #2",
-    ]
-    lines += [f"{name} {t}" for name, t in rows]
-    return "\n".join(lines) + "\n\n"
+    label = "rlnPipeLineNodeType" if version == "3.1" else "rlnPipeLineNodeTypeLabel"
+    table = pd.DataFrame({"rlnPipeLineNodeName": [n for n, _ in rows], label: [t for _, t in rows]})
+    return format_star({"output_nodes": table}, star_version(version))
+
+
+def star_version(version: str) -> str:
+    """The ``# version`` number RELION ``version`` writes in its STAR files."""
+    return "50001" if normalise_version(version) == "5.0" else "30001"
 
 
 def write_output_nodes(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import mrcfile
 import numpy as np
@@ -17,7 +18,7 @@ import pandas as pd
 from companion.errors import InputError
 from companion.io.problems import ProblemReport as _Report
 from companion.io.problems import StopReading as _Stop
-from companion.particles import CtfParams, ParticleSet
+from companion.particles import CtfParams, ParticleSet, groups_from_names
 from companion.relion.star import StarFile, crlf_message, parse_star, read_bytes
 from companion.relion.tables import RelionTables, convert_legacy
 
@@ -220,7 +221,21 @@ def _particle_set(
         passthrough=tables,
         source_row=np.arange(n, dtype=np.int64),
         problems=rep.problems,
+        **_groups(pt),
     )
+
+
+def _groups(pt: pd.DataFrame) -> dict[str, Any]:
+    """RELION's micrograph groups: rlnGroupName, else rlnMicrographName, else the optics
+    group (numbered in order of first appearance, as relion_refine numbers them)."""
+    for label in ("rlnGroupName", "rlnMicrographName"):
+        if label in pt.columns:
+            names = pt[label].astype(str).to_numpy(dtype=object)
+            break
+    else:
+        names = ("opticsGroup" + pt["rlnOpticsGroup"].astype(str)).to_numpy(dtype=object)
+    group, group_names = groups_from_names(names)
+    return {"group": group, "group_names": group_names}
 
 
 def _first_row(mask: np.ndarray) -> tuple[int, str]:

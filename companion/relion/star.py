@@ -222,15 +222,36 @@ def write_star(
     values, where exactness is not worth a slow shortest-repr pass.
     """
     path = Path(path)
-    comment = _version_line(version_comment)
     with atomic_path(path) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
-        for name, block in blocks.items():
-            bname = name[5:] if name.startswith("data_") else name
-            f.write(f"\n{comment}\ndata_{bname}\n\n".encode())
-            if isinstance(block, pd.DataFrame):
-                _write_loop(f, block, approximate)
-            else:
-                _write_pairs(f, block)
+        _write_blocks(f, blocks, version_comment, approximate)
+
+
+def format_star(
+    blocks: Mapping[str, Block],
+    version_comment: str | int | None = DEFAULT_VERSION,
+    *,
+    approximate: Collection[str] = (),
+) -> str:
+    """The text ``write_star`` writes for ``blocks`` (for small files built in memory)."""
+    buf = io.BytesIO()
+    _write_blocks(buf, blocks, version_comment, approximate)
+    return buf.getvalue().decode()
+
+
+def _write_blocks(
+    f: Any,
+    blocks: Mapping[str, Block],
+    version_comment: str | int | None,
+    approximate: Collection[str],
+) -> None:
+    comment = _version_line(version_comment)
+    for name, block in blocks.items():
+        bname = name[5:] if name.startswith("data_") else name
+        f.write(f"\n{comment}\ndata_{bname}\n\n".encode())
+        if isinstance(block, pd.DataFrame):
+            _write_loop(f, block, approximate)
+        else:
+            _write_pairs(f, block)
 
 
 def _version_line(version_comment: str | int | None) -> str:

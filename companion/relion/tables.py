@@ -46,6 +46,8 @@ class RelionTables:
             converted RELION 3.0 file).
         particles_block: the source's name for the particle table.
         legacy: True when converted from the RELION 3.0 single-table layout.
+        relion_version: the RELION version outputs are written for ("3.1", "4.0", "5.0"),
+            set by the External job; None: 5.0 for a 50001 source, else the project's.
     """
 
     optics: pd.DataFrame
@@ -53,6 +55,7 @@ class RelionTables:
     version: str = "30001"
     particles_block: str = "particles"
     legacy: bool = False
+    relion_version: str | None = None
 
     def __len__(self) -> int:
         return len(self.particles)

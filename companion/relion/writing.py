@@ -24,8 +24,10 @@ def write_particles(
     *,
     optics_columns: Mapping[str, np.ndarray] | None = None,
     image_root: str | Path | None = None,
-) -> None:
-    """Write ``particles`` to ``path`` (RELION 3.1 layout), atomically.
+    version: str | None = None,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Write ``particles`` to ``path`` (RELION 3.1 layout), atomically; returns the optics
+    table written and each particle's ``rlnOpticsGroup`` in it (int64).
 
     When ``particles.passthrough`` holds RELION tables, every input column is kept in order
     and ``columns`` (``{"rlnClassNumber": array, ...}``, one value per particle) are replaced
@@ -34,12 +36,14 @@ def write_particles(
     ``image_root`` is given, in which case it is rewritten relative to ``image_root``.
     Otherwise (particles from another host or the simulator) the optics and particle tables
     are generated from the ParticleSet, image paths relative to ``image_root`` (default: the
-    output file's directory).
+    output file's directory). ``version``: the ``# version`` header (default: the source's,
+    30001 for generated tables).
 
     Columns read from the input are written so they read back exactly; values in
     ``columns`` exactly when a short form exists, else at RELION's precision (6 decimals).
     """
     path = Path(path)
+    version_override = version
     tables = particles.passthrough
     if isinstance(tables, RelionTables):
         if len(tables) != len(particles):
@@ -62,8 +66,13 @@ def write_particles(
         str(k).lstrip("_") for k in (optics_columns or {})
     }
     write_star(
-        path, {"optics": optics, "particles": table}, version_comment=version, approximate=new
+        path,
+        {"optics": optics, "particles": table},
+        version_comment=version_override or version,
+        approximate=new,
     )
+    ids = pd.to_numeric(table["rlnOpticsGroup"], errors="coerce").fillna(0).to_numpy(np.int64)
+    return optics, ids
 
 
 def _with_columns(
