@@ -25,6 +25,7 @@ import numpy as np
 
 from companion.classify.result import ClassResult
 from companion.errors import DeviceError, ParameterError
+from companion.outdir import exclusive
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 from companion.report import build_summary, write_gallery, write_json, write_occupancy
@@ -326,6 +327,7 @@ def _write_host(
     return {name: Path(p) for name, p in paths.items()}
 
 
+@exclusive  # one run per out_dir: lock, leftovers cleaned, write errors as one line
 def run_classification(
     particles: ParticleSet,
     params: ClassifyParams,
