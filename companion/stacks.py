@@ -146,9 +146,11 @@ def read_images(
                 "— the particle file and the stacks do not match"
             )
         if data.shape[1:] != (box, box):
+            row = int(particles.source_row[idx[group[0]]]) + 1
             raise InputError(
-                f"{path}: images are {data.shape[2]}x{data.shape[1]} px but the particle file "
-                f"says box {box} — re-extract or fix the optics table"
+                f"{particles.source_path}: row {row}: images in {path} are "
+                f"{data.shape[2]}x{data.shape[1]} px but the particle file says box {box} — "
+                "re-extract or fix the optics table"
             )
         # sorted, unique-friendly fancy indexing on a memmap reads only those images
         out[group] = data[img_idx]
@@ -221,3 +223,11 @@ def check_stacks(particles: ParticleSet) -> list[str]:
                 f"{n_images[s]} images — the particle file and the stacks do not match"
             )
     return problems
+
+
+def require_stacks(particles: ParticleSet) -> None:
+    """InputError naming the first stack problem (and how many more) — before any work."""
+    problems = check_stacks(particles)
+    if problems:
+        more = f" (and {len(problems) - 1} more stack problem(s))" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)
