@@ -213,6 +213,16 @@ def long_row(p):
 
 
 @kind
+def long_first_row(p):  # pandas would drop the extra field with only a warning
+    star = _star(p)
+    lines = star.read_text().split("\n")
+    i = _rows(star.read_text())[0]
+    lines[i] += " 7.0"
+    star.write_text("\n".join(lines))
+    return star, [], ["row 1", "10 fields"], BOTH
+
+
+@kind
 def non_utf8_in_row(p):
     # a Latin-1 byte in one image name: read as Latin-1, the stack is not found by that name
     star = _replace(_star(p), b"000003@stacks/mic_00001.mrcs", b"000003@stacks/mic_0000\xe9.mrcs")

@@ -12,6 +12,7 @@ import io
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,20 +204,17 @@ def _parse_body(
         return pd.DataFrame({lab: pd.Series(dtype=object) for lab in labels})
     str_cols = {lab: str for lab in labels if is_string_label(lab)}
     try:
-        df = pd.read_csv(
-            io.BytesIO(body),
-            sep=r"\s+",
-            header=None,
-            names=labels,
-            dtype=str_cols,
-            keep_default_na=False,
-            na_values={lab: _NUMERIC_NA for lab in labels if lab not in str_cols},
-            engine="c",
-            low_memory=False,
-            quotechar='"',
-            index_col=False,
-            encoding=encoding,
-        )
+        with warnings.catch_warnings():
+            # pandas only warns (and drops the extra fields) when the first row is too long
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = _read_table(body, labels, str_cols, encoding)
+    except pd.errors.ParserWarning:
+        lines = body.split(b"\n")
+        i = next((k for k, ln in enumerate(lines) if len(ln.split()) > len(labels)), 0)
+        raise InputError(
+            f"{path}: data_{name} row {i + 1}: {len(lines[i].split())} fields but {len(labels)} "
+            "column labels — fix or remove that row"
+        ) from None
     except pd.errors.ParserError as exc:
         m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
         if m:
@@ -227,6 +225,25 @@ def _parse_body(
         raise InputError(f"{path}: data_{name}: cannot parse the table ({exc})") from None
     _check_short_rows(path, body, df, name)
     return df
+
+
+def _read_table(
+    body: bytes, labels: list[str], str_cols: dict[str, type], encoding: str
+) -> pd.DataFrame:
+    return pd.read_csv(
+        io.BytesIO(body),
+        sep=r"\s+",
+        header=None,
+        names=labels,
+        dtype=str_cols,
+        keep_default_na=False,
+        na_values={lab: _NUMERIC_NA for lab in labels if lab not in str_cols},
+        engine="c",
+        low_memory=False,
+        quotechar='"',
+        index_col=False,
+        encoding=encoding,
+    )
 
 
 def _check_short_rows(path: Path, body: bytes, df: pd.DataFrame, name: str) -> None:
