@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from companion import __version__
 from companion.commands.options import Parser
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if not args.verbose:  # numpy's RuntimeWarnings (all-NaN slices, ...) are not for users
+        warnings.simplefilter("ignore", RuntimeWarning)
     try:
         rc = args._main(args)
     except CompanionError as exc:

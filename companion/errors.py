@@ -20,6 +20,10 @@ class ParameterError(CompanionError):
     """An invalid or infeasible parameter combination, caught before any work starts."""
 
 
+class OutputError(CompanionError):
+    """The output directory cannot be used: not writable, full, locked by another run."""
+
+
 class DeviceError(CompanionError):
     """The requested compute device is absent or out of memory."""
 

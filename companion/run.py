@@ -27,6 +27,7 @@ import numpy as np
 from companion.classify.result import ClassResult
 from companion.errors import DeviceError
 from companion.host import Host, host_named
+from companion.outdir import exclusive
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 from companion.report import build_summary, write_gallery, write_json, write_occupancy
@@ -288,6 +289,7 @@ def _all_or_nothing(out_dir: Path) -> Iterator[None]:
         raise
 
 
+@exclusive  # one run per out_dir: lock, leftovers cleaned, write errors as one line
 def run_classification(
     particles: ParticleSet,
     params: ClassifyParams,

@@ -6,14 +6,19 @@ a host field name; the host packages report problems as one-line messages.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from companion.contrast import ContrastCheck, measure_contrast
 from companion.errors import InputError
 from companion.host import host_for_path
 from companion.particles import ParticleSet
+
+log = logging.getLogger("companion.sources")
 
 MAX_REPEATS_LISTED = 3
 
@@ -35,7 +40,29 @@ def open_particles(path: str | Path, project_dir: str | Path | None = None) -> P
     path = Path(path)
     host = host_for_path(path)
     _check_exists(path)
-    return host.read(path, project_dir)
+    particles = host.read(path, project_dir)
+    dup = duplicate_images(particles)
+    if dup:
+        log.warning("%s", dup)
+    return particles
+
+
+def duplicate_images(particles: ParticleSet) -> str | None:
+    """A one-line note when some image (stack, index) is listed more than once, else None."""
+    n = len(particles)
+    if n < 2:
+        return None
+    key = particles.stack_index.astype(np.int64) * (1 << 32) + particles.image_index
+    order = np.argsort(key, kind="stable")
+    same = np.flatnonzero(key[order][1:] == key[order][:-1]) + 1
+    if same.size == 0:
+        return None
+    rows = np.sort(particles.source_row[order[same]]) + 1
+    return (
+        f"{particles.source_path}: {same.size} duplicate particle(s): the same image is listed "
+        f"more than once (first repeat at row {rows[0]}) — each copy counts as a separate "
+        "particle and weighs twice in the averages; remove the duplicate rows"
+    )
 
 
 @dataclass
@@ -75,6 +102,9 @@ def inspect_report(path: str | Path, project_dir: str | Path | None = None) -> I
             problems = [str(exc)]
         return Inspection(path, host.name, particles, _dedupe(problems), blocking=True)
     notes = list(particles.problems)
+    dup = duplicate_images(particles)
+    if dup:
+        notes.append(dup)
     blocking = _summarise_repeats(path, particles.check_images())
     if len(particles) == 0:
         blocking.append(f"{path}: no particles — nothing to classify")
@@ -93,8 +123,9 @@ def inspect_report(path: str | Path, project_dir: str | Path | None = None) -> I
                 "as read — the convention looks inverted; class averages would come out "
                 "negative (for a .cs file, pass --contrast to override blob/sign)"
             )
+    # blocking problems first: the closing error line names the first problem
     return Inspection(
-        path, host.name, particles, _dedupe(notes + blocking), bool(blocking), measured
+        path, host.name, particles, _dedupe(blocking + notes), bool(blocking), measured
     )
 
 

@@ -8,6 +8,7 @@ so each file is touched once per batch.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from companion.particles import ParticleSet
 
 MAX_OPEN_STACKS = 64
+HEADER_BYTES = 1024
+# MRC modes that hold real-valued images, and their bytes per pixel
+IMAGE_MODES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+REEXTRACT = "re-extract the particles or restore the stack from a backup"
 
 
 class StackCache:
@@ -54,16 +59,62 @@ class StackCache:
             self._open.clear()
 
 
-def _open_mmap(path: Path) -> mrcfile.mrcmemmap.MrcMemmap:
-    if not path.is_file():
+def stack_shape(path: Path) -> tuple[int, int, int]:
+    """``(n_images, ny, nx)`` from the MRC header of ``path``, checked against the file size.
+
+    InputError (naming the file) for a missing file, a header with an impossible mode or
+    size, or a file shorter than its header says (truncated copy, disk full while writing).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+            size = f.seek(0, 2)
+    except FileNotFoundError:
         raise InputError(
             f"{path}: image stack not found — check the project directory "
             "(--project-dir) or the paths in the particle file"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the image stack ({exc.strerror})") from None
+    if len(head) < HEADER_BYTES:
+        raise InputError(
+            f"{path}: {size} bytes, shorter than an MRC header (1024) — the stack is truncated "
+            f"or not an MRC file; {REEXTRACT}"
         )
+    order = ">" if head[212] == 0x11 else "<"  # machine stamp: 0x44 little, 0x11 big endian
+    nx, ny, nz, mode = (int(v) for v in np.frombuffer(head, dtype=order + "i4", count=4))
+    nsymbt = int(np.frombuffer(head, dtype=order + "i4", count=1, offset=92)[0])
+    if mode not in IMAGE_MODES:
+        raise InputError(
+            f"{path}: MRC header mode {mode} is not an image mode (0, 1, 2, 6 or 12) — the file "
+            f"is corrupt or not an image stack; {REEXTRACT}"
+        )
+    if not (0 < nx < 1 << 16 and 0 < ny < 1 << 16 and 0 < nz < 1 << 31 and nsymbt >= 0):
+        raise InputError(
+            f"{path}: MRC header size {nx}x{ny}x{nz} (extended header {nsymbt} bytes) is "
+            f"impossible — the file is corrupt; {REEXTRACT}"
+        )
+    need = HEADER_BYTES + nsymbt + nx * ny * nz * IMAGE_MODES[mode]
+    if size < need:
+        raise InputError(
+            f"{path}: {size} bytes but its header describes {nz} images of {nx}x{ny} px "
+            f"({need} bytes) — the stack is truncated; {REEXTRACT}"
+        )
+    return nz, ny, nx
+
+
+def _open_mmap(path: Path) -> mrcfile.mrcmemmap.MrcMemmap:
+    stack_shape(path)  # a one-line error for a missing, corrupt or truncated stack
     try:
-        return mrcfile.mmap(path, mode="r", permissive=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # permissive mode warns; failures are checked below
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
     except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable MRC stack ({exc})") from exc
+        raise InputError(f"{path}: not a readable MRC stack ({exc}) — {REEXTRACT}") from None
+    if mrc.data is None:
+        mrc.close()
+        raise InputError(f"{path}: the image data cannot be read — {REEXTRACT}")
+    return mrc
 
 
 _CACHE = StackCache()
@@ -95,9 +146,11 @@ def read_images(
                 "— the particle file and the stacks do not match"
             )
         if data.shape[1:] != (box, box):
+            row = int(particles.source_row[idx[group[0]]]) + 1
             raise InputError(
-                f"{path}: images are {data.shape[2]}x{data.shape[1]} px but the particle file "
-                f"says box {box} — re-extract or fix the optics table"
+                f"{particles.source_path}: row {row}: images in {path} are "
+                f"{data.shape[2]}x{data.shape[1]} px but the particle file says box {box} — "
+                "re-extract or fix the optics table"
             )
         # sorted, unique-friendly fancy indexing on a memmap reads only those images
         out[group] = data[img_idx]
@@ -147,11 +200,9 @@ def check_stacks(particles: ParticleSet) -> list[str]:
             problems.append(f"{where}: image stack {path} not found — check --project-dir")
             continue
         try:
-            with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
-                h = mrc.header
-                nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
-        except (ValueError, OSError) as exc:
-            problems.append(f"{where}: {path} is not a readable MRC stack ({exc})")
+            nz, ny, nx = stack_shape(path)
+        except InputError as exc:
+            problems.append(f"{where}: {exc}")
             continue
         n_images[s] = nz
         if (nx, ny) != (particles.box, particles.box):
@@ -172,3 +223,11 @@ def check_stacks(particles: ParticleSet) -> list[str]:
                 f"{n_images[s]} images — the particle file and the stacks do not match"
             )
     return problems
+
+
+def require_stacks(particles: ParticleSet) -> None:
+    """InputError naming the first stack problem (and how many more) — before any work."""
+    problems = check_stacks(particles)
+    if problems:
+        more = f" (and {len(problems) - 1} more stack problem(s))" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)

@@ -107,8 +107,10 @@ def _read(
         )
         ok = False
     ok &= _check_fields(path, fields, report)
+    ok &= _check_dtypes(path, dset, fields, report)
     if not ok:
         return None
+    _check_duplicate_uids(path, dset, fields, report)
 
     box = _box(path, np.asarray(dset["blob/shape"]), report)
     psize = np.array(dset["blob/psize_A"], dtype=np.float32)
@@ -150,6 +152,7 @@ def _read(
         )
     else:
         group, group_names = groups_from_names(np.asarray(stripped, dtype=object)[codes])
+    _check_inside(path, root, stack_paths, [str(p) for p in rel_paths], project_dir, report)
 
     return ParticleSet(
         source_path=path,
@@ -217,6 +220,82 @@ def _check_fields(path: Path, fields: set[str], report: ProblemReport) -> bool:
             )
             ok = False
     return ok
+
+
+# field -> (numpy kinds accepted, trailing shape) for every field the reader uses
+FIELD_TYPES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "uid": ("ui", ()),
+    "blob/path": ("OUS", ()),
+    "blob/idx": ("ui", ()),
+    "blob/shape": ("ui", (2,)),
+    "blob/psize_A": ("uif", ()),
+    "blob/sign": ("uif", ()),
+    "ctf/exp_group_id": ("ui", ()),
+    **{f: ("uif", ()) for f in (*REQUIRED_CTF, *OPTIONAL_CTF, "ctf/scale")},
+}
+
+
+def _check_dtypes(path: Path, dset: Dataset, fields: set[str], report: ProblemReport) -> bool:
+    """Every field the reader uses has a usable type and shape (one error per bad field)."""
+    ok = True
+    for name, (kinds, shape) in FIELD_TYPES.items():
+        if name not in fields:
+            continue
+        arr = np.asarray(dset[name])
+        if arr.dtype.kind in kinds and arr.shape[1:] == shape:
+            continue
+        want = {"ui": "integers", "OUS": "text", "uif": "numbers"}[kinds]
+        got = f"{arr.dtype}" + (f" of shape {arr.shape[1:]}" if arr.shape[1:] != shape else "")
+        need = f"{want}" + (f" of shape {shape}" if shape else "")
+        report.error(
+            f"{path}: field {name} holds {got}, not {need} — the file was not written by "
+            "CryoSPARC or was edited: re-export the particles from CryoSPARC"
+        )
+        ok = False
+    return ok
+
+
+def _check_duplicate_uids(
+    path: Path, dset: Dataset, fields: set[str], report: ProblemReport
+) -> None:
+    """A note (never fatal) when some uids occur more than once."""
+    if "uid" not in fields:
+        return
+    uid = np.asarray(dset["uid"])
+    uniq, first, counts = np.unique(uid, return_index=True, return_counts=True)
+    if len(uniq) == len(uid):
+        return
+    repeat = np.ones(len(uid), dtype=bool)
+    repeat[first] = False
+    msg = (
+        f"{path}: {len(uid) - len(uniq)} duplicate particle uid(s) (first repeat at row "
+        f"{np.flatnonzero(repeat)[0] + 1}) — the same particle would be classified more than "
+        "once; remove the duplicates in CryoSPARC (e.g. a Particle Sets Tool intersection)"
+    )
+    report.note(msg)
+    if report.strict:
+        log.warning("%s", msg)
+
+
+def _check_inside(
+    path: Path,
+    root: Path,
+    stacks: list[Path],
+    raw: list[str],
+    project_dir: str | Path | None,
+    report: ProblemReport,
+) -> None:
+    """blob/path is relative: never absolute, and with an explicit ``--project-dir`` it must
+    stay inside it (no ``../`` escape). Without one, ``..`` is allowed: companion itself
+    writes paths relative to the .cs file when the stacks lie beside its directory."""
+    for stack, rel in zip(stacks, raw, strict=True):
+        escapes = project_dir is not None and os.path.commonpath([root, stack]) != str(root)
+        if os.path.isabs(rel) or escapes:
+            report.error(
+                f"{path}: blob/path {rel!r} points outside the project directory {root} — "
+                "refused; fix the path or pass the right --project-dir"
+            )
+            return
 
 
 def _check_rows(

@@ -344,7 +344,7 @@ class JobCallbacks:
 
 def run_job(job: JobArgs, project_dir: Path) -> Path:
     """Classify, write outputs and the node file; returns the job directory."""
-    from companion.errors import Aborted, InputError
+    from companion.errors import InputError
     from companion.params import ClassifyParams, validate_params
     from companion.relion import read_particles
     from companion.relion.class2d import write_selection
@@ -373,8 +373,9 @@ def run_job(job: JobArgs, project_dir: Path) -> Path:
     log.info("threads: %s", os.environ.get("OMP_NUM_THREADS"))
 
     abort = AbortWatcher(job_dir)
-    if abort.requested():
-        raise Aborted("RELION_JOB_ABORT_NOW was present at start")
+    if abort.requested():  # left by an earlier run: RELION removes it when a job starts
+        abort.clear()
+        log.info("removed a stale RELION_JOB_ABORT_NOW left by an earlier run")
     particles = read_particles(parts, project_dir=project_dir)
     particles.passthrough.relion_version = version  # the writers' RELION flavour
     log.info(

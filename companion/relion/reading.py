@@ -19,7 +19,7 @@ from companion.errors import InputError
 from companion.io.problems import ProblemReport as _Report
 from companion.io.problems import StopReading as _Stop
 from companion.particles import CtfParams, ParticleSet, groups_from_names
-from companion.relion.star import StarFile, crlf_message, parse_star, read_bytes
+from companion.relion.star import StarFile, check_text, crlf_message, parse_star, read_bytes
 from companion.relion.tables import RelionTables, convert_legacy
 
 PARTICLE_FILE_HINT = (
@@ -78,6 +78,7 @@ def _read(
     data = read_bytes(path)
     if not data or data.isspace():
         rep.stop(f"{path}: empty file — {PARTICLE_FILE_HINT}")
+    check_text(path, data)
     if b"\r" in data:
         rep.error(crlf_message(path, data))
     star = parse_star(path, data, allow_crlf=True)
@@ -112,6 +113,12 @@ def _tables(path: Path, star: StarFile, rep: _Report) -> RelionTables:
         optics, particles = convert_legacy(ptable)
         return RelionTables(optics, particles, star.version or "30000", pname, legacy=True)
     optics = loops[oname]
+    if len(optics) == 0:
+        rep.stop(
+            f"{path}: data_{oname} has no rows — each optics group needs one (rlnOpticsGroup, "
+            "rlnImagePixelSize, rlnVoltage, ...); restore the optics table from the job that "
+            "wrote the file"
+        )
     if "rlnOpticsGroup" not in ptable.columns:
         if len(optics) != 1:
             rep.stop(

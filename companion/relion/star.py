@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,11 +57,15 @@ def parse_star(path: Path, data: bytes | None = None, *, allow_crlf: bool = Fals
     """Parse ``path`` (or its already-read bytes); raise InputError on malformed text."""
     if data is None:
         data = read_bytes(path)
+    check_text(path, data)
+    encoding = text_encoding(path, data)
     if b"\r" in data:
         if not allow_crlf:
             raise InputError(crlf_message(path, data))
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     star = StarFile(path=path)
+    if encoding != "utf-8":
+        star.notes.append(encoding_note(path, data))
     pos, n = 0, len(data)
     name: str | None = None
     while pos < n:
@@ -79,7 +84,7 @@ def parse_star(path: Path, data: bytes | None = None, *, allow_crlf: bool = Fals
         elif line.startswith(b"loop_"):
             if name is None:
                 raise InputError(f"{path}: line {_lineno(data, pos)}: loop_ before any data_ block")
-            star.blocks[name], end = _parse_loop(path, data, end + 1, name)
+            star.blocks[name], end = _parse_loop(path, data, end + 1, name, encoding)
         elif line.startswith(b"_") and name is not None:
             block = star.blocks[name]
             if isinstance(block, dict):
@@ -98,6 +103,41 @@ def read_bytes(path: Path) -> bytes:
         raise InputError(f"{path}: is a directory — give a STAR file") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def check_text(path: Path, data: bytes) -> None:
+    """InputError for a compressed or binary file (before its bytes are parsed as text)."""
+    if data[:2] == b"\x1f\x8b":
+        raise InputError(f"{path}: gzip-compressed, not a STAR text file — run `gunzip` first")
+    if data[:4] in (b"BZh9", b"PK\x03\x04", b"\xfd7zX"):
+        raise InputError(f"{path}: a compressed archive, not a STAR text file — unpack it first")
+    nul = data.find(b"\0", 0, 1 << 16)
+    if nul >= 0:
+        raise InputError(
+            f"{path}: line {_lineno(data, nul)}: binary data (a NUL byte), not a STAR text file "
+            "— give the particles .star file"
+        )
+
+
+def text_encoding(path: Path, data: bytes) -> str:
+    """``"utf-8"``, or ``"latin-1"`` when the bytes are not valid UTF-8 (every byte decodes)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "latin-1"
+    return "utf-8"
+
+
+def encoding_note(path: Path, data: bytes) -> str:
+    try:
+        data.decode("utf-8")
+        return ""
+    except UnicodeDecodeError as exc:
+        pos = exc.start
+    return (
+        f"{path}: line {_lineno(data, pos)}: byte 0x{data[pos]:02x} is not UTF-8 — the file was "
+        "read as Latin-1; check the names on that line"
+    )
 
 
 def crlf_message(path: Path, data: bytes) -> str:
@@ -128,7 +168,9 @@ def _scalar(text: str) -> Any:
     return text
 
 
-def _parse_loop(path: Path, data: bytes, pos: int, name: str) -> tuple[pd.DataFrame, int]:
+def _parse_loop(
+    path: Path, data: bytes, pos: int, name: str, encoding: str = "utf-8"
+) -> tuple[pd.DataFrame, int]:
     """Parse the loop whose labels start at ``pos``; return the table and its last position."""
     labels: list[str] = []
     n = len(data)
@@ -151,27 +193,27 @@ def _parse_loop(path: Path, data: bytes, pos: int, name: str) -> tuple[pd.DataFr
         return _parse_body(path, b"", labels, name), n
     m = _BODY_END.search(data, pos - 1)
     stop = n if m is None else m.start() + 1
-    return _parse_body(path, data[pos:stop], labels, name), stop - 1
+    return _parse_body(path, data[pos:stop], labels, name, encoding), stop - 1
 
 
-def _parse_body(path: Path, body: bytes, labels: list[str], name: str) -> pd.DataFrame:
+def _parse_body(
+    path: Path, body: bytes, labels: list[str], name: str, encoding: str = "utf-8"
+) -> pd.DataFrame:
     if not body or body.isspace():
         return pd.DataFrame({lab: pd.Series(dtype=object) for lab in labels})
     str_cols = {lab: str for lab in labels if is_string_label(lab)}
     try:
-        df = pd.read_csv(
-            io.BytesIO(body),
-            sep=r"\s+",
-            header=None,
-            names=labels,
-            dtype=str_cols,
-            keep_default_na=False,
-            na_values={lab: _NUMERIC_NA for lab in labels if lab not in str_cols},
-            engine="c",
-            low_memory=False,
-            quotechar='"',
-            index_col=False,
-        )
+        with warnings.catch_warnings():
+            # pandas only warns (and drops the extra fields) when the first row is too long
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = _read_table(body, labels, str_cols, encoding)
+    except pd.errors.ParserWarning:
+        lines = body.split(b"\n")
+        i = next((k for k, ln in enumerate(lines) if len(ln.split()) > len(labels)), 0)
+        raise InputError(
+            f"{path}: data_{name} row {i + 1}: {len(lines[i].split())} fields but {len(labels)} "
+            "column labels — fix or remove that row"
+        ) from None
     except pd.errors.ParserError as exc:
         m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
         if m:
@@ -182,6 +224,25 @@ def _parse_body(path: Path, body: bytes, labels: list[str], name: str) -> pd.Dat
         raise InputError(f"{path}: data_{name}: cannot parse the table ({exc})") from None
     _check_short_rows(path, body, df, name)
     return df
+
+
+def _read_table(
+    body: bytes, labels: list[str], str_cols: dict[str, type], encoding: str
+) -> pd.DataFrame:
+    return pd.read_csv(
+        io.BytesIO(body),
+        sep=r"\s+",
+        header=None,
+        names=labels,
+        dtype=str_cols,
+        keep_default_na=False,
+        na_values={lab: _NUMERIC_NA for lab in labels if lab not in str_cols},
+        engine="c",
+        low_memory=False,
+        quotechar='"',
+        index_col=False,
+        encoding=encoding,
+    )
 
 
 def _check_short_rows(path: Path, body: bytes, df: pd.DataFrame, name: str) -> None:
