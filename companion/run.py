@@ -28,6 +28,7 @@ from companion.errors import DeviceError, ParameterError
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 from companion.report import build_summary, write_gallery, write_json, write_occupancy
+from companion.select import class_scores, parse_class_list, selected_classes
 
 log = logging.getLogger("companion.run")
 
@@ -326,6 +327,27 @@ def _write_host(
     return {name: Path(p) for name, p in paths.items()}
 
 
+def write_selection(
+    out_dir: Path, particles: ParticleSet, result: ClassResult, keep: np.ndarray,
+    paths: dict[str, Path],
+) -> dict[str, Path]:  # fmt: skip
+    """The particles of the classes ``keep`` (bool per class) in the input's host format:
+    ``particles.star`` + ``class_averages.star`` (RELION Subset selection) for a STAR input,
+    ``particles_selected.cs`` for a ``.cs`` input."""
+    if not keep.any():
+        log.warning("--select: no class selected; no selection written")
+        return {}
+    if particles.host == "relion":
+        from companion.relion.class2d import write_selection as relion_selection
+
+        chosen = [int(c) + 1 for c in np.flatnonzero(keep)]
+        out = relion_selection(out_dir, particles, result, chosen, paths["classes"])
+        return {"selected_particles": out["particles"], "selected_classes": out["class_averages"]}
+    from companion.cryosparc.outputs import write_selected_particles
+
+    return {"selected_particles": write_selected_particles(out_dir, particles, result, keep)}
+
+
 def run_classification(
     particles: ParticleSet,
     params: ClassifyParams,
@@ -335,8 +357,12 @@ def run_classification(
     keep_iterations: bool = False,
     callbacks: Any = None,
     root: str = "run",
+    select: str | None = None,
 ) -> RunOutputs:
     """Classify ``particles`` into ``out_dir`` and write every output; see the module doc.
+
+    ``select``: ``auto`` or a class list (RELION inputs 1-based, CryoSPARC 0-based): also
+    write the particles of those classes (:func:`write_selection`).
 
     Raises ParameterError / DeviceError before any work when the parameters cannot work
     (cap below N/K, more classes than particles, GPU asked for and absent), Aborted when
@@ -352,6 +378,8 @@ def run_classification(
     summary_path = out_dir / SUMMARY
     summary_path.unlink(missing_ok=True)  # the old summary would describe other outputs
     cap = params.class_cap(n)
+    if select is not None and select.strip().lower() != "auto":  # a bad list fails before work
+        parse_class_list(select, params.n_classes, base=1 if particles.host == "relion" else 0)
 
     def write_iteration(iteration: int, res: ClassResult) -> None:
         if iteration >= params.total_iters:
@@ -385,9 +413,15 @@ def run_classification(
     t0 = time.perf_counter()
     with _all_or_nothing(out_dir):
         paths = _write_host(sink, out_dir, root, particles, result, result.iteration)
+        scores = class_scores(result)
+        keep = None
+        if select is not None:
+            keep = selected_classes(result, select, base=1 if particles.host == "relion" else 0)
+            paths.update(write_selection(out_dir, particles, result, keep, paths))
+        p = result.params or params.resolved()
         title = (
-            f"{particles.source_path.name}: {n} particles, {result.n_classes} classes, "
-            f"iteration {result.iteration}"
+            f"{particles.source_path.name}: {n} particles, K {result.n_classes}, anneal "
+            f"{p.get('anneal')}, balance {p.get('balance')}, iteration {result.iteration}"
         )
         paths["gallery"] = write_gallery(
             out_dir / GALLERY,
@@ -395,6 +429,8 @@ def run_classification(
             result.class_sizes,
             result.resolution_A,
             title=title,
+            scores=scores,
+            selected=keep,
         )
         paths["occupancy"] = write_occupancy(
             out_dir / OCCUPANCY, result.class_sizes, cap=result.cap, history=result.history
@@ -408,6 +444,7 @@ def run_classification(
             source=particles.source_path,
             host=particles.host,
             params=params.resolved(),
+            selection=None if keep is None else {"spec": select, "classes": keep},
             timings={
                 "classify_s": t_classify,
                 "write_s": t_write,

@@ -106,7 +106,9 @@ def select_auto(result: Any, threshold: float = SELECT_THRESHOLD) -> np.ndarray:
     return (class_scores(result) >= threshold) & (np.asarray(result.class_sizes) > 0)
 
 
-def parse_class_list(spec: str, n_classes: int, *, base: int, option: str = "--select") -> list[int]:
+def parse_class_list(
+    spec: str, n_classes: int, *, base: int, option: str = "--select"
+) -> list[int]:
     """Class indices (0-based, sorted) from ``"1,4,7-9"`` / ``"1 4 7"`` written ``base``-based
     (RELION 1, CryoSPARC 0). Raises ParameterError naming ``option`` on a bad list."""
     from companion.errors import ParameterError

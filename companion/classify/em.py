@@ -47,6 +47,7 @@ from companion.classify.callbacks import IterationInfo, call, stop_requested
 from companion.classify.init import initial_references, lowpass_shell, seed_owner
 from companion.classify.mstep import Accumulator, reconstruct, shell_power
 from companion.classify.preprocess import Prepared, ctf_terms, fingerprint, prepare
+from companion.classify.resolution import class_resolution
 from companion.classify.result import ClassResult
 from companion.classify.score import RotatedRefs, Search, broadcast_classes, score
 from companion.errors import Aborted, ParameterError
@@ -415,10 +416,8 @@ class _Run:
         st.refs = np.where(occupied[:, None, None], new, st.refs).astype(np.float32)
         # tau² of the next M-step: power spectrum of the new (masked) reference
         st.tau2 = shell_power(fo.to_kept(to_device(st.refs, xp), geom), geom)
-        st.frc = rec.frc.astype(np.float32)
         st.ssnr = rec.data_vs_prior.astype(np.float32)
         st.ref_power = rec.ref_power.astype(np.float32)
-        st.resolution = np.where(occupied, rec.resolution, np.inf).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             est = st.run_noise_num / (2.0 * st.run_noise_den)
         ok = np.isfinite(est) & (est > 0)
@@ -431,9 +430,13 @@ class _Run:
             prior = np.maximum(occ / occ.sum(), 1e-12)
             st.prior = prior / prior.sum()
         self.accuracy(st, rrefs, res["c2s_mean"])
+        halves = [self.masked(rec.halves[h]) for h in (0, 1)]
+        res_a, st.frc = class_resolution(*halves, geom, st.class_id, st.half, st.class_prob,
+                                         st.acc_rot)  # fmt: skip
+        st.resolution = np.where(occupied, res_a, np.inf).astype(np.float32)
         st.current_shell = self.next_shell(rec.data_vs_prior, occupied)
         if p.reseed_empty > 0 and not last:
-            halves = [to_host(self.masked(rec.halves[h])) for h in (0, 1)]
+            halves = [to_host(h) for h in halves]
             output.reseed(self, st, to_host(res["hard"]), halves=halves)
             st.tau2 = shell_power(fo.to_kept(to_device(st.refs, xp), geom), geom)
 

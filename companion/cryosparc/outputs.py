@@ -57,6 +57,24 @@ def write_class2d_outputs(
     return paths
 
 
+SELECTED_NAME = "particles_selected.cs"
+
+
+def write_selected_particles(
+    out_dir: str | Path, particles: ParticleSet, result: ClassResult, keep: np.ndarray
+) -> Path:
+    """``particles_selected.cs``: the rows of ``particles.cs`` whose class is in ``keep``
+    (bool per class), what CryoSPARC's Select 2D saves as particles_selected."""
+    path = Path(out_dir) / SELECTED_NAME
+    rows = np.flatnonzero(np.asarray(keep, dtype=bool)[np.asarray(result.class_id)])
+    fields = cv.alignments2d_fields(particles, result)
+    ds = Dataset([("uid", particle_uids_for(particles)[rows]),
+                  *((k, v[rows]) for k, v in fields.items())])  # fmt: skip
+    with _deferred(path) as tmp:
+        ds.save(str(tmp))
+    return path
+
+
 def particle_uids_for(particles: ParticleSet) -> np.ndarray:
     """The input's own uids for a CryoSPARC dataset, else :func:`particle_uids`."""
     if isinstance(particles.passthrough, Dataset):

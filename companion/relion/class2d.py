@@ -25,6 +25,7 @@ import numpy as np
 from companion.classify.result import ClassResult
 from companion.particles import ParticleSet
 from companion.relion.pipeline import atomic_write_text
+from companion.select import class_scores
 
 STAR_VERSION = "# version 30001"
 NO_RESOLUTION = 999.0  # what RELION writes for an undetermined resolution
@@ -277,6 +278,7 @@ def model_star(
         "rlnOverallFourierCompleteness": np.where(sizes > 0, in_limit.mean(), 0.0),
         "rlnClassPriorOffsetX": prior[:, 0],
         "rlnClassPriorOffsetY": prior[:, 1],
+        "rlnClassScore": class_scores(result).astype(np.float64),  # RELION 4 class ranker's
     }
     text = star_pairs("model_general", general) + star_loop("model_classes", classes)
     for i in range(k):
