@@ -12,6 +12,7 @@ started are removed again, so nothing half-written is left behind.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -123,6 +124,7 @@ class ProgressLog:
         self.done_work = 0
         self.last_iteration = 0
         self._last_progress = 0.0
+        self._explained = False
 
     def on_iteration(self, info: Any) -> None:
         now = time.perf_counter()
@@ -136,11 +138,22 @@ class ProgressLog:
         self.done_work += self.work[it - 1] if 0 < it <= len(self.work) else 0
         left = sum(self.work[it:])
         eta = self.busy / self.done_work * left if self.done_work > 0 else float("nan")
+        if not self._explained:
+            self._explained = True
+            self.log.info(
+                "per iteration: u = uncertainty factor; res = median FRC-0.143 resolution of the "
+                "classes whose resolution is determined (— when none is); largest class / small "
+                "= particles in the largest class / classes below 10%% of the mean size, among "
+                "this iteration's particles (the mini-batch in online iterations%s)",
+                "; with --balance the capped sizes" if self.params.balance != "off" else "",
+            )
         parts = [f"iteration {it}/{total}"]
-        for key, fmt in (("uncertainty", "u={:.2f}"), ("resolution_A", "res {:.1f} Å")):
-            v = _get(info, key, None)
-            if v is not None:
-                parts.append(fmt.format(float(v)))
+        u = _get(info, "uncertainty", None)
+        if u is not None:
+            parts.append(f"u={float(u):.2f}")
+        r = _get(info, "resolution_A", None)
+        if r is not None:
+            parts.append(f"res {float(r):.1f} Å" if math.isfinite(float(r)) else "res — Å")
         sizes = _get(info, "class_sizes", None)
         if sizes is not None:
             s = np.asarray(sizes)

@@ -64,23 +64,35 @@ def test_undetermined_resolution_for_tiny_and_flat_classes():
 
 def test_masked_frc_ignores_what_lies_outside_the_mask():
     from companion.classify import fourier as fo
-    from companion.classify.resolution import class_resolution
+    from companion.classify.resolution import class_resolution, frc_resolution, masked_frc
 
-    geom = fo.Geometry.create(32, 4.0, 8.0, None)
+    geom = fo.Geometry.create(64, 3.0, 6.0, None)
     w = geom.work_box
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:w, :w] - w // 2
     mask = fo.soft_mask(w, geom.mask_radius)
-    signal = np.exp(-(xx**2 + yy**2) / 20.0)
-    h0 = (signal + rng.normal(0, 1.0, (2, w, w))) * mask
-    h1 = (signal + rng.normal(0, 1.0, (2, w, w))) * mask
-    h0[1] = signal * mask + rng.normal(0, 3.0, (w, w)) * mask
-    h1[1] = signal * mask + rng.normal(0, 3.0, (w, w)) * mask
+    outside = fo.radial_mask(w, geom.mask_radius)
+
+    def masked(coef):
+        return fo.apply_mask(fo.from_kept(coef, geom), mask, outside)
+
+    signal = 2.0 * rng.normal(0, 1.0, (w, w)) * (np.hypot(xx, yy) < 0.6 * geom.mask_radius)
+    edge = 20.0 * (xx + yy > 1.6 * geom.mask_radius)  # shared, strong, outside the mask only
+    imgs = rng.normal(0, 1.0, (2, 2, w, w))
+    imgs[:, 0] += signal  # class 0: a particle under independent noise
+    imgs[:, 1] += edge  # class 1: noise + the same gold edge beyond the mask in both halves
+    num = fo.to_kept(imgs, geom)
+    den = np.ones(num.shape, np.float32)
+    plain = frc_resolution(masked_frc(num, den, lambda c: fo.from_kept(c, geom), geom), geom)
+    inside = masked_frc(num, den, masked, geom)
+    assert plain[1] < 20  # unmasked, the edge correlates: a "good" resolution for junk
+    # inside the mask only the background offset the edge leaves is shared (low frequency)
+    assert frc_resolution(inside, geom)[1] > 3 * plain[1]
     class_id = np.repeat([0, 1], 60)
     half = (np.arange(120) % 2).astype(np.uint8)
-    res, frc = class_resolution(h0, h1, geom, class_id, half, np.ones(120), np.ones(2))
+    res, frc = class_resolution(num, den, masked, geom, class_id, half, np.ones(120), np.ones(2))
     assert frc.shape == (2, geom.s_max + 1) and np.all(frc[:, 0] == 1)
-    assert res[1] >= res[0]  # noisier halves: no better resolution
+    assert res[0] < res[1]
 
 
 def test_classify_select_auto_writes_star_selection_and_scores(tmp_path, capsys):

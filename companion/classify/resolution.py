@@ -1,10 +1,10 @@
 """Per-class resolution that does not reward junk.
 
 The FRC 0.143 resolution of a class is measured between the averages of its two random
-half-sets of PARTICLES (``ClassResult.half_set``, fixed for the run), each Wiener-filtered
-and then multiplied by the particle mask (background zero, soft edge), so that power the
-particle mask excludes — a gold edge or contamination reaching into the box — does not
-correlate between the halves. A class is *undetermined* (resolution ``inf``, written as such
+half-sets of PARTICLES (``ClassResult.half_set``, fixed for the run), each multiplied by
+the particle mask (background zero, soft edge), so that power the particle mask excludes — a
+gold edge or contamination reaching into the box — does not correlate between the halves
+(:func:`masked_frc`). A class is *undetermined* (resolution ``inf``, written as such
 to RELION's rlnEstimatedResolution and as null in summary.json) when
 
 - either half-set holds fewer than ``MIN_HALF_PARTICLES`` particles (an FRC of a handful of
@@ -17,6 +17,7 @@ to RELION's rlnEstimatedResolution and as null in summary.json) when
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,14 +29,28 @@ MIN_HALF_PARTICLES = 10
 FLAT_POSTERIOR = 0.5
 MAX_ACCURACY_ROT_DEG = 90.0
 FRC_THRESHOLD = 0.143
+REG = 0.01  # of the mean CTF² sum, added to it before dividing (CTF zeros)
 
 
-def masked_frc(half0: Any, half1: Any, geom: fo.Geometry) -> np.ndarray:
-    """FRC (K, S) between masked half-set images (K, w, w) on the working box; shell 0 = 1."""
-    out = to_host(fo.frc(fo.to_kept(half0, geom), fo.to_kept(half1, geom), geom))
-    out = np.asarray(out, dtype=np.float64)
+def _frc(a: Any, b: Any, geom: fo.Geometry) -> np.ndarray:
+    out = np.nan_to_num(np.asarray(to_host(fo.frc(a, b, geom)), dtype=np.float64))
     out[:, 0] = 1.0
     return out
+
+
+def masked_frc(num: Any, den: Any, masked: Callable[[Any], Any],
+               geom: fo.Geometry) -> np.ndarray:  # fmt: skip
+    """FRC (K, S) of the two half-set averages ``num / den`` (each (2, K, F) kept
+    coefficients: CTF-weighted sums and CTF² sums) inside the particle mask (``masked``:
+    coefficients → masked working-box images).
+
+    The averages are NOT Wiener-filtered: a filtered half has almost no power left at high
+    frequency, so the soft mask edge, shared by both halves, would correlate them up to
+    Nyquist (measured: FRC 0.5-0.9 at every shell). ``den`` gets ``REG`` × its mean per
+    class added so CTF zeros do not blow up."""
+    reg = REG * den.mean(axis=-1, keepdims=True) + 1e-30
+    raw = num / (den + reg)
+    return _frc(fo.to_kept(masked(raw[0]), geom), fo.to_kept(masked(raw[1]), geom), geom)
 
 
 def frc_resolution(frc: np.ndarray, geom: fo.Geometry) -> np.ndarray:
@@ -67,11 +82,12 @@ def undetermined(class_id: np.ndarray, half: np.ndarray, class_prob: np.ndarray,
     )
 
 
-def class_resolution(half0: Any, half1: Any, geom: fo.Geometry, class_id: np.ndarray,
-                     half: np.ndarray, class_prob: np.ndarray,
+def class_resolution(num: Any, den: Any, masked: Callable[[Any], Any], geom: fo.Geometry,
+                     class_id: np.ndarray, half: np.ndarray, class_prob: np.ndarray,
                      accuracy_rot_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(resolution Å (K,), FRC (K, S)) from masked half-set images; inf where undetermined."""
-    frc = masked_frc(half0, half1, geom)
+    """(resolution Å (K,), FRC (K, S)) of the half-set sums ``num``/``den`` (2, K, F) inside
+    the particle mask (:func:`masked_frc`); inf where undetermined (:func:`undetermined`)."""
+    frc = masked_frc(num, den, masked, geom)
     res = frc_resolution(frc, geom)
     bad = undetermined(class_id, half, class_prob, accuracy_rot_deg, frc.shape[0])
     return np.where(bad, np.float32(np.inf), res).astype(np.float32), frc.astype(np.float32)
