@@ -20,8 +20,8 @@ from companion.select import (
 )
 from companion.simulate import load_truth, simulate
 
-TINY = ["--n-classes", "4", "--online-iters", "2", "--batch-per-class", "20", "--full-iters",
-        "1", "--max-resolution", "16", "--psi-step", "15", "--device", "cpu", "--seed", "1"]  # fmt: skip
+TINY = "--n-classes 4 --online-iters 2 --batch-per-class 20 --full-iters 1 --max-resolution 16 \
+--psi-step 15 --device cpu --seed 1".split()
 
 
 def test_scores_drop_edge_noise_faint_and_empty_classes():
