@@ -30,6 +30,8 @@ class Host:
     suffix: str
     external_job: str
     iterations_in_subdirectories: bool
+    selector: str  # ``module:function`` writing the particles of chosen classes
+    class_base: int  # class numbering users type: RELION 1-based, CryoSPARC 0-based
 
     def _mod(self) -> Any:
         return import_module(self.package)
@@ -53,6 +55,27 @@ class Host:
         paths = write(out_dir, root, particles, result, iteration)
         return {key: Path(p) for key, p in (paths or {}).items()}
 
+    def write_selection(
+        self,
+        out_dir: Path,
+        particles: ParticleSet,
+        result: ClassResult,
+        keep: Any,
+        paths: dict[str, Path],
+    ) -> dict[str, Path]:
+        """Write the particles of the classes ``keep`` (bool per class) as the host's own
+        class selection would; ``{name: path}`` (nothing when no class is kept)."""
+        import logging
+
+        if not keep.any():
+            logging.getLogger("companion.run").warning(
+                "--select: no class selected; no selection written"
+            )
+            return {}
+        module, func = self.selector.split(":")
+        out = getattr(import_module(module), func)(out_dir, particles, result, keep, paths)
+        return {key: Path(p) for key, p in out.items()}
+
     def iteration_dir(self, out_dir: Path, iteration: int) -> Path:
         """Where a kept intermediate iteration goes (RELION names files by iteration)."""
         if self.iterations_in_subdirectories:
@@ -71,6 +94,8 @@ RELION = Host(
     ".star",
     "companion.relion.external_job",
     iterations_in_subdirectories=False,
+    selector="companion.relion.class2d:write_selected",
+    class_base=1,
 )
 CRYOSPARC = Host(
     "cryosparc",
@@ -79,6 +104,8 @@ CRYOSPARC = Host(
     ".cs",
     "companion.cryosparc.external_job",
     iterations_in_subdirectories=True,  # its files carry no iteration in their names
+    selector="companion.cryosparc.outputs:write_selection",
+    class_base=0,
 )
 HOSTS = {h.name: h for h in (RELION, CRYOSPARC)}
 

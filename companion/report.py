@@ -58,9 +58,13 @@ def write_gallery(
     *,
     title: str | None = None,
     max_classes: int = 400,
+    scores: np.ndarray | None = None,
+    selected: np.ndarray | None = None,
 ) -> Path:
     """PNG grid of class averages, largest class first, each labelled with its 1-based
-    class number, size and resolution (the CryoSPARC/RELION display order and labels)."""
+    class number, size, resolution and (given ``scores``) class score (the CryoSPARC/RELION
+    display order and labels). Empty classes are drawn as blank tiles marked "empty";
+    classes ``selected`` (bool per class) get a green frame, the others a grey one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -80,16 +84,27 @@ def write_gallery(
     total = max(int(sizes.sum()), 1)
     for pos, c in enumerate(order):
         ax = fig.add_subplot(rows, cols, pos + 1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        label = f"{c + 1}: {int(sizes[c])} ({100 * sizes[c] / total:.1f}%)"
+        if sizes[c] == 0:
+            ax.imshow(np.zeros((2, 2)), cmap="gray", vmin=0, vmax=1)
+            ax.text(0.5, 0.5, "empty", color="white", ha="center", va="center",
+                    fontsize=7, transform=ax.transAxes)  # fmt: skip
+            ax.set_title(f"{c + 1}: empty\n", fontsize=6.5, pad=2)
+            continue
         img = averages[c]
         lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0.0, 1.0)
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(
-            f"{c + 1}: {int(sizes[c])} ({100 * sizes[c] / total:.1f}%)\n{_fmt_res(res[c])}",
-            fontsize=6.5,
-            pad=2,
-        )
+        second = _fmt_res(res[c])
+        if scores is not None:
+            second += f", score {float(scores[c]):.2f}"
+        if selected is not None:
+            colour = "#22aa44" if selected[c] else "#999999"
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(2.0 if selected[c] else 0.8)
+        ax.set_title(f"{label}\n{second}", fontsize=6.5, pad=2)
     if title:
         fig.suptitle(title, fontsize=10)
     top = 1.0 - (head + 0.3) / height
@@ -117,7 +132,10 @@ def write_occupancy(
     fig = Figure(figsize=(10, 7 if per_iter is not None else 3.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(2 if per_iter is not None else 1, 1, 1)
-    ax.bar(np.arange(1, k + 1), np.sort(sizes)[::-1], width=1.0, color="#4477aa")
+    rank = np.argsort(-sizes, kind="stable")
+    ax.bar(np.arange(1, k + 1), sizes[rank], width=1.0, color="#4477aa", edgecolor="white")
+    if k <= 60:  # each bar labelled with its 1-based class number
+        ax.set_xticks(np.arange(1, k + 1), [str(c + 1) for c in rank], fontsize=6)
     mean = sizes.sum() / max(k, 1)
     ax.axhline(0.1 * mean, color="#cc6677", lw=1, ls="--", label="10% of mean size")
     ax.axhline(mean, color="#999933", lw=1, ls=":", label="mean size")
@@ -125,7 +143,7 @@ def write_occupancy(
         ax.axhline(cap, color="#117733", lw=1.2, label=f"cap {cap}")
     n_small = int((sizes < 0.1 * mean).sum())
     ax.set_title(f"class sizes, largest first — {n_small} of {k} below 10% of the mean")
-    ax.set_xlabel("class rank")
+    ax.set_xlabel("class number (largest first)" if k <= 60 else "class rank")
     ax.set_ylabel("particles")
     ax.legend(fontsize=8, loc="upper right")
     if per_iter is not None:
@@ -168,10 +186,24 @@ def build_summary(
     host: str | None = None,
     timings: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run summary: file paths, class sizes and resolutions, cap, params, timings.
+    """The run summary: file paths, class sizes, resolutions and scores, cap, params, timings.
 
-    ``params`` (the resolved parameters) is used when the result does not carry them."""
+    ``params`` (the resolved parameters) is used when the result does not carry them;
+    ``selection`` ({"spec", "classes": bool per class}) records a ``--select``."""
+    from companion.select import class_features, class_scores
+
+    scores = class_scores(result)
+    sel = None
+    if selection is not None:
+        keep = np.asarray(selection["classes"], dtype=bool)
+        chosen = keep[np.asarray(result.class_id)]
+        sel = {
+            "spec": selection["spec"],
+            "classes": (np.flatnonzero(keep) + 1).tolist(),
+            "n_particles": int(chosen.sum()),
+        }
     sizes = np.asarray(result.class_sizes, dtype=np.int64)
     k = int(sizes.size)
     mean = n_particles / max(k, 1)
@@ -195,6 +227,9 @@ def build_summary(
             "best_resolution_A": float(res[np.isfinite(res)].min())
             if np.isfinite(res).any()
             else None,
+            "class_score": scores,
+            "class_features": class_features(result).as_dict(),
+            "selection": sel,
             "cap": result.cap,
             "largest_class": largest,
             "largest_class_number": int(sizes.argmax()) + 1 if k else None,

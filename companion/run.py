@@ -12,6 +12,7 @@ started are removed again, so nothing half-written is left behind.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -31,6 +32,7 @@ from companion.outdir import exclusive
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 from companion.report import build_summary, write_gallery, write_json, write_occupancy
+from companion.select import class_scores, parse_class_list, selected_classes
 
 log = logging.getLogger("companion.run")
 
@@ -97,6 +99,7 @@ class ProgressLog:
         self.done_work = 0
         self.last_iteration = 0
         self._last_progress = 0.0
+        self._explained = False
 
     def on_iteration(self, info: Any) -> None:
         now = time.perf_counter()
@@ -110,11 +113,22 @@ class ProgressLog:
         self.done_work += self.work[it - 1] if 0 < it <= len(self.work) else 0
         left = sum(self.work[it:])
         eta = self.busy / self.done_work * left if self.done_work > 0 else float("nan")
+        if not self._explained:
+            self._explained = True
+            self.log.info(
+                "per iteration: u = uncertainty factor; res = median FRC-0.143 resolution of the "
+                "classes whose resolution is determined (— when none is); largest class / small "
+                "= particles in the largest class / classes below 10%% of the mean size, among "
+                "this iteration's particles (the mini-batch in online iterations%s)",
+                "; with --balance the capped sizes" if self.params.balance != "off" else "",
+            )
         parts = [f"iteration {it}/{total}"]
-        for key, fmt in (("uncertainty", "u={:.2f}"), ("resolution_A", "res {:.1f} Å")):
-            v = _get(info, key, None)
-            if v is not None:
-                parts.append(fmt.format(float(v)))
+        u = _get(info, "uncertainty", None)
+        if u is not None:
+            parts.append(f"u={float(u):.2f}")
+        r = _get(info, "resolution_A", None)
+        if r is not None:
+            parts.append(f"res {float(r):.1f} Å" if math.isfinite(float(r)) else "res — Å")
         sizes = _get(info, "class_sizes", None)
         if sizes is not None:
             s = np.asarray(sizes)
@@ -301,11 +315,14 @@ def run_classification(
     callbacks: Any = None,
     root: str = "run",
     classifier: Callable[..., ClassResult] | None = None,
+    select: str | None = None,
 ) -> RunOutputs:
     """Classify ``particles`` into ``out_dir`` and write every output; see the module doc.
 
     ``sink``: the Host that writes the result (default: the host the particles came from);
-    ``classifier``: the classification function (default :func:`companion.classify.classify`).
+    ``classifier``: the classification function (default :func:`companion.classify.classify`);
+    ``select``: ``auto`` or a class list in the host's numbering (RELION 1-based, CryoSPARC
+    0-based): also write the particles of those classes (``Host.write_selection``).
 
     Raises ParameterError / DeviceError before any work when the parameters cannot work
     (cap below N/K, more classes than particles, GPU asked for and absent), Aborted when
@@ -323,6 +340,8 @@ def run_classification(
     summary_path = out_dir / SUMMARY
     summary_path.unlink(missing_ok=True)  # the old summary would describe other outputs
     cap = params.class_cap(n)
+    if select is not None and select.strip().lower() != "auto":  # a bad list fails before work
+        parse_class_list(select, params.n_classes, base=sink.class_base)
 
     def write_iteration(iteration: int, res: ClassResult) -> None:
         if iteration >= params.total_iters:
@@ -356,9 +375,15 @@ def run_classification(
     t0 = time.perf_counter()
     with _all_or_nothing(out_dir):
         paths = sink.write_result(out_dir, root, particles, result, result.iteration)
+        scores = class_scores(result)
+        keep = None
+        if select is not None:
+            keep = selected_classes(result, select, base=sink.class_base)
+            paths.update(sink.write_selection(out_dir, particles, result, keep, paths))
+        p = result.params or params.resolved()
         title = (
-            f"{particles.source_path.name}: {n} particles, {result.n_classes} classes, "
-            f"iteration {result.iteration}"
+            f"{particles.source_path.name}: {n} particles, K {result.n_classes}, anneal "
+            f"{p.get('anneal')}, balance {p.get('balance')}, iteration {result.iteration}"
         )
         paths["gallery"] = write_gallery(
             out_dir / GALLERY,
@@ -366,6 +391,8 @@ def run_classification(
             result.class_sizes,
             result.resolution_A,
             title=title,
+            scores=scores,
+            selected=keep,
         )
         paths["occupancy"] = write_occupancy(
             out_dir / OCCUPANCY, result.class_sizes, cap=result.cap, history=result.history
@@ -379,6 +406,7 @@ def run_classification(
             source=particles.source_path,
             host=sink.name,
             params=params.resolved(),
+            selection=None if keep is None else {"spec": select, "classes": keep},
             timings={
                 "classify_s": t_classify,
                 "write_s": t_write,

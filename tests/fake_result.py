@@ -89,3 +89,17 @@ def make_fake_result(
         timings={"total": 0.0},
         history=[{"iteration": i + 1, "class_sizes": sizes.tolist()} for i in range(iteration)],
     )
+
+
+def set_particle_and_junk_averages(result: ClassResult, junk: list[int]) -> ClassResult:
+    """Give every class a centred particle-like blob average, except classes ``junk`` (0-based),
+    which get a gold-edge-like step across the box (what ``--select auto`` must drop)."""
+    k, box = result.averages.shape[0], result.averages.shape[-1]
+    yy, xx = np.mgrid[0:box, 0:box].astype(np.float32) - box // 2
+    blob = np.exp(-(xx**2 + yy**2) / (2 * (box / 10) ** 2)).astype(np.float32)
+    avg = np.repeat(blob[None], k, axis=0)
+    for c in junk:
+        avg[c] = 3.0 * (xx + 0.3 * yy > box / 8)
+    result.averages = avg
+    result.class_prob = np.ones_like(result.class_prob)
+    return result

@@ -553,8 +553,9 @@ def test_select_parsing():
     assert ext.parse_select(None) is None
     assert ext.parse_select("AUTO") == "auto"
     assert ext.parse_select("3, 0,7-9") == [0, 3, 7, 8, 9]
-    result = fake_result(9, 3, 8)
-    result.resolution_A = np.array([10.0, 14.0, 16.0], np.float32)
+    from fake_result import set_particle_and_junk_averages
+
+    result = set_particle_and_junk_averages(fake_result(9, 3, 8), junk=[2])
     assert ext.select_classes(result, "auto").tolist() == [True, True, False]
     assert ext.select_classes(result, [2]).tolist() == [False, False, True]
 

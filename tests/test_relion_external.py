@@ -143,9 +143,9 @@ def test_bad_command_lines(argv, message):
 
 
 def test_parse_select():
-    from fake_result import make_fake_result
+    from fake_result import make_fake_result, set_particle_and_junk_averages
 
-    result = make_fake_result(40, 6, 16)
+    result = set_particle_and_junk_averages(make_fake_result(40, 6, 16), junk=[])
     assert parse_select("1,4", result) == [1, 4]
     assert parse_select("2 3-5", result) == [2, 3, 4, 5]
     auto = parse_select("auto", result)
@@ -155,12 +155,11 @@ def test_parse_select():
             parse_select(bad, result)
 
 
-def test_auto_select_drops_empty_and_unresolved_junk_classes():
-    from fake_result import make_fake_result
+def test_auto_select_drops_empty_and_junk_classes():
+    from fake_result import make_fake_result, set_particle_and_junk_averages
 
-    result = make_fake_result(600, 6, 16)
+    result = set_particle_and_junk_averages(make_fake_result(600, 6, 16), junk=[4])
     result.class_sizes = np.array([150, 140, 130, 120, 60, 0])
-    result.resolution_A = np.array([8.0, 8.5, 9.0, 8.2, 40.0, np.inf], dtype=np.float32)
     assert parse_select("auto", result) == [1, 2, 3, 4]
 
 

@@ -50,6 +50,7 @@ from companion.classify.groups import noise_rows
 from companion.classify.init import initial_references, lowpass_shell, seed_owner
 from companion.classify.mstep import Accumulator, reconstruct, shell_power
 from companion.classify.preprocess import Prepared, fingerprint, prepare
+from companion.classify.resolution import class_resolution
 from companion.classify.result import ClassResult
 from companion.classify.score import RotatedRefs, Search, broadcast_classes, score
 from companion.errors import Aborted, ParameterError
@@ -254,6 +255,7 @@ class _Run:
         t_it = time.perf_counter()
         p, xp = self.params, self.xp
         stage = schedule.stage(p, it)
+        balanced_now = p.balance != "off"
         idx = schedule.iteration_indices(p, self.n, it)
         u = schedule.uncertainty(p, it)
         noise = schedule.noise_source(p, it)
@@ -275,6 +277,13 @@ class _Run:
                                     final_scores)  # fmt: skip
         if final_scores:
             output.assign_balanced(self, st, stats)
+            stats["hard"] = np.bincount(st.class_id[st.class_id >= 0], minlength=self.k)
+        # balanced mode logs the capped sizes: the posteriors' column sums, which the cap
+        # bounds (the argmax of a capped soft assignment can exceed it), and after the final
+        # capped assignment the labels themselves
+        sizes = (
+            stats["hard"] if final_scores or not balanced_now else np.rint(to_host(stats["soft"]))
+        )
         secs = time.perf_counter() - t_it
         st.iteration = it
         st.timings["iterations_s"].append(secs)
@@ -287,7 +296,7 @@ class _Run:
             uncertainty=u,
             noise=noise,
             resolution_A=float(np.median(res)) if res.size else math.inf,
-            class_sizes=stats["hard"],
+            class_sizes=sizes.astype(np.int64),
             class_distribution=output.occupancy(st),
             avg_pmax=stats["pmax"] / max(stats["n"], 1),
             loglik=stats["loglik"] / max(stats["n"], 1),
@@ -339,7 +348,8 @@ class _Run:
             dual = to_device(st.dual, xp) if st.dual.size else xp.zeros(self.k)
         budget = work_budget(xp) // 2
         stats: dict[str, Any] = {"n": 0, "pmax": 0.0, "loglik": 0.0, "gflop": 0.0,
-                                 "fine_pairs": 0, "hard": np.zeros(self.k, np.int64)}  # fmt: skip
+                                 "fine_pairs": 0, "hard": np.zeros(self.k, np.int64),
+                                 "soft": xp.zeros(self.k, xp.float64)}  # fmt: skip
         if final_scores:
             stats["logpost"] = output.host_array(self, "logpost", (self.n, self.k), np.float32)
             stats["pose"] = output.host_array(self, "pose", (self.n, self.k), np.int32)
@@ -392,6 +402,7 @@ class _Run:
             stats["pmax"] += float(out["max_prob"].sum())
             stats["loglik"] += float(out["loglik"].astype(np.float64).sum())
             stats["hard"] += np.bincount(out["class_id"], minlength=self.k)
+            stats["soft"] += post.sum(axis=0)  # stays on the device
             stats["gflop"] += sc.flops / 1e9
             stats["fine_pairs"] += sc.n_fine
             call(self.callbacks, "progress", s + len(chunk), len(idx),
@@ -429,10 +440,8 @@ class _Run:
         st.refs = np.where(occupied[:, None, None], new, st.refs).astype(np.float32)
         # tau² of the next M-step: power spectrum of the new (masked) reference
         st.tau2 = shell_power(fo.to_kept(to_device(st.refs, xp), geom), geom)
-        st.frc = rec.frc.astype(np.float32)
         st.ssnr = rec.data_vs_prior.astype(np.float32)
         st.ref_power = rec.ref_power.astype(np.float32)
-        st.resolution = np.where(occupied, rec.resolution, np.inf).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             est = st.run_noise_num / (2.0 * st.run_noise_den)
         ok = np.isfinite(est) & (est > 0)
@@ -447,6 +456,9 @@ class _Run:
             prior = np.maximum(occ / occ.sum(), 1e-12)
             st.prior = prior / prior.sum()
         self.accuracy(st, rrefs, res["c2s_mean"])
+        res_a, st.frc = class_resolution(num, den, self.masked, geom, st.class_id, st.half,
+                                         st.class_prob, st.acc_rot)  # fmt: skip
+        st.resolution = np.where(occupied, res_a, np.inf).astype(np.float32)
         st.current_shell = self.next_shell(rec.data_vs_prior, occupied)
         if p.reseed_empty > 0 and not last:
             halves = [to_host(self.masked(rec.halves[h])) for h in (0, 1)]

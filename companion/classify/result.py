@@ -35,7 +35,9 @@ class ClassResult:
             from the working box), protein white, not CTF-multiplied.
         class_sizes: int64, particles whose hard label is the class.
         class_distribution: float32, soft class occupancy (sums to 1; rlnClassDistribution).
-        resolution_A: float32, FRC 0.143 between half-set averages (Å; inf if undetermined).
+        resolution_A: float32, FRC 0.143 between the particle half-sets' averages inside the
+            particle mask (Å; inf if undetermined: too few particles per half, flat
+            posterior or undetermined rotation — see classify/resolution.py).
         accuracy_rot_deg, accuracy_trans_A: float32 (rlnAccuracyRotations / ...TranslationsAngst).
         prior_offset_px: float32[K, 2] (rlnClassPriorOffsetX/Y in pixels; zeros if not used).
 
@@ -43,9 +45,9 @@ class ClassResult:
     normalisation — forward FFT divided by the pixel count — of the normalised particle
     images; sigma2 and tau2 are half the power per complex coefficient, as in RELION):
         shell_resolution_A: float32, resolution of each shell (Å; inf for shell 0).
-        frc: float32[K, S], half-set FRC per class (0 beyond the working limit). Both halves
-            are aligned against the same reference, so within the E-step resolution limit it
-            is optimistic (reference bias), as for any 2D classification.
+        frc: float32[K, S], masked half-set FRC per class (0 beyond the working limit).
+            Both halves are aligned against the same reference, so within the E-step
+            resolution limit it is optimistic (reference bias), as for any 2D classification.
         ssnr: float32[K, S], spectral SNR per class (RELION's data-vs-prior ratio,
             rlnSsnrMap: mean Wiener weight × T × tau2).
         sigma2_ref: float32[K, S], reference power per shell.

@@ -13,6 +13,8 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
            per-class correlation of the average with the true projection.
   modes    default, annealing-off, balanced and balanced + annealing-off on the same
            particles, one row per mode.
+  select   --select auto on simulated data with junk, 3 seeds: good particles kept, junk
+           in the selection, and the class-level floor (junk inside junk-minority classes).
   assign   the balanced-mode solvers (soft Sinkhorn E-step, final capped labels) on an
            N × K score matrix with an attractor built in: seconds, extra memory, cap kept,
            particles moved, score given up for the cap.
@@ -24,6 +26,7 @@ Examples:
   companion bench quality                            # 10,000 particles, K 24
   companion bench quality --n-particles 2000 --n-classes 12 --anneal off --json
   companion bench modes --json
+  companion bench select                             # 3 seeds × 2,000 particles, K 16
   companion bench assign                             # N 1,000,000, K 200, CPU
   companion bench assign --device both --n-particles 200000 --n-classes 500
 """
@@ -83,6 +86,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
     from companion.bench import assign as bench_assign
     from companion.bench import modes as bench_modes
+    from companion.bench import select as bench_select
 
     mp = sub.add_parser(
         "modes", help="default / annealing-off / balanced modes compared", formatter_class=fmt
@@ -95,6 +99,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     bench_assign.add_args(ap)
     ap.set_defaults(_bench=_assign)
+
+    lp = sub.add_parser(
+        "select", help="--select auto against the truth: good kept, junk in the selection",
+        formatter_class=fmt,
+    )  # fmt: skip
+    bench_select.add_args(lp)
+    lp.set_defaults(_bench=_select)
 
 
 def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -189,6 +200,16 @@ def _modes(args: argparse.Namespace) -> int:
 
     print(describe_machine(machine_info()), file=sys.stderr)
     return int(run_modes_benchmark(args) or 0)
+
+
+def _select(args: argparse.Namespace) -> int:
+    from companion.bench.select import format_select, run_select_benchmark
+    from companion.bench.speed import describe_machine, machine_info
+
+    print(describe_machine(machine_info()), file=sys.stderr)
+    rep = run_select_benchmark(args)
+    _emit(args, rep, format_select(rep))
+    return 0
 
 
 def _assign(args: argparse.Namespace) -> int:

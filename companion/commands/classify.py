@@ -83,6 +83,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "iteration whose soft labels exceed the cap is skipped with a warning: only capped "
         "labels are ever written)",
     )
+    parser.add_argument(
+        "--select",
+        metavar="auto|LIST",
+        default=None,
+        help="also write the particles of chosen classes into --out: particles.star + "
+        "class_averages.star (Subset selection style) for a STAR input, particles_selected.cs "
+        "for a .cs input. 'auto': classes with a class score of at least 0.5 (see README, "
+        "'Class scores'); or class numbers as the host numbers them (STAR 1-based, .cs "
+        "0-based), e.g. 1,4,7-9",
+    )
     parser.add_argument("--json", action="store_true", help="print summary.json on stdout")
     add_params_arguments(parser, ClassifyParams)
 
@@ -119,6 +129,7 @@ def main(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 keep_iterations=args.keep_iterations,
                 callbacks=_StopOnly(stop),
+                select=args.select,
             )
         except (Aborted, KeyboardInterrupt) as exc:
             what = str(exc) or "stopped"
@@ -138,7 +149,13 @@ def main(args: argparse.Namespace) -> int:
             f"{s['largest_class']}"
             + (f" (cap {s['cap']})" if s["cap"] is not None else "")
             + f", {s['classes_below_10pct_of_mean']} below 10% of the mean size; "
-            f"outputs in {args.out} (summary.json, {Path(s['files']['gallery']).name})",
+            f"outputs in {args.out} (summary.json, {Path(s['files']['gallery']).name})"
+            + (
+                f"; selected {s['selection']['n_particles']} particles in "
+                f"{len(s['selection']['classes'])} classes"
+                if s.get("selection")
+                else ""
+            ),
             file=sys.stderr,
         )
     return 0

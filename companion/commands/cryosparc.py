@@ -88,8 +88,8 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--select",
         metavar="auto|LIST",
-        help="also save particles_selected / particles_rejected: 'auto' (classes "
-        "within 1.5x the best class resolution) or 0-based classes, e.g. 0,3,7-9",
+        help="also save particles_selected / particles_rejected: 'auto' (classes with a "
+        "class score of at least 0.5, the rule all hosts share) or 0-based classes, e.g. 0,3,7-9",
     )
     g.add_argument(
         "--contrast",

@@ -57,7 +57,6 @@ from companion.particles import ParticleSet
 log = logging.getLogger("companion.cryosparc")
 
 INPUT = "particles"
-SELECT_AUTO_FACTOR = 1.5  # --select auto: classes within 1.5x the best class resolution
 SELECT_OUTPUTS = (("particles_selected", "selected"), ("particles_rejected", "rejected"))
 
 
@@ -153,22 +152,15 @@ def parse_select(spec: str | None) -> str | list[int] | None:
 
 
 def select_classes(result: Any, spec: str | list[int]) -> np.ndarray:
-    """bool[K]: the classes ``--select`` keeps.
+    """bool[K]: the classes ``--select`` keeps (``auto``: :func:`companion.select.select_auto`,
+    the rule shared with the RELION job)."""
+    from companion.select import select_auto
 
-    ``auto``: non-empty classes whose FRC resolution is at most ``SELECT_AUTO_FACTOR`` times
-    the best class's (a first pass; refine it with CryoSPARC's Select 2D on the outputs).
-    """
-    sizes = np.asarray(result.class_sizes)
-    if spec != "auto":
-        keep = np.zeros(result.n_classes, dtype=bool)
-        keep[np.asarray(spec, dtype=np.int64)] = True
-        return keep
-    res = np.asarray(result.resolution_A, dtype=np.float64)
-    ok = np.isfinite(res) & (res > 0) & (sizes > 0)
-    if not ok.any():
-        log.warning("--select auto: no class has a resolution estimate; selecting all non-empty")
-        return sizes > 0
-    return ok & (res <= SELECT_AUTO_FACTOR * res[ok].min())
+    if spec == "auto":
+        return select_auto(result)
+    keep = np.zeros(result.n_classes, dtype=bool)
+    keep[np.asarray(spec, dtype=np.int64)] = True
+    return keep
 
 
 # ------------------------------------------------------------------ the workflow

@@ -19,7 +19,7 @@ from cryosparc.dataset import Dataset
 from companion.classify.result import ClassResult
 from companion.cryosparc import conventions as cv
 from companion.cryosparc.dataset_io import mix64, particle_uids
-from companion.io.atomic import atomic_paths
+from companion.io.atomic import atomic_path, atomic_paths
 from companion.io.mrc import write_mrc_stack
 from companion.particles import ParticleSet
 
@@ -75,6 +75,32 @@ def write_result(
     """:func:`write_class2d_outputs` with the Host writer's arguments (CryoSPARC's file
     names carry neither ``root`` nor ``iteration``)."""
     return write_class2d_outputs(out_dir, particles, result)
+
+
+SELECTED_NAME = "particles_selected.cs"
+
+
+def write_selected_particles(
+    out_dir: str | Path, particles: ParticleSet, result: ClassResult, keep: np.ndarray
+) -> Path:
+    """``particles_selected.cs``: the rows of ``particles.cs`` whose class is in ``keep``
+    (bool per class), what CryoSPARC's Select 2D saves as particles_selected."""
+    path = Path(out_dir) / SELECTED_NAME
+    rows = np.flatnonzero(np.asarray(keep, dtype=bool)[np.asarray(result.class_id)])
+    fields = cv.alignments2d_fields(particles, result)
+    ds = Dataset([("uid", particle_uids_for(particles)[rows]),
+                  *((k, v[rows]) for k, v in fields.items())])  # fmt: skip
+    with atomic_path(path) as tmp:
+        ds.save(str(tmp))
+    return path
+
+
+def write_selection(
+    out_dir: Path, particles: ParticleSet, result: ClassResult, keep: np.ndarray,
+    paths: dict[str, Path],
+) -> dict[str, Path]:  # fmt: skip
+    """The Host selection writer: ``particles_selected.cs``."""
+    return {"selected_particles": write_selected_particles(out_dir, particles, result, keep)}
 
 
 def particle_uids_for(particles: ParticleSet) -> np.ndarray:

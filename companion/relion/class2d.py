@@ -34,6 +34,7 @@ from companion.particles import ParticleSet
 from companion.relion.pipeline import detect_version, normalise_version, star_version
 from companion.relion.star import format_star, write_star
 from companion.relion.tables import RelionTables
+from companion.select import class_scores
 
 NO_RESOLUTION = 999.0  # what RELION writes for an undetermined resolution
 
@@ -323,6 +324,7 @@ def model_blocks(
                 "rlnOverallFourierCompleteness": np.where(sizes > 0, in_limit.mean(), 0.0),
                 "rlnClassPriorOffsetX": prior[:, 0],
                 "rlnClassPriorOffsetY": prior[:, 1],
+                "rlnClassScore": class_scores(result).astype(np.float64),  # RELION 4 ranker's
             }
         ),
     }
@@ -556,6 +558,19 @@ def optimiser_star(
 
 
 # --- a Subset-selection-like output -------------------------------------------------------
+
+
+def write_selected(
+    out_dir: Path,
+    particles: ParticleSet,
+    result: ClassResult,
+    keep: np.ndarray,
+    paths: dict[str, Path],
+) -> dict[str, Path]:
+    """The Host selection writer: :func:`write_selection` of the classes ``keep``."""
+    chosen = [int(c) + 1 for c in np.flatnonzero(keep)]
+    out = write_selection(out_dir, particles, result, chosen, paths["classes"])
+    return {"selected_particles": out["particles"], "selected_classes": out["class_averages"]}
 
 
 def write_selection(

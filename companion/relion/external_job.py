@@ -275,49 +275,14 @@ def refuse_continue(job: JobArgs) -> str | None:
     return None
 
 
-def auto_select(result: Any) -> list[int]:
-    """Classes kept by ``--select auto`` (1-based): non-empty classes holding at least 10% of
-    the mean class size whose resolution is determined and not an outlier (log resolution
-    within median + 3 × 1.4826 MAD of the kept classes, MAD at least 10%)."""
+def parse_select(text: str, result: Any) -> list[int]:
+    """``auto`` (:func:`companion.select.select_auto`, the rule shared with the CryoSPARC
+    job) or a class list like ``1,4,7`` / ``1 4 7`` / ``3-6``; 1-based class numbers."""
     import numpy as np
 
-    sizes = np.asarray(result.class_sizes, dtype=np.float64)
-    res = np.asarray(result.resolution_A, dtype=np.float64)
-    ok = (sizes > 0) & (sizes >= 0.1 * sizes.mean())
-    finite = ok & np.isfinite(res) & (res > 0)
-    if finite.any():
-        lr = np.log(res[finite])
-        med = np.median(lr)
-        mad = max(1.4826 * np.median(np.abs(lr - med)), 0.1)
-        keep = finite & (np.log(np.where(finite, res, 1.0)) <= med + 3 * mad)
-    else:
-        keep = ok
-    return [int(i) + 1 for i in np.flatnonzero(keep)]
+    from companion.select import selected_classes
 
-
-def parse_select(text: str, result: Any) -> list[int]:
-    """``auto`` or a class list like ``1,4,7`` / ``1 4 7`` / ``3-6`` (1-based)."""
-    from companion.errors import ParameterError
-
-    if text.strip().lower() == "auto":
-        return auto_select(result)
-    classes: set[int] = set()
-    k = result.n_classes
-    for part in text.replace(",", " ").split():
-        try:
-            if "-" in part.strip("-"):
-                lo, hi = (int(x) for x in part.split("-", 1))
-                classes.update(range(lo, hi + 1))
-            else:
-                classes.add(int(part))
-        except ValueError:
-            raise ParameterError(
-                f"--select {text!r}: use 'auto' or class numbers like 1,4,7"
-            ) from None
-    bad = sorted(c for c in classes if not 1 <= c <= k)
-    if bad or not classes:
-        raise ParameterError(f"--select {text!r}: class numbers must be between 1 and {k}")
-    return sorted(classes)
+    return [int(i) + 1 for i in np.flatnonzero(selected_classes(result, text, base=1))]
 
 
 class JobCallbacks:

@@ -1,0 +1,137 @@
+"""Class scores, ``--select auto|LIST`` and the per-class resolution that does not reward junk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import starfile
+from fake_result import make_fake_result, set_particle_and_junk_averages
+
+from companion.cli import main
+from companion.errors import ParameterError
+from companion.select import (
+    class_features,
+    class_scores,
+    parse_class_list,
+    select_auto,
+    selected_classes,
+)
+from companion.simulate import load_truth, simulate
+
+TINY = "--n-classes 4 --online-iters 2 --batch-per-class 20 --full-iters 1 --max-resolution 16 \
+--psi-step 15 --device cpu --seed 1".split()
+
+
+def test_scores_drop_edge_noise_faint_and_empty_classes():
+    res = set_particle_and_junk_averages(make_fake_result(800, 8, 32), junk=[1])
+    res.averages[2] *= 0.1  # a faint (noise-like) average: contrast 10× below the others
+    res.class_prob[res.class_id == 3] = 0.5  # flat posterior
+    res.class_sizes = np.bincount(res.class_id, minlength=8)
+    res.class_id[res.class_id == 4] = 5  # class 4 empty
+    res.class_sizes = np.bincount(res.class_id, minlength=8)
+    s = class_scores(res)
+    assert s.dtype == np.float32 and s.shape == (8,)
+    assert np.all((s >= 0) & (s <= 1))
+    assert select_auto(res).tolist() == [True, False, False, False, False, True, True, True]
+    f = class_features(res)
+    assert f.rim[1] > 0.15 > f.rim[0]
+    assert np.isnan(f.rim[4]) and s[4] == 0
+
+
+def test_class_lists_per_host_numbering():
+    assert parse_class_list("1,4 7-8", 8, base=1) == [0, 3, 6, 7]
+    assert parse_class_list("0,3", 8, base=0) == [0, 3]
+    for bad, base in (("0", 1), ("8", 0), ("x", 1), ("5-3", 1), ("", 0)):
+        with pytest.raises(ParameterError, match="--select"):
+            parse_class_list(bad, 8, base=base)
+    res = make_fake_result(40, 4, 16)
+    assert selected_classes(res, "2", base=1).tolist() == [False, True, False, False]
+
+
+def test_undetermined_resolution_for_tiny_and_flat_classes():
+    from companion.classify.resolution import MIN_HALF_PARTICLES, undetermined
+
+    k = 4
+    class_id = np.repeat(np.arange(k), [100, 2 * MIN_HALF_PARTICLES - 4, 100, 100])
+    half = (np.arange(class_id.size) % 2).astype(np.uint8)
+    prob = np.ones(class_id.size, np.float32)
+    prob[class_id == 2] = 0.3
+    acc = np.array([3.0, 3.0, 3.0, 360.0])
+    assert undetermined(class_id, half, prob, acc, k).tolist() == [False, True, True, True]
+
+
+def test_masked_frc_ignores_what_lies_outside_the_mask():
+    from companion.classify import fourier as fo
+    from companion.classify.resolution import class_resolution, frc_resolution, masked_frc
+
+    geom = fo.Geometry.create(64, 3.0, 6.0, None)
+    w = geom.work_box
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:w, :w] - w // 2
+    mask = fo.soft_mask(w, geom.mask_radius)
+    outside = fo.radial_mask(w, geom.mask_radius)
+
+    def masked(coef):
+        return fo.apply_mask(fo.from_kept(coef, geom), mask, outside)
+
+    signal = 2.0 * rng.normal(0, 1.0, (w, w)) * (np.hypot(xx, yy) < 0.6 * geom.mask_radius)
+    edge = 20.0 * (xx + yy > 1.6 * geom.mask_radius)  # shared, strong, outside the mask only
+    imgs = rng.normal(0, 1.0, (2, 2, w, w))
+    imgs[:, 0] += signal  # class 0: a particle under independent noise
+    imgs[:, 1] += edge  # class 1: noise + the same gold edge beyond the mask in both halves
+    num = fo.to_kept(imgs, geom)
+    den = np.ones(num.shape, np.float32)
+    plain = frc_resolution(masked_frc(num, den, lambda c: fo.from_kept(c, geom), geom), geom)
+    inside = masked_frc(num, den, masked, geom)
+    assert plain[1] < 20  # unmasked, the edge correlates: a "good" resolution for junk
+    # inside the mask only the background offset the edge leaves is shared (low frequency)
+    assert frc_resolution(inside, geom)[1] > 3 * plain[1]
+    class_id = np.repeat([0, 1], 60)
+    half = (np.arange(120) % 2).astype(np.uint8)
+    res, frc = class_resolution(num, den, masked, geom, class_id, half, np.ones(120), np.ones(2))
+    assert frc.shape == (2, geom.s_max + 1) and np.all(frc[:, 0] == 1)
+    assert res[0] < res[1]
+
+
+def test_classify_select_auto_writes_star_selection_and_scores(tmp_path, capsys):
+    data = tmp_path / "sim"
+    simulate(data, 160, box=32, psize=6.0, seed=3, progress=False)
+    out = tmp_path / "out"
+    rc = main(["classify", str(data / "particles.star"), "--out", str(out), *TINY,
+               "--select", "auto"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["class_score"]) == 4
+    sel = summary["selection"]
+    assert sel["spec"] == "auto" and sel["classes"] == sorted(sel["classes"])
+    model = starfile.read(out / "run_it003_model.star")["model_classes"]
+    assert "rlnClassScore" in model.columns
+    chosen = [i + 1 for i, s in enumerate(summary["class_score"]) if s >= 0.5]
+    sizes = summary["class_sizes"]
+    assert sel["classes"] == [c for c in chosen if sizes[c - 1] > 0]
+    if sel["classes"]:
+        parts = starfile.read(out / "particles.star")["particles"]
+        assert len(parts) == sel["n_particles"]
+        assert set(parts["rlnClassNumber"]) <= set(sel["classes"])
+    assert len(load_truth(data)) == 160
+
+
+def test_classify_select_list_for_cs_input_is_zero_based(tmp_path, capsys):
+    from cryosparc.dataset import Dataset
+
+    data = tmp_path / "sim"
+    simulate(data, 120, box=32, psize=6.0, seed=4, progress=False)
+    out = tmp_path / "out"
+    rc = main(["classify", str(data / "particles.cs"), "--out", str(out), *TINY,
+               "--select", "0,2"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    ds = Dataset.load(str(out / "particles_selected.cs"))
+    full = Dataset.load(str(out / "particles.cs"))
+    classes = np.asarray(full["alignments2D/class"])
+    assert len(ds) == int(np.isin(classes, [0, 2]).sum())
+    assert set(np.asarray(ds["alignments2D/class"]).tolist()) <= {0, 2}
+    rc = main(["classify", str(data / "particles.cs"), "--out", str(tmp_path / "o2"), *TINY,
+               "--select", "4"])  # fmt: skip
+    assert rc == 2 and "--select" in capsys.readouterr().err
