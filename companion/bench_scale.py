@@ -9,7 +9,8 @@ Finished points are kept in ``OUT/scale.json``; rerunning the same command skips
 an interrupted point continues from its checkpoint (``--continue``), so a 1M run can be
 resumed. After each point the ETA of the rest is printed (time ∝ N·K fitted so far). The
 fitted exponents are the least-squares slopes of log time vs log N (at the first K) and vs
-log K (at the smallest N).
+log K (at the smallest N). ``--max-iterations`` stops each point early: a memory check at
+large N (preprocessing plus the first iterations) when the full schedule would take too long.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import numpy as np
 POINTS_FILE = "scale.json"
 
 
-def _key(n: int, k: int, box: int, overrides: dict[str, Any]) -> str:
-    return json.dumps([n, k, box, sorted(overrides.items())])
+def _key(n: int, k: int, box: int, overrides: dict[str, Any], max_iterations: int | None) -> str:
+    return json.dumps([n, k, box, sorted(overrides.items()), max_iterations])
 
 
 def base_set(out: Path, n: int, box: int, seed: int) -> Path:
@@ -43,10 +44,13 @@ def base_set(out: Path, n: int, box: int, seed: int) -> Path:
     return star
 
 
-def run_point(star: Path, n: int, k: int, work: Path, overrides: dict[str, Any]) -> dict:
+def run_point(star: Path, n: int, k: int, work: Path, overrides: dict[str, Any],
+              max_iterations: int | None = None) -> dict:  # fmt: skip
     """Classify the base set tiled to ``n`` particles into ``k`` classes in a child
-    process; its wall time, peak RSS and cache size."""
-    spec = json.dumps({"star": str(star), "n": n, "k": k, "work": str(work), "params": overrides})
+    process (stopping after ``max_iterations`` when given); its wall time, peak RSS and
+    cache size."""
+    spec = json.dumps({"star": str(star), "n": n, "k": k, "work": str(work),
+                       "params": overrides, "max_iterations": max_iterations})  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "companion.bench_scale", spec],
                             stdout=subprocess.PIPE)  # fmt: skip
@@ -77,18 +81,35 @@ def _child(spec: dict[str, Any]) -> None:
     seen: dict[str, Any] = {"cache_bytes": 0, "preprocess_s": None}
     t0 = time.perf_counter()
 
+    stop_after = spec.get("max_iterations")
+
     class Hooks:
+        iterations = 0
+
+        def on_iteration(self, info: Any) -> None:
+            self.iterations += 1
+
+        def should_stop(self) -> bool:
+            return stop_after is not None and self.iterations >= stop_after
+
         def progress(self, done: int, total: int, stage: str) -> None:
             if stage != "preprocess" and seen["preprocess_s"] is None:
                 seen["preprocess_s"] = time.perf_counter() - t0
                 if cache.is_file():
                     seen["cache_bytes"] = cache.stat().st_blocks * 512
 
-    res = classify(ps, params, work_dir=spec["work"], resume=True, callbacks=Hooks())
+    from companion.errors import Aborted
+
+    hooks = Hooks()
+    try:
+        iterations = classify(ps, params, work_dir=spec["work"], resume=True,
+                              callbacks=hooks).iteration  # fmt: skip
+    except Aborted:  # --max-iterations reached
+        iterations = hooks.iterations
     secs = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": secs, "peak_rss": rss, "cache_bytes": seen["cache_bytes"],
-                      "preprocess_s": seen["preprocess_s"], "iterations": res.iteration,
+                      "preprocess_s": seen["preprocess_s"], "iterations": iterations,
                       "n": n, "k": int(spec["k"])}))  # fmt: skip
 
 
@@ -100,7 +121,8 @@ def slope(x: list[float], y: list[float]) -> float | None:
 
 
 def run_scale_benchmark(out: Path, ns: list[int], ks: list[int], box: int, seed: int,
-                        overrides: dict[str, Any], base_max: int) -> dict[str, Any]:  # fmt: skip
+                        overrides: dict[str, Any], base_max: int,
+                        max_iterations: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Every (N, K[0]) point and every (min N, K) point; resumable through ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     points_path = out / POINTS_FILE
@@ -108,11 +130,11 @@ def run_scale_benchmark(out: Path, ns: list[int], ks: list[int], box: int, seed:
     todo = [(n, ks[0]) for n in ns] + [(min(ns), k) for k in ks[1:]]
     star = base_set(out, min(min(ns), base_max), box, seed)
     for i, (n, k) in enumerate(todo):
-        key = _key(n, k, box, overrides)
+        key = _key(n, k, box, overrides, max_iterations)
         if key in done:
             continue
         print(f"bench scale: N={n} K={k} box {box} ...", file=sys.stderr)
-        rec = run_point(star, n, k, out / "runs" / f"n{n}_k{k}", overrides)
+        rec = run_point(star, n, k, out / "runs" / f"n{n}_k{k}", overrides, max_iterations)
         rec["throughput"] = n / rec["seconds"]
         done[key] = rec
         tmp = points_path.with_suffix(".tmp")
@@ -121,15 +143,20 @@ def run_scale_benchmark(out: Path, ns: list[int], ks: list[int], box: int, seed:
         rate = sum(r["seconds"] for r in done.values()) / sum(
             r["n"] * r["k"] for r in done.values()
         )
-        left = sum(nn * kk for nn, kk in todo[i + 1 :] if _key(nn, kk, box, overrides) not in done)
+        left = sum(
+            nn * kk
+            for nn, kk in todo[i + 1 :]
+            if _key(nn, kk, box, overrides, max_iterations) not in done
+        )
         print(f"bench scale: N={n} K={k}: {rec['seconds']:.0f}s, peak RSS "
               f"{rec['peak_rss'] / 2**30:.2f} GiB; ETA of the rest {left * rate / 60:.0f} min",
               file=sys.stderr)  # fmt: skip
-    rows = [done[_key(n, k, box, overrides)] for n, k in todo]
+    rows = [done[_key(n, k, box, overrides, max_iterations)] for n, k in todo]
     by_n = [r for r in rows if r["k"] == ks[0]]
     by_k = [r for r in rows if r["n"] == min(ns)]
     return {
         "box": box,
+        "max_iterations": max_iterations,
         "points": rows,
         "exponent_time_vs_n": slope([r["n"] for r in by_n], [r["seconds"] for r in by_n]),
         "exponent_time_vs_k": slope([r["k"] for r in by_k], [r["seconds"] for r in by_k]),
@@ -137,7 +164,9 @@ def run_scale_benchmark(out: Path, ns: list[int], ks: list[int], box: int, seed:
 
 
 def format_scale(rep: dict[str, Any]) -> str:
-    lines = [f"bench scale (box {rep['box']}, CPU)",
+    cut = rep.get("max_iterations")
+    what = f", first {cut} iteration(s) only" if cut else ""
+    lines = [f"bench scale (box {rep['box']}, CPU{what})",
              f"{'N':>9} {'K':>5} {'wall s':>9} {'prep s':>8} {'peak RSS GiB':>13} "
              f"{'cache GiB':>10} {'particles/s':>12} {'ptcl×class/s':>13}"]  # fmt: skip
     for r in rep["points"]:

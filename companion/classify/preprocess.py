@@ -2,9 +2,10 @@
 
 Each batch of protein-white images is Fourier-cropped to the working box, normalised so the
 background (outside the mask radius) has mean 0 and sd 1, multiplied by a soft circular
-mask, transformed, and its kept coefficients written to a ``np.memmap`` of shape (N, F)
-complex64 — a million particles never sit in RAM. The same pass accumulates, per optics
-group, the power spectrum of the particles minus their mean: the initial noise estimate.
+mask, transformed, and its kept coefficients written to an (N, F) complex64 file
+(:class:`diskcache.RowFile`, read and written by rows, never mapped) — a million particles
+never sit in RAM. The same pass accumulates, per optics group, the power spectrum of the
+particles minus their mean: the initial noise estimate.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Prepared:
     """Preprocessed particles: coefficients on disk plus what the E-step needs per particle."""
 
     geom: fo.Geometry
-    coeffs: np.ndarray  # (N, F) complex64 memmap
+    coeffs: diskcache.RowFile  # (N, F) complex64 on disk: coeffs[idx] reads rows
     group_index: np.ndarray  # int32[N] row of sigma2 for each particle
     groups: np.ndarray  # int32[G] optics-group ids
     sigma2_init: np.ndarray  # float64[G, S] initial noise power per shell (S = s_max + 1)
@@ -154,7 +155,7 @@ def _progress_path(cache_dir: Path) -> Path:
     return cache_dir / "progress.npz"
 
 
-def _save_progress(cache_dir: Path, coeffs: np.memmap, state: dict[str, Any]) -> None:
+def _save_progress(cache_dir: Path, coeffs: diskcache.RowFile, state: dict[str, Any]) -> None:
     """Flush the coefficients written so far, then record how far (atomically)."""
     coeffs.flush()
     path = _progress_path(cache_dir)
@@ -213,7 +214,7 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     if reuse and meta_path.is_file() and data_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("fingerprint") == fp and meta.get("shape") == [n, nf]:
-            coeffs = np.memmap(data_path, dtype=np.complex64, mode="r", shape=(n, nf))
+            coeffs = diskcache.open_rows(data_path, (n, nf), np.complex64)
             sigma2 = np.asarray(meta["sigma2_init"], dtype=np.float64)
             log.info("reusing preprocessed particles in %s", cache_dir)
             return Prepared(geom, coeffs, group_index, groups, sigma2, 0.0)
@@ -313,7 +314,8 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     if bad:
         bad_path.write_text(json.dumps({"fingerprint": fp, "bad": sorted(bad)}))
         raise BadImages(np.asarray(sorted(bad)), n)
-    coeffs = np.memmap(data_path, dtype=np.complex64, mode="r", shape=(n, nf))
+    coeffs.close()
+    coeffs = diskcache.open_rows(data_path, (n, nf), np.complex64)
     secs = time.perf_counter() - t0
     log.info("preprocessed %d particles to box %d (%d coefficients) in %.1fs", n, w, nf, secs)
     return Prepared(geom, coeffs, group_index, groups, sigma2, secs, average)

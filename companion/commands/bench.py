@@ -122,6 +122,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default="bench_scale",
         help="data, runs and finished points (rerun to resume) [default: bench_scale]",
     )
+    sc.add_argument(
+        "--max-iterations",
+        type=int,
+        default=None,
+        help="stop each point after this many iterations (memory check at large N; times "
+        "are then not those of the full schedule)",
+    )
     sc.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     add_params_arguments(sc, ClassifyParams)
     sc.set_defaults(_bench=_scale)
@@ -243,7 +250,9 @@ def _scale(args: argparse.Namespace) -> int:
     validate_params({"n_classes": ks[0], **overrides}).check_feasible(min(ns))
     print(describe_machine(machine_info()), file=sys.stderr)
     seed = overrides.get("seed", 0)  # simulation and run seed (--seed)
-    rep = run_scale_benchmark(Path(args.out), ns, ks, args.box, seed, overrides, args.base)
+    rep = run_scale_benchmark(
+        Path(args.out), ns, ks, args.box, seed, overrides, args.base, args.max_iterations
+    )
     _emit(args, rep, format_scale(rep))
     return 0
 
