@@ -153,6 +153,20 @@ class ClassifyParams(BaseModel):
             "GPU runs out of memory."
         ),
     )
+    memory_limit: str | None = Field(
+        None,
+        description=(
+            "Host memory budget, e.g. 4G or 512M: batch sizes are chosen to fit it (the "
+            "preprocessed images live in an on-disk cache, not in RAM). Default: half the "
+            "available memory (within the cgroup/SLURM limit)."
+        ),
+    )
+    drop_bad_images: bool = Field(
+        False,
+        description=(
+            "Leave out images with NaN/Inf pixels (and report how many) instead of refusing to run."
+        ),
+    )
     seed: int = Field(0, ge=0, description="Random seed; a run is reproducible on one backend.")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Compute device: 'gpu' needs CuPy and a CUDA GPU; 'auto' picks one."
@@ -160,6 +174,15 @@ class ClassifyParams(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ClassifyParams:
+        if self.memory_limit is not None:
+            from companion.classify.backend import parse_size
+
+            try:
+                parse_size(self.memory_limit)
+            except ValueError:
+                raise ValueError(
+                    f"--memory-limit {self.memory_limit!r}: expected a size such as 4G or 512M"
+                ) from None
         if self.balance == "cap" and self.max_per_class is None:
             raise ValueError("--balance cap needs --max-per-class N")
         if self.max_per_class is not None and self.balance != "cap":
@@ -222,6 +245,13 @@ class ClassifyParams(BaseModel):
             raise ParameterError(
                 f"{self.n_classes} classes for {n_particles} particles — use fewer classes"
             )
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        """--memory-limit in bytes (None: the default fraction of available memory)."""
+        from companion.classify.backend import parse_size
+
+        return None if self.memory_limit is None else parse_size(self.memory_limit)
 
     def resolved(self) -> dict[str, Any]:
         """Every value the run uses, with the annealing knobs resolved (for outputs)."""

@@ -368,7 +368,20 @@ def run_classification(
         out_dir,
     )
     t0 = time.perf_counter()
-    result = classifier(particles, params, work_dir=out_dir, resume=resume, callbacks=hooks.build())
+    from companion.classify.preprocess import BadImages
+
+    try:
+        result = classifier(particles, params, work_dir=out_dir, resume=resume,
+                          callbacks=hooks.build())  # fmt: skip
+    except BadImages as bad:  # --drop-bad-images: classify the others (preprocessed again)
+        log.warning("--drop-bad-images: leaving out %d of %d images with NaN/Inf pixels",
+                    len(bad.bad), n)  # fmt: skip
+        particles = particles.subset(bad.keep)
+        n = len(particles)
+        params.check_feasible(n)
+        cap = params.class_cap(n)
+        result = classifier(particles, params, work_dir=out_dir, resume=resume,
+                          callbacks=hooks.build())  # fmt: skip
     t_classify = time.perf_counter() - t0
     check_cap(result, n, cap)
 

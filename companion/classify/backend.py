@@ -93,36 +93,96 @@ def describe_device(xp: Any) -> str:
     return f"cpu (numpy {np.__version__}, {os.cpu_count() or 1} cores)"
 
 
+def _cgroup_free() -> int | None:
+    """Bytes this process's cgroup may still allocate (v2 or v1), or None without a limit."""
+    for limit_f, usage_f in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+         "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):  # fmt: skip
+        try:
+            raw = open(limit_f).read().strip()
+            if raw == "max" or int(raw) >= 1 << 60:
+                return None
+            return max(0, int(raw) - int(open(usage_f).read().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def available_memory(xp: Any) -> int:
-    """Bytes free for work arrays: free GPU memory (CuPy) or available host RAM (NumPy)."""
+    """Bytes free for work arrays: free GPU memory (CuPy) or available host RAM (NumPy),
+    the latter never more than the cgroup (container, SLURM job) still allows."""
     if is_cupy(xp):
         free, _total = xp.cuda.runtime.memGetInfo()
         pool = xp.get_default_memory_pool()
         return int(free + pool.free_bytes())
+    avail = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
+    if avail is None:
+        try:
+            avail = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            avail = 4 << 30
+    cg = _cgroup_free()
+    return avail if cg is None else min(avail, cg)
+
+
+DEFAULT_MEMORY_FRACTION = 0.5  # --memory-limit default: this fraction of available host RAM
+_memory_limit: int | None = None  # bytes, set for the duration of a run (memory_limit())
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``4G``, ``512M``, ``1.5GB``, ``2e9`` (K/M/G/T powers of 1024); ValueError."""
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    value = float(t) * mult
+    if not value > 0:
+        raise ValueError(f"{text!r} is not a positive size")
+    return int(value)
+
+
+def host_memory_limit() -> int:
+    """The host-memory budget of this run: --memory-limit, else a fraction of available RAM."""
+    if _memory_limit is not None:
+        return _memory_limit
+    return int(DEFAULT_MEMORY_FRACTION * available_memory(np))
+
+
+@contextlib.contextmanager
+def memory_limit(limit: int | None) -> Iterator[int]:
+    """Use ``limit`` bytes (None: the default) as the host budget inside the block."""
+    global _memory_limit
+    old = _memory_limit
+    _memory_limit = None if limit is None else int(limit)
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+        yield host_memory_limit()
+    finally:
+        _memory_limit = old
 
 
 def work_budget(xp: Any) -> int:
     """Bytes the classifier may use for one batch's temporaries.
 
-    GPU: 40% of free memory. CPU: a quarter of available RAM, at most 1 GiB (two cores gain
-    nothing from larger batches, and a fixed ceiling keeps batch sizes — hence results —
-    the same from run to run).
+    GPU: 40% of free device memory (the host side stays within the host budget, since the
+    host holds no more than one batch). CPU: half the host budget (--memory-limit; by
+    default half the available RAM), at most 1 GiB (two cores gain nothing from larger
+    batches, and a fixed ceiling keeps batch sizes — hence results — the same from run to
+    run on any machine with more than 4 GiB free).
     """
-    avail = available_memory(xp)
     if is_cupy(xp):
-        return max(64 << 20, int(0.4 * avail))
-    return int(min(1 << 30, max(64 << 20, avail // 4)))
+        return max(64 << 20, int(0.4 * available_memory(xp)))
+    return int(min(1 << 30, max(32 << 20, host_memory_limit() // 2)))
 
 
 def batch_size(bytes_per_item: float, xp: Any, *, fixed_bytes: float = 0, most: int = 1 << 16,

@@ -24,7 +24,8 @@ from companion.params import ClassifyParams
 STATE_FILE = "state.npz"
 FORMAT = 1
 # parameters that may change between a run and its continuation
-RESUMABLE_CHANGES = ("device",)
+# (the batch size is saved in the state, so --memory-limit does not change the result)
+RESUMABLE_CHANGES = ("device", "memory_limit")
 
 
 @dataclass

@@ -39,6 +39,7 @@ from companion.classify.backend import (
     describe_device,
     device_errors,
     logsumexp,
+    memory_limit,
     select_device,
     to_device,
     to_host,
@@ -78,7 +79,13 @@ def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path |
             "--online-iters 0 and --full-iters 0: no iterations to run — set at least one"
         )
     xp = select_device(params.device)
-    with device_errors(), _dirs(work_dir) as (ckpt_dir, persistent):
+    with device_errors(), _dirs(work_dir) as (ckpt_dir, persistent), \
+            memory_limit(params.memory_limit_bytes) as limit:  # fmt: skip
+        log.info(
+            "host memory budget %.2f GiB%s",
+            limit / (1 << 30),
+            "" if params.memory_limit else " (half the available memory; --memory-limit)",
+        )
         return _Run(particles, params, xp, ckpt_dir, persistent, callbacks).execute(resume)
 
 
@@ -133,12 +140,18 @@ class _Run:
             self.geom.n_coef, self.r, self.search.n_shift, self.search.mode,
         )  # fmt: skip
         prep = prepare(self.particles, self.geom, self.ckpt_dir / "cache", self.xp,
-                       callbacks=self.callbacks)  # fmt: skip
+                       reuse=resume and self.persistent,
+                       drop_bad=self.params.drop_bad_images, callbacks=self.callbacks)  # fmt: skip
         if st is None:
             st = self.initial_state(prep)
             st.timings["preprocess_s"] = prep.seconds
         elif st.iteration:
             log.info("continuing after iteration %d of %d", st.iteration, self.total)
+        log.info(
+            "E-step batch: %d particles (%s)",
+            st.batch,
+            "--batch-size" if self.params.batch_size else "from the memory budget",
+        )
         for it in range(st.iteration + 1, self.total + 1):
             info = self.iteration(it, st, prep)
             st.finished = it == self.total

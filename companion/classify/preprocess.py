@@ -2,9 +2,10 @@
 
 Each batch of protein-white images is Fourier-cropped to the working box, normalised so the
 background (outside the mask radius) has mean 0 and sd 1, multiplied by a soft circular
-mask, transformed, and its kept coefficients written to a ``np.memmap`` of shape (N, F)
-complex64 — a million particles never sit in RAM. The same pass accumulates, per optics
-group, the power spectrum of the particles minus their mean: the initial noise estimate.
+mask, transformed, and its kept coefficients written to an (N, F) complex64 file
+(:class:`diskcache.RowFile`, read and written by rows, never mapped) — a million particles
+never sit in RAM. The same pass accumulates, per optics group, the power spectrum of the
+particles minus their mean: the initial noise estimate.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +21,17 @@ from typing import Any
 
 import numpy as np
 
+from companion.classify import diskcache
 from companion.classify import fourier as fo
 from companion.classify.backend import batch_size, to_device, to_host, work_budget
 from companion.classify.callbacks import call, stop_requested
 from companion.classify.ctf import ctf_terms
 from companion.classify.groups import MIN_GROUP_PARTICLES, noise_rows
 from companion.classify.init import accumulate
-from companion.errors import Aborted
+from companion.errors import Aborted, InputError
 from companion.io.atomic import atomic_write_text
 from companion.particles import ParticleSet
+from companion.stacks import file_order, read_images
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class Prepared:
     """Preprocessed particles: coefficients on disk plus what the E-step needs per particle."""
 
     geom: fo.Geometry
-    coeffs: np.ndarray  # (N, F) complex64 memmap
+    coeffs: diskcache.RowFile  # (N, F) complex64 on disk: coeffs[idx] reads rows
     group_index: np.ndarray  # int32[N] noise row (sigma2, scale) of each particle
     groups: np.ndarray  # int32[G] noise row of each ParticleSet group (see groups.py)
     sigma2_init: np.ndarray  # float64[G, S] initial noise power per shell (S = s_max + 1)
@@ -48,7 +52,21 @@ class Prepared:
     average_sums: list | None = None
 
 
+def stack_stamps(particles: ParticleSet) -> list[list[int]]:
+    """[size, mtime_ns] of every stack file (what the images are, cheaply); -1 if missing."""
+    out = []
+    for path in particles.stack_paths:
+        try:
+            st = Path(path).stat()
+            out.append([int(st.st_size), int(st.st_mtime_ns)])
+        except OSError:
+            out.append([-1, -1])
+    return out
+
+
 def fingerprint(particles: ParticleSet, geom: fo.Geometry) -> str:
+    """Key of the preprocessed particles: the geometry, the particle rows and the stack
+    files' paths, sizes and modification times (replaced stacks give another key)."""
     h = hashlib.sha1()
     h.update(
         json.dumps(
@@ -60,6 +78,7 @@ def fingerprint(particles: ParticleSet, geom: fo.Geometry) -> str:
                 geom.s_max,
                 round(geom.mask_radius, 4),
                 str(particles.source_path),
+                stack_stamps(particles),
             ]
         ).encode()
     )
@@ -71,10 +90,88 @@ def fingerprint(particles: ParticleSet, geom: fo.Geometry) -> str:
     return h.hexdigest()
 
 
+class BadImages(InputError):
+    """Images with non-finite pixels were found and --drop-bad-images is on: ``keep`` is
+    the index of the particles to classify instead (the caller subsets and runs again)."""
+
+    def __init__(self, bad: np.ndarray, n: int) -> None:
+        self.bad = np.asarray(bad, np.int64)
+        self.keep = np.setdiff1d(np.arange(n), self.bad)
+        super().__init__(f"{len(self.bad)} of {n} images have NaN/Inf pixels")
+
+
+def _image_name(particles: ParticleSet, i: int) -> str:
+    path = particles.stack_paths[int(particles.stack_index[i])]
+    return (
+        f"{path}: image {int(particles.image_index[i]) + 1} (row "
+        f"{int(particles.source_row[i]) + 1} of {particles.source_path})"
+    )
+
+
+def _check_pixels(particles: ParticleSet, idx: np.ndarray, imgs: np.ndarray, drop: bool,
+                  constant: list[int]) -> np.ndarray:  # fmt: skip
+    """Bool mask of the images with finite pixels; refuses (InputError) a non-finite one
+    unless ``drop``; appends constant (e.g. all-zero) images to ``constant``."""
+    flat = imgs.reshape(len(idx), -1)
+    good = np.isfinite(flat).all(axis=1)
+    if not good.all() and not drop:
+        first = int(idx[np.flatnonzero(~good)[0]])
+        raise InputError(
+            f"{_image_name(particles, first)} has NaN/Inf pixels — remove the particle or "
+            "rerun with --drop-bad-images to leave such images out"
+        )
+    with np.errstate(invalid="ignore"):
+        flat_rows = (flat.max(axis=1) == flat.min(axis=1)) & good
+    constant.extend(int(i) for i in idx[flat_rows])
+    return good
+
+
+def _progress_path(cache_dir: Path) -> Path:
+    return cache_dir / "progress.npz"
+
+
+def _save_progress(cache_dir: Path, coeffs: diskcache.RowFile, state: dict[str, Any]) -> None:
+    """Flush the coefficients written so far, then record how far (atomically)."""
+    coeffs.flush()
+    path = _progress_path(cache_dir)
+    tmp = path.with_name("progress.tmp.npz")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **state)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_progress(cache_dir: Path, fp: str) -> dict[str, Any] | None:
+    path = _progress_path(cache_dir)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        return None
+    if str(state.get("fingerprint")) != fp:
+        return None
+    return state
+
+
+SAVE_EVERY_S = 5.0  # preprocessing progress is recorded at most this often
+PREPROCESS_MOST = 4096  # most images per preprocessing batch
+
+
 def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any, *,
-            reuse: bool = True, callbacks: Any = None) -> Prepared:  # fmt: skip
-    """Preprocess every particle into ``cache_dir`` (reused when it matches); also sums
-    the phase-flipped average of all particles (the initial reference, see init.py)."""
+            reuse: bool = True, drop_bad: bool = False,
+            callbacks: Any = None) -> Prepared:  # fmt: skip
+    """Preprocess every particle into ``cache_dir``; also sums the phase-flipped average of
+    all particles (the initial reference, see init.py).
+
+    ``reuse`` (``--continue``): a finished cache with the same key is used as it is and an
+    interrupted one is continued where it stopped (same result as an uninterrupted run);
+    without it any earlier cache is discarded. Every image is checked for non-finite pixels
+    (InputError naming it, or :class:`BadImages` after the pass with ``drop_bad``);
+    constant images are warned about.
+    """
     t0 = time.perf_counter()
     n, nf = len(particles), geom.n_coef
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -84,16 +181,25 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         particles.group, particles.optics_group, len(particles.group_names)
     )
     fp = fingerprint(particles, geom)
+    bad_path = cache_dir / "bad_images.json"  # kept beside the subset's cache
+    if reuse and bad_path.is_file():
+        known = json.loads(bad_path.read_text())
+        if known.get("fingerprint") == fp:
+            raise BadImages(np.asarray(known["bad"], np.int64), n)
     if reuse and meta_path.is_file() and data_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("fingerprint") == fp and meta.get("shape") == [n, nf]:
-            coeffs = np.memmap(data_path, dtype=np.complex64, mode="r", shape=(n, nf))
+            coeffs = diskcache.open_rows(data_path, (n, nf), np.complex64)
             sigma2 = np.asarray(meta["sigma2_init"], dtype=np.float64)
             log.info("reusing preprocessed particles in %s", cache_dir)
             return Prepared(geom, coeffs, group_index, groups, sigma2, 0.0)
     meta_path.unlink(missing_ok=True)
-    coeffs = np.memmap(data_path, dtype=np.complex64, mode="w+", shape=(n, max(nf, 1)))
-    average = [np.zeros(nf, np.complex128), np.zeros(nf, np.float64)]
+    prog = _load_progress(cache_dir, fp) if reuse else None
+    if prog is None:
+        _progress_path(cache_dir).unlink(missing_ok=True)
+    coeffs = diskcache.open_array(data_path, (n, max(nf, 1)), np.complex64,
+                                  what="the preprocessed-particle cache",
+                                  keep=prog is not None)  # fmt: skip
 
     w = geom.work_box
     mask = fo.soft_mask(w, geom.mask_radius, xp=xp)
@@ -102,16 +208,45 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     # O(optics groups)) and copied to its noise rows; the M-step refines each row
     optics_ids, optics_index = np.unique(particles.optics_group, return_inverse=True)
     n_g = len(optics_ids)
-    sum_x = np.zeros((n_g, nf), np.complex128)
-    sum_x2 = np.zeros((n_g, nf), np.float64)
-    sum_v = np.zeros((n_g, nf), np.float64)
-    count = np.zeros(n_g, np.int64)
     per_image = particles.box**2 * 4 * 12 + nf * 8 * 8
-    bsz = batch_size(per_image, xp, budget=min(work_budget(xp), 512 << 20), most=4096)
-    done = 0
-    for idx, imgs in particles.iter_batches(bsz):
+    bsz = batch_size(per_image, xp, budget=min(work_budget(xp), 512 << 20), most=PREPROCESS_MOST)
+    if prog is not None:
+        bsz = int(prog["batch"])  # the same batches as before the interruption
+        state = {k: prog[k] for k in prog}
+        log.info("continuing preprocessing after %d of %d particles", int(prog["done"]), n)
+    else:
+        state = {
+            "fingerprint": np.asarray(fp),
+            "batch": np.asarray(bsz),
+            "next_batch": np.asarray(0),
+            "done": np.asarray(0),
+            "sum_x": np.zeros((n_g, nf), np.complex128),
+            "sum_x2": np.zeros((n_g, nf), np.float64),
+            "sum_v": np.zeros((n_g, nf), np.float64),
+            "count": np.zeros(n_g, np.int64),
+            "avg_num": np.zeros(nf, np.complex128),
+            "avg_den": np.zeros(nf, np.float64),
+            "bad": np.zeros(0, np.int64),
+            "constant": np.zeros(0, np.int64),
+        }
+    log.info("preprocessing %d particles in batches of %d (cache %s)", n, bsz, data_path)
+    ordered = file_order(particles)
+    n_batches = -(-n // bsz)
+    bad = list(state["bad"].tolist())
+    constant = list(state["constant"].tolist())
+    average = [state["avg_num"], state["avg_den"]]
+    last_save = time.perf_counter()
+    for b in range(int(state["next_batch"]), n_batches):
         if stop_requested(callbacks):
-            raise Aborted("stopped during preprocessing; nothing to resume from yet")
+            state.update(bad=np.asarray(bad, np.int64), constant=np.asarray(constant, np.int64))
+            _save_progress(cache_dir, coeffs, state)
+            raise Aborted("stopped during preprocessing (--continue goes on from here)")
+        idx = ordered[b * bsz : (b + 1) * bsz]
+        imgs = read_images(particles, idx)
+        good = _check_pixels(particles, idx, imgs, drop_bad, constant)
+        if not good.all():
+            bad.extend(int(i) for i in idx[~good])
+            imgs = np.where(good[:, None, None], imgs, np.float32(0))
         x = fo.fourier_crop(to_device(imgs, xp), w)
         bg = x[:, background]
         mean = bg.mean(axis=1)
@@ -119,26 +254,46 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         x = (x - mean[:, None, None]) / sd[:, None, None] * mask
         coef = fo.to_kept(x, geom)
         cy, _, v, _ = ctf_terms(particles, idx, geom, xp)
-        accumulate(average, coef, cy)
+        keep = good if good.all() else np.flatnonzero(good)
+        keep_d = slice(None) if good.all() else to_device(keep, xp)
+        accumulate(average, coef[keep_d], cy[keep_d])
         coef_h = to_host(coef)
         v_h = to_host(v).astype(np.float64)
-        gi = optics_index[idx]
-        for g in np.unique(gi):
+        gi = np.where(good, optics_index[idx], -1)
+        for g in np.unique(gi[gi >= 0]):
             sel = gi == g
-            sum_x[g] += coef_h[sel].sum(axis=0)
-            sum_x2[g] += (np.abs(coef_h[sel]) ** 2).sum(axis=0)
-            sum_v[g] += v_h[sel].sum(axis=0)
-            count[g] += int(sel.sum())
+            state["sum_x"][g] += coef_h[sel].sum(axis=0)
+            state["sum_x2"][g] += (np.abs(coef_h[sel]) ** 2).sum(axis=0)
+            state["sum_v"][g] += v_h[sel].sum(axis=0)
+            state["count"][g] += int(sel.sum())
         coeffs[idx] = coef_h
-        done += len(idx)
-        call(callbacks, "progress", done, n, "preprocess")
+        state["next_batch"] = np.asarray(b + 1)
+        state["done"] = np.asarray(int(state["done"]) + len(idx))
+        if time.perf_counter() - last_save >= SAVE_EVERY_S and b + 1 < n_batches:
+            state.update(bad=np.asarray(bad, np.int64), constant=np.asarray(constant, np.int64))
+            _save_progress(cache_dir, coeffs, state)
+            last_save = time.perf_counter()
+        call(callbacks, "progress", int(state["done"]), n, "preprocess")
     coeffs.flush()
+    if constant:
+        names = "; ".join(_image_name(particles, i) for i in constant[:3])
+        log.warning(
+            "%d image(s) are constant (e.g. all zero), which carry no signal: %s%s",
+            len(constant), names, " ..." if len(constant) > 3 else "",
+        )  # fmt: skip
     row_optics = np.zeros(int(group_index.max()) + 1 if n else 1, np.int64)
     row_optics[group_index] = optics_index
-    sigma2 = _initial_noise(geom, sum_x, sum_x2, sum_v, count)[row_optics]
-    meta = {"fingerprint": fp, "shape": [n, nf], "sigma2_init": sigma2.tolist()}
+    sigma2 = _initial_noise(geom, state["sum_x"], state["sum_x2"], state["sum_v"],
+                            state["count"])[row_optics]  # fmt: skip
+    meta = {"fingerprint": fp, "shape": [n, nf], "sigma2_init": sigma2.tolist(),
+            "bad": sorted(bad)}  # fmt: skip
     atomic_write_text(meta_path, json.dumps(meta))
-    coeffs = np.memmap(data_path, dtype=np.complex64, mode="r", shape=(n, nf))
+    _progress_path(cache_dir).unlink(missing_ok=True)
+    if bad:
+        atomic_write_text(bad_path, json.dumps({"fingerprint": fp, "bad": sorted(bad)}))
+        raise BadImages(np.asarray(sorted(bad)), n)
+    coeffs.close()
+    coeffs = diskcache.open_rows(data_path, (n, nf), np.complex64)
     secs = time.perf_counter() - t0
     log.info("preprocessed %d particles to box %d (%d coefficients) in %.1fs", n, w, nf, secs)
     return Prepared(geom, coeffs, group_index, groups, sigma2, secs, average)

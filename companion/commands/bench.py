@@ -15,6 +15,9 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
            particles, one row per mode.
   select   --select auto on simulated data with junk, 3 seeds: good particles kept, junk
            in the selection, and the class-level floor (junk inside junk-minority classes).
+  scale    wall time, peak RSS, cache disk use and throughput at N = 10k, 100k, 1M (box
+           64) and K 50, 200; fitted exponents of time vs N and K; resumable (rerun the same
+           command), prints an ETA.
   assign   the balanced-mode solvers (soft Sinkhorn E-step, final capped labels) on an
            N × K score matrix with an attractor built in: seconds, extra memory, cap kept,
            particles moved, score given up for the cap.
@@ -27,6 +30,7 @@ Examples:
   companion bench quality --n-particles 2000 --n-classes 12 --anneal off --json
   companion bench modes --json
   companion bench select                             # 3 seeds × 2,000 particles, K 16
+  companion bench scale --n-particles 2000,8000 --n-classes 10,40 --out /tmp/bs
   companion bench assign                             # N 1,000,000, K 200, CPU
   companion bench assign --device both --n-particles 200000 --n-classes 500
 """
@@ -106,6 +110,38 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     bench_select.add_args(lp)
     lp.set_defaults(_bench=_select)
+    sc = sub.add_parser(
+        "scale", help="time, peak RSS and cache size vs N and K (resumable)", formatter_class=fmt
+    )
+    sc.add_argument("--n-particles", default="10000,100000,1000000", metavar="LIST",
+                    help="particle counts [default: 10000,100000,1000000]")  # fmt: skip
+    sc.add_argument("--n-classes", default="50,200", metavar="LIST",
+                    help="K values; the first at every N, the others at the smallest N "
+                    "[default: 50,200]")  # fmt: skip
+    sc.add_argument("--box", type=int, default=64, help="box in pixels [default: 64]")
+    sc.add_argument(
+        "--base",
+        type=int,
+        default=10000,
+        help="distinct simulated images, tiled to larger N [default: 10000]",
+    )
+    sc.add_argument(
+        "--out",
+        metavar="DIR",
+        default="bench_scale",
+        help="data, runs and finished points (rerun to resume) [default: bench_scale]",
+    )
+    sc.add_argument(
+        "--max-iterations",
+        type=int,
+        default=None,
+        help="stop each point after this many iterations (memory check at large N; times "
+        "are then not those of the full schedule)",
+    )
+    sc.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    add_params_arguments(sc, ClassifyParams, only=[f for f in ClassifyParams.model_fields
+                                                  if f != "n_classes"])  # fmt: skip
+    sc.set_defaults(_bench=_scale)
 
 
 def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -209,6 +245,37 @@ def _select(args: argparse.Namespace) -> int:
     print(describe_machine(machine_info()), file=sys.stderr)
     rep = run_select_benchmark(args)
     _emit(args, rep, format_select(rep))
+    return 0
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from companion.errors import ParameterError
+
+    try:
+        vals = [int(float(v)) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise ParameterError(f"{what} {text!r}: expected positive integers, e.g. 10000,100000")
+    return vals
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from companion.bench.scale import format_scale, run_scale_benchmark
+    from companion.bench.speed import describe_machine, machine_info
+    from companion.params import validate_params
+
+    ns, ks = _ints(args.n_particles, "--n-particles"), _ints(args.n_classes, "--n-classes")
+    overrides = {k: getattr(args, k) for k in ClassifyParams.model_fields if hasattr(args, k)}
+    overrides.pop("n_classes", None)
+    overrides.pop("device", None)
+    validate_params({"n_classes": ks[0], **overrides}).check_feasible(min(ns))
+    print(describe_machine(machine_info()), file=sys.stderr)
+    seed = overrides.get("seed", 0)  # simulation and run seed (--seed)
+    rep = run_scale_benchmark(
+        Path(args.out), ns, ks, args.box, seed, overrides, args.base, args.max_iterations
+    )
+    _emit(args, rep, format_scale(rep))
     return 0
 
 
