@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from companion import bench_scale
+from companion.bench import scale as bench_scale
 
 
 def test_slope_recovers_a_power_law():
