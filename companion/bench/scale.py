@@ -52,7 +52,7 @@ def run_point(star: Path, n: int, k: int, work: Path, overrides: dict[str, Any],
     spec = json.dumps({"star": str(star), "n": n, "k": k, "work": str(work),
                        "params": overrides, "max_iterations": max_iterations})  # fmt: skip
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "companion.bench_scale", spec],
+    proc = subprocess.Popen([sys.executable, "-m", "companion.bench.scale", spec],
                             stdout=subprocess.PIPE)  # fmt: skip
     out, _ = proc.communicate()
     wall = time.perf_counter() - t0
