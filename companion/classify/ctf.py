@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from companion.classify.backend import get_array_module
+from companion.classify.backend import get_array_module, is_cupy
 
 
 def electron_wavelength(voltage_kv: Any) -> Any:
@@ -86,7 +86,7 @@ def ctf_2d(
     gamma = (a + ca * c2az + sa * s2az) * k2g + k2.astype(dtype) * (k2g * k2g)
     gamma -= (k5 + k3).astype(dtype)
     out = -xp.sin(gamma)
-    if bool(xp.any(k4 != 0)):
+    if is_cupy(xp) or bool(xp.any(k4 != 0)):  # no host sync on a device
         out *= xp.exp(k4.astype(dtype) * k2g)
     out *= col(scale).astype(dtype)
     return out.astype(dtype)

@@ -57,15 +57,13 @@ def ctf_terms(particles: ParticleSet, idx: np.ndarray, geom: fo.Geometry, xp: An
     - ``cm``: the model's CTF on the reference (C; C² premultiplied; |C| phase-flipped).
     """
     c = particles.ctf
-    kx, ky = geom.freqs_A()
-    ctf = ctf_2d(
-        to_device(kx, xp), to_device(ky, xp),
-        *(to_device(getattr(c, f)[idx], xp) for f in (
-            "defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
-            "phase_shift", "bfactor", "scale")),
-    )  # fmt: skip
-    prem = to_device(particles.ctf_premultiplied[idx], xp)[:, None]
-    flip = to_device(particles.phase_flipped[idx], xp)[:, None]
+    fields = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
+              "phase_shift", "bfactor", "scale")  # fmt: skip
+    per = to_device(np.stack([np.asarray(getattr(c, f), np.float64)[idx] for f in fields]), xp)
+    ctf = ctf_2d(geom.on("kx_A", xp), geom.on("ky_A", xp), *(per[i] for i in range(len(fields))))
+    flags = to_device(np.stack([particles.ctf_premultiplied[idx],
+                                particles.phase_flipped[idx]]), xp)  # fmt: skip
+    prem, flip = flags[0][:, None], flags[1][:, None]
     c2 = ctf * ctf
     absc = xp.abs(ctf)
     cy = xp.where(prem, xp.float32(1.0), xp.where(flip, absc, ctf)).astype(xp.float32)

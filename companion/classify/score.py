@@ -64,6 +64,8 @@ class Search:
     local_adj: Any = None  # (n_d, 2F) float32: exp(-2πi k·d/w) interleaved
     lookup: Any = None  # ((2n+1)², ) index of grid point in shifts, -1 outside
     lookup_n: int = 0
+    shifts_dev: Any = None  # ``shifts`` and ``local`` on the device (uploaded once)
+    local_dev: Any = None
 
     @property
     def n_shift(self) -> int:
@@ -103,6 +105,7 @@ class Search:
             self.n_shift
         )
         self.lookup, self.lookup_n = to_device(table, xp), n
+        self.shifts_dev, self.local_dev = to_device(self.shifts, xp), to_device(self.local, xp)
 
     @staticmethod
     def coarse_shell(shell: int) -> int:
@@ -260,8 +263,7 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
     else:
         rot_sel = (2 * rcb[bi, ki][:, None] + offs[None, :]) % r  # (P, J)
     t0 = cidx[tcb[bi, ki]]  # (P,) index into shifts
-    shifts = to_device(search.shifts, xp)
-    local = to_device(search.local, xp)
+    shifts, local = search.shifts_dev, search.local_dev
     nd = local.shape[0]
     cand = search.shift_index(shifts[t0][:, None, :] + local[None])  # (P, n_d)
     quad = (c2s[:, :f] @ refs.power.T) * np.float32(0.5)  # (B, K*R)
