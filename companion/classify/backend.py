@@ -131,16 +131,20 @@ def available_memory(xp: Any) -> int:
         return 4 << 30
 
 
+GPU_BUDGET = 8 << 30  # bytes of batch temporaries on a GPU (fixed, see work_budget)
+
+
 def work_budget(xp: Any) -> int:
     """Bytes the classifier may use for one batch's temporaries.
 
-    GPU: 40% of free memory. CPU: a quarter of available RAM, at most 1 GiB (two cores gain
-    nothing from larger batches, and a fixed ceiling keeps batch sizes — hence results —
-    the same from run to run).
+    A fixed ceiling on both backends, so batch sizes — hence results, e.g. of the per-batch
+    Sinkhorn — do not change with what else runs on the machine: GPU ``GPU_BUDGET`` (less only
+    when 40% of free device memory is less); CPU a quarter of available RAM, at most 1 GiB
+    (two cores gain nothing from larger batches).
     """
     avail = available_memory(xp)
     if is_cupy(xp):
-        return max(64 << 20, int(0.4 * avail))
+        return max(64 << 20, min(GPU_BUDGET, int(0.4 * avail)))
     return int(min(1 << 30, max(64 << 20, avail // 4)))
 
 
@@ -212,6 +216,12 @@ def _csr_from_parts(xp: Any, data: Any, indices: Any, indptr: Any, shape: tuple)
     return cps.csr_matrix((data, indices.astype(xp.int32), indptr.astype(xp.int32)), shape=shape)
 
 
+# allocation failures of the CUDA libraries (cuBLAS, cuFFT, cuSOLVER, cuSPARSE) as CuPy
+# reports them (the status name is in the message)
+_ALLOC_FAILED = ("CUBLAS_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED", "CUSOLVER_STATUS_ALLOC_FAILED",
+                 "CUSPARSE_STATUS_ALLOC_FAILED")  # fmt: skip
+
+
 @contextlib.contextmanager
 def device_errors(what: str = "classification") -> Iterator[None]:
     """Turn a GPU out-of-memory error into a one-line DeviceError."""
@@ -219,7 +229,7 @@ def device_errors(what: str = "classification") -> Iterator[None]:
         yield
     except Exception as exc:  # CuPy's OutOfMemoryError without importing CuPy
         name = type(exc).__name__
-        if "OutOfMemory" in name or "CUBLAS_STATUS_ALLOC_FAILED" in str(exc):
+        if "OutOfMemory" in name or any(code in str(exc) for code in _ALLOC_FAILED):
             raise DeviceError(
                 f"{what}: the GPU ran out of memory — use a smaller batch (--batch-size), "
                 "fewer classes, or a coarser --max-resolution"
