@@ -53,6 +53,14 @@ def to_host(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
+def synchronize(xp: Any) -> None:
+    """Wait for the device's queued work (a no-op for NumPy), for timing."""
+    if is_cupy(xp) and hasattr(xp, "cuda") and hasattr(xp.cuda, "Device"):
+        dev = xp.cuda.Device()
+        if hasattr(dev, "synchronize"):
+            dev.synchronize()
+
+
 def host_float(a: Any) -> float:
     """One value read back to the host, explicitly (a device sync; counted by the strict
     test module). Use it, not ``float(x)``, where control flow needs a device value."""

@@ -58,6 +58,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="pose search (see companion classify --help) [default: fast]",
     )
     sp.add_argument(
+        "--resolution",
+        type=float,
+        default=6.0,
+        help="resolution limit (Å) of the runs and of the steady-state pass timed from "
+        "converged references [default: 6]",
+    )
+    sp.add_argument(
         "--relion",
         action="store_true",
         help="also run relion_refine on the same particles and compare",
@@ -145,6 +152,7 @@ def _speed(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         search=args.search,
+        resolution=args.resolution,
     )
     _emit(args, rep, format_speed(rep))
     return 0
