@@ -237,6 +237,7 @@ def time_steady_state(particles: Any, params: ClassifyParams, refs: np.ndarray,
     st.refs = fo.fourier_crop(np.asarray(refs, np.float32), geom.work_box)
     st.tau2 = shell_power(fo.to_kept(to_device(st.refs, xp), geom), geom)
     st.current_shell = min(geom.s_max, int(math.floor(geom.box * geom.psize / resolution)))
+    shell = st.current_shell  # the M-step moves it on: keep the one the pass runs at
     it = run.total
     score.TIMINGS = {}
     try:
@@ -257,12 +258,12 @@ def time_steady_state(particles: Any, params: ClassifyParams, refs: np.ndarray,
     n, k, r = run.n, run.k, run.r
     e_step = st.timings["e_step_s"]
     coarse, fine = parts.get("coarse_s", 0.0), parts.get("fine_s", 0.0)
-    nf = geom.prefix(st.current_shell)
-    fc = geom.prefix(score.Search.coarse_shell(st.current_shell))
+    nf = geom.prefix(shell)
+    fc = geom.prefix(score.Search.coarse_shell(shell))
     tc = int(run.search.coarse_shift_idx.shape[0]) if run.search.mode == "fast" else 0
     peak = gemm_peak(xp, min(st.batch, n) * max(tc, 1), 2 * fc, k * ((r + 1) // 2))
     return {
-        "resolution_A": geom.box * geom.psize / st.current_shell,
+        "resolution_A": geom.box * geom.psize / shell,
         "coefficients": nf,
         "coarse_coefficients": fc,
         "batch": st.batch,
