@@ -190,6 +190,94 @@ def time_companion(particles: Any, params: ClassifyParams, out_dir: Path) -> dic
         "timings": out.summary.get("timings", {}),
         "work_box": out.result.work_box,
         "result_dir": str(out_dir),
+        "_averages": out.result.averages,
+    }
+
+
+# ------------------------------------------------------------------ steady state
+
+
+def gemm_peak(xp: Any, m: int, inner: int, n: int, repeats: int = 3) -> float:
+    """Measured float32 GEMM rate (FLOP/s) of an ``(m, inner) @ (inner, n)`` product: the
+    scoring GEMM's own shape (capped at 4096 rows and columns)."""
+    m, n, inner = min(max(m, 16), 4096), min(max(n, 16), 4096), max(int(inner), 16)
+    rng = np.random.default_rng(0)
+    a = xp.asarray(rng.standard_normal((m, inner), dtype=np.float32))
+    b = xp.asarray(rng.standard_normal((inner, n), dtype=np.float32))
+    out = a @ b
+    sync = device_sync(xp)
+    sync()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = xp.matmul(a, b, out=out)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * m * n * inner / best
+
+
+def time_steady_state(particles: Any, params: ClassifyParams, refs: np.ndarray,
+                      resolution: float, work: Path) -> dict[str, Any]:  # fmt: skip
+    """One full pass of the classifier at the E-step limit ``resolution`` (Å), started from
+    converged references ``refs`` (K, box, box) at the original box — the regime a run spends
+    most of its time in. Seconds split into E-step coarse / fine / rest, M-step and I/O
+    (reading the preprocessed coefficients and CTF terms, timed separately on the same
+    batches), with the scoring GEMM rate against an SGEMM peak of the same shape."""
+    from companion.classify import em, score
+    from companion.classify import fourier as fo
+    from companion.classify.backend import select_device, to_device
+    from companion.classify.mstep import shell_power
+    from companion.classify.preprocess import ctf_terms, prepare
+
+    xp = select_device(params.device)
+    run = em._Run(particles, params, xp, work / "checkpoint", True, None)
+    geom = run.geom
+    prep = prepare(particles, geom, work / "cache", xp)
+    st = run.initial_state(prep)
+    st.refs = fo.fourier_crop(np.asarray(refs, np.float32), geom.work_box)
+    st.tau2 = shell_power(fo.to_kept(to_device(st.refs, xp), geom), geom)
+    st.current_shell = min(geom.s_max, int(math.floor(geom.box * geom.psize / resolution)))
+    shell = st.current_shell  # the M-step moves it on: keep the one the pass runs at
+    it = run.total
+    score.TIMINGS = {}
+    try:
+        t0 = time.perf_counter()
+        run.iteration(it, st, prep)
+        total = time.perf_counter() - t0
+        parts = dict(score.TIMINGS)
+    finally:
+        score.TIMINGS = None
+    sync = device_sync(xp)
+    t_io = time.perf_counter()
+    for s in range(0, run.n, st.batch):
+        chunk = np.arange(s, min(run.n, s + st.batch))
+        to_device(np.asarray(prep.coeffs[chunk]), xp)
+        ctf_terms(particles, chunk, geom, xp)
+    sync()
+    io_s = time.perf_counter() - t_io
+    n, k, r = run.n, run.k, run.r
+    e_step = st.timings["e_step_s"]
+    coarse, fine = parts.get("coarse_s", 0.0), parts.get("fine_s", 0.0)
+    nf = geom.prefix(shell)
+    fc = geom.prefix(score.Search.coarse_shell(shell))
+    tc = int(run.search.coarse_shift_idx.shape[0]) if run.search.mode == "fast" else 0
+    peak = gemm_peak(xp, min(st.batch, n) * max(tc, 1), 2 * fc, k * ((r + 1) // 2))
+    return {
+        "resolution_A": geom.box * geom.psize / shell,
+        "coefficients": nf,
+        "coarse_coefficients": fc,
+        "batch": st.batch,
+        "seconds": total,
+        "evaluations_per_s": n * k / total,
+        "e_step_coarse_s": coarse,
+        "e_step_fine_s": fine,
+        "e_step_other_s": max(e_step - coarse - fine - io_s, 0.0),
+        "m_step_s": st.timings["m_step_s"],
+        "io_s": io_s,
+        "coarse_gemm_flops": parts.get("coarse_flop", 0.0) / max(coarse, 1e-12),
+        "fine_gemm_flops": parts.get("fine_flop", 0.0) / max(fine, 1e-12),
+        "sgemm_peak_flops": peak,
+        "peak_shape": [min(st.batch, n) * max(tc, 1), 2 * fc, k * ((r + 1) // 2)],
     }
 
 
@@ -287,8 +375,10 @@ def run_speed_benchmark(
     seed: int = 0,
     threads: int | None = None,
     search: str = "fast",
+    resolution: float = 6.0,
 ) -> dict[str, Any]:
-    """Simulate, time companion on each device (and RELION), return the figures."""
+    """Simulate, time companion on each device (and RELION), return the figures; for each
+    device also one steady-state pass at ``resolution`` Å (see :func:`time_steady_state`)."""
     from companion.simulate import simulate
     from companion.sources import open_particles
 
@@ -312,6 +402,7 @@ def run_speed_benchmark(
             "classes": classes,
             "iters": iters,
             "search": search,
+            "resolution_A": resolution,
         }
         runs = {}
         for device in devices:
@@ -322,9 +413,14 @@ def run_speed_benchmark(
                 device=device,
                 seed=seed,
                 search=search,
+                max_resolution=resolution,
             )
             counts = sampling_counts(params, box, psize)
             res = time_companion(particles, params, base / f"companion_{device}")
+            refs = res.pop("_averages")
+            steady_params = params.model_copy(update={"online_iters": 0, "full_iters": 1})
+            res["steady"] = time_steady_state(particles, steady_params, refs, resolution,
+                                              base / f"steady_{device}")  # fmt: skip
             steady = _steady(res["iterations"])
             res["sampling"] = counts
             res["search"] = search
@@ -341,7 +437,7 @@ def run_speed_benchmark(
             runs[device] = res
         report["companion"] = runs
         if relion and shutil.which("relion_refine"):
-            params = ClassifyParams(n_classes=classes, seed=seed)
+            params = ClassifyParams(n_classes=classes, seed=seed, max_resolution=resolution)
             root = Path("relion") / "run"
             (data / "relion").mkdir(exist_ok=True)
             cmd = relion_command(star.relative_to(data), root, params, box, psize, iters, threads)
@@ -354,6 +450,9 @@ def run_speed_benchmark(
                         rel["last_iteration_s"] / res["seconds_per_pass"]
                     )
                     rel[f"total_ratio_vs_companion_{device}"] = rel["total_s"] / res["total_s"]
+                    rel[f"steady_ratio_vs_companion_{device}"] = (
+                        rel["last_iteration_s"] / res["steady"]["seconds"]
+                    )
             report["relion"] = rel
         elif relion:
             report["relion"] = {"error": "relion_refine not on PATH"}
@@ -402,6 +501,26 @@ def format_speed(rep: dict[str, Any]) -> str:
             f"  an exhaustive search at the maximum resolution (8·N·K·R·T·F per pass) would "
             f"need {r['exhaustive_equivalent_flops'] / 1e9:.1f} GFLOP/s to match this pass time"
         )
+        st = r.get("steady")
+        if st:
+            lines.append(
+                f"  steady state at {st['resolution_A']:.1f} Å (converged references, "
+                f"F {st['coefficients']}, coarse F {st['coarse_coefficients']}, batch "
+                f"{st['batch']}): {st['seconds']:.2f} s per pass = "
+                f"{st['evaluations_per_s']:.3g} particle×class/s"
+            )
+            lines.append(
+                f"    E-step coarse {st['e_step_coarse_s']:.2f} s, fine "
+                f"{st['e_step_fine_s']:.2f} s, rest {st['e_step_other_s']:.2f} s; M-step "
+                f"{st['m_step_s']:.2f} s; I/O {st['io_s']:.2f} s"
+            )
+            pk = st["sgemm_peak_flops"]
+            lines.append(
+                f"    coarse GEMM {st['coarse_gemm_flops'] / 1e9:.1f} GFLOP/s = "
+                f"{100 * st['coarse_gemm_flops'] / pk:.0f}% of the SGEMM peak measured on its "
+                f"shape {'×'.join(map(str, st['peak_shape']))} ({pk / 1e9:.1f} GFLOP/s); fine "
+                f"pass {st['fine_gemm_flops'] / 1e9:.1f} GFLOP/s"
+            )
     rel = rep.get("relion")
     if rel:
         if "error" in rel:
@@ -419,7 +538,10 @@ def format_speed(rep: dict[str, Any]) -> str:
                 if r is not None:
                     lines.append(
                         f"  companion {dev} is {r:.1f}× faster per iteration (last iteration "
-                        f"of each), {t:.1f}× faster for the whole run"
+                        f"of each), {t:.1f}× faster for the whole run; RELION's last "
+                        f"iteration vs companion's steady-state pass at "
+                        f"{rep['resolution_A']:g} Å: "
+                        f"{rel[f'steady_ratio_vs_companion_{dev}']:.1f}×"
                     )
             lines.append(f"  command: {rel['command']}")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ CuPy is imported lazily: nothing here needs it unless a GPU is asked for.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,15 +34,16 @@ def cupy_or_none() -> Any:
 def get_array_module(*arrays: Any) -> Any:
     """NumPy or CuPy, whichever owns the arrays (NumPy for scalars and lists)."""
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):
-            import cupy
-
-            return cupy
+        mod = type(a).__module__
+        if mod.startswith("cupy"):  # cupy, or a CuPy-like test module (tests/strict_xp.py)
+            root = mod.split(".")[0]
+            return sys.modules[root] if root in sys.modules else importlib.import_module(root)
     return np
 
 
 def is_cupy(xp: Any) -> bool:
-    return getattr(xp, "__name__", "numpy") == "cupy"
+    """True for CuPy (and CuPy-like device modules: their arrays live off the host)."""
+    return getattr(xp, "__name__", "numpy").startswith("cupy")
 
 
 def to_host(a: Any) -> np.ndarray:
@@ -48,6 +51,30 @@ def to_host(a: Any) -> np.ndarray:
     if type(a).__module__.startswith("cupy"):
         return a.get()
     return np.asarray(a)
+
+
+def synchronize(xp: Any) -> None:
+    """Wait for the device's queued work (a no-op for NumPy), for timing."""
+    if is_cupy(xp) and hasattr(xp, "cuda") and hasattr(xp.cuda, "Device"):
+        dev = xp.cuda.Device()
+        if hasattr(dev, "synchronize"):
+            dev.synchronize()
+
+
+def host_float(a: Any) -> float:
+    """One value read back to the host, explicitly (a device sync; counted by the strict
+    test module). Use it, not ``float(x)``, where control flow needs a device value."""
+    return float(to_host(a))
+
+
+def host_int(a: Any) -> int:
+    """Like :func:`host_float`, for an integer."""
+    return int(to_host(a))
+
+
+def host_bool(a: Any) -> bool:
+    """Like :func:`host_float`, for a truth value."""
+    return bool(to_host(a))
 
 
 def to_device(a: Any, xp: Any) -> Any:
@@ -171,17 +198,21 @@ def memory_limit(limit: int | None) -> Iterator[int]:
         _memory_limit = old
 
 
+GPU_BUDGET = 8 << 30  # bytes of batch temporaries on a GPU (fixed, see work_budget)
+
+
 def work_budget(xp: Any) -> int:
     """Bytes the classifier may use for one batch's temporaries.
 
-    GPU: 40% of free device memory (the host side stays within the host budget, since the
-    host holds no more than one batch). CPU: half the host budget (--memory-limit; by
+    A fixed ceiling on both backends, so batch sizes — hence results, e.g. of the per-batch
+    Sinkhorn — do not change with what else runs on the machine: GPU ``GPU_BUDGET`` (less only
+    when 40% of free device memory is less; the host side stays within the host budget, since
+    the host holds no more than one batch); CPU half the host budget (--memory-limit; by
     default half the available RAM), at most 1 GiB (two cores gain nothing from larger
-    batches, and a fixed ceiling keeps batch sizes — hence results — the same from run to
-    run on any machine with more than 4 GiB free).
+    batches).
     """
     if is_cupy(xp):
-        return max(64 << 20, int(0.4 * available_memory(xp)))
+        return max(64 << 20, min(GPU_BUDGET, int(0.4 * available_memory(xp))))
     return int(min(1 << 30, max(32 << 20, host_memory_limit() // 2)))
 
 
@@ -197,29 +228,66 @@ def batch_size(bytes_per_item: float, xp: Any, *, fixed_bytes: float = 0, most: 
     return max(least, 1 << (max(n, 1).bit_length() - 1))
 
 
-def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
-    """``target[index[i]] += rows[i]`` for a 2-D float32 ``target`` (duplicates summed)."""
-    xp = get_array_module(target)
-    if len(index) == 0:
-        return
-    if is_cupy(xp):
-        at = getattr(xp.add, "at", None)
-        if at is not None:
-            at(target, index, rows)
-        else:  # older CuPy
-            import cupyx
+def csr_matrix(data: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int],
+               xp: Any) -> Any:  # fmt: skip
+    """A CSR matrix on the device of ``xp`` from host COO triplets (duplicates summed once,
+    here, in a fixed order). ``matrix @ dense`` then sums each output row in a fixed order:
+    deterministic, unlike scatter-adds with atomics."""
+    import scipy.sparse as sp
 
-            cupyx.scatter_add(target, index, rows)
+    m = sp.csr_matrix((data, (rows, cols)), shape=shape)
+    m.sum_duplicates()
+    m.sort_indices()
+    if not is_cupy(xp):
+        return m
+    make = getattr(xp, "csr_from_scipy", None)  # CuPy-like test modules
+    if make is not None:
+        return make(m)
+    import cupyx.scipy.sparse as cps
+
+    return cps.csr_matrix(m)
+
+
+def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
+    """``target[index[i]] += rows[i]`` for a 2-D float ``target`` (duplicates summed).
+
+    Deterministic on both backends: rows are sorted by target (stable), each run of equal
+    targets is summed in that order (NumPy: ``add.reduceat``; CuPy: a CSR product), and the
+    per-target sums are added with unique indices — no atomics, so the result does not
+    depend on thread scheduling. One device sync (the number of distinct targets).
+    """
+    xp = get_array_module(target)
+    n = int(index.shape[0])
+    if n == 0:
         return
-    # NumPy: sort rows by target, then one vectorised sum per distinct target row (a loop
-    # over targets, at most one per row; np.add.at is several times slower here)
-    order = np.argsort(index, kind="stable")
+    order = xp.argsort(index, kind="stable")
     idx = index[order]
-    rows = rows[order]
-    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
-    ends = np.r_[starts[1:], len(idx)]
-    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        target[idx[s]] += rows[s] if e - s == 1 else rows[s:e].sum(axis=0)
+    new = xp.ones(n, dtype=bool)
+    new[1:] = idx[1:] != idx[:-1]
+    starts = xp.flatnonzero(new)  # the sync
+    if not is_cupy(xp):
+        sums = np.add.reduceat(rows[order], starts, axis=0)
+    else:
+        m = int(starts.shape[0])
+        indptr = xp.concatenate([starts, xp.asarray([n], dtype=starts.dtype)])
+        seg = _csr_from_parts(xp, xp.ones(n, rows.dtype), order, indptr, (m, n))
+        sums = seg @ rows
+    target[idx[starts]] += sums.astype(target.dtype, copy=False)
+
+
+def _csr_from_parts(xp: Any, data: Any, indices: Any, indptr: Any, shape: tuple) -> Any:
+    make = getattr(xp, "csr_from_parts", None)  # CuPy-like test modules
+    if make is not None:
+        return make(data, indices, indptr, shape)
+    import cupyx.scipy.sparse as cps
+
+    return cps.csr_matrix((data, indices.astype(xp.int32), indptr.astype(xp.int32)), shape=shape)
+
+
+# allocation failures of the CUDA libraries (cuBLAS, cuFFT, cuSOLVER, cuSPARSE) as CuPy
+# reports them (the status name is in the message)
+_ALLOC_FAILED = ("CUBLAS_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED", "CUSOLVER_STATUS_ALLOC_FAILED",
+                 "CUSPARSE_STATUS_ALLOC_FAILED")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -229,7 +297,7 @@ def device_errors(what: str = "classification") -> Iterator[None]:
         yield
     except Exception as exc:  # CuPy's OutOfMemoryError without importing CuPy
         name = type(exc).__name__
-        if "OutOfMemory" in name or "CUBLAS_STATUS_ALLOC_FAILED" in str(exc):
+        if "OutOfMemory" in name or any(code in str(exc) for code in _ALLOC_FAILED):
             raise DeviceError(
                 f"{what}: the GPU ran out of memory — use a smaller batch (--batch-size), "
                 "fewer classes, or a coarser --max-resolution"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from companion.classify.backend import get_array_module, to_host
+from companion.classify.backend import get_array_module, host_bool, host_float, host_int, to_host
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _chunk_rows(xp: Any, k: int) -> int:
 def _caps_array(xp: Any, caps: Any, k: int, dtype: Any) -> Any:
     c = xp.asarray(caps, dtype=dtype)
     if c.ndim == 0:
-        c = xp.full((k,), c.item(), dtype=dtype)
+        c = xp.ascontiguousarray(xp.broadcast_to(c, (k,)))  # no host round trip
     if c.shape != (k,):
         raise ValueError(f"caps must be a scalar or have shape ({k},), got {tuple(c.shape)}")
     return c
@@ -106,16 +106,16 @@ def sinkhorn_capped(
     n, k = L.shape
     dtype = np.dtype(L.dtype if L.dtype in (np.float32, np.float64) else np.float64)
     caps = _caps_array(xp, caps, k, np.float64)
-    if bool(xp.any(caps < 0)) or float(caps.sum()) < n * (1 - 1e-9):
-        raise ValueError(f"caps must be ≥ 0 with sum ≥ {n}, got sum {float(caps.sum()):.6g}")
+    if host_bool(xp.any(caps < 0)) or host_float(caps.sum()) < n * (1 - 1e-9):
+        raise ValueError(f"caps must be ≥ 0 with sum ≥ {n}, got sum {host_float(caps.sum()):.6g}")
     shut = caps <= 0
     b = xp.zeros(k, dtype=np.float64) if dual is None else xp.asarray(dual, np.float64).copy()
     b = xp.where(shut, xp.inf, xp.maximum(b, 0))
     rows = _chunk_rows(xp, k)
     solver = _CappedDual(xp, L, caps, dtype, rows)
-    if not bool(xp.all(caps >= n)):
+    if not host_bool(xp.all(caps >= n)):
         ok = False
-        warm = bool(xp.any(xp.isfinite(b) & (b > 0)))  # all-zero prices: a cold start
+        warm = host_bool(xp.any(xp.isfinite(b) & (b > 0)))  # all-zero prices: a cold start
         if warm:  # a few steps: a warm start that is close converges fast or not at all
             b, ok = solver.solve(b, 1.0, tol, min(n_iter, 8))
         if not ok:  # cold, or the warm start did not converge: ε-scaling from zero
@@ -155,7 +155,7 @@ class _CappedDual:
             m = m - btd
             mx = m.max(axis=1, keepdims=True)
             dead = ~xp.isfinite(mx)  # no open class with a finite score: spread evenly
-            if bool(dead.any()):
+            if host_bool(dead.any()):
                 m = xp.where(dead, xp.where(xp.isfinite(btd), 0, -xp.inf).astype(m.dtype), m)
                 mx = xp.where(dead, 0, mx)
             m -= mx
@@ -175,9 +175,9 @@ class _CappedDual:
 
     def done(self, b: Any, col: Any, tol: float) -> bool:
         xp, caps = self.xp, self.caps
-        over = float(xp.max(col - caps * (1 + tol)))
+        over = host_float(xp.max(col - caps * (1 + tol)))
         priced = (b > 0) & (caps > 0)
-        slack = float(xp.max(xp.where(priced, caps * (1 - tol) - col, -1.0)))
+        slack = host_float(xp.max(xp.where(priced, caps * (1 - tol) - col, -1.0)))
         return over <= 0 and slack <= 0
 
     def solve(self, b: Any, temp: float, tol: float, n_iter: int) -> tuple[Any, bool]:
@@ -199,7 +199,7 @@ class _CappedDual:
             fi = xp.nonzero(free)[0]
             if fi.shape[0]:
                 h = hmat[xp.ix_(fi, fi)]
-                h = h + xp.eye(fi.shape[0]) * (1e-9 * float(xp.trace(h)) / fi.shape[0] + 1e-12)
+                h = h + xp.eye(fi.shape[0]) * (1e-9 * host_float(xp.trace(h)) / fi.shape[0] + 1e-12)
                 d[fi] = -xp.linalg.solve(h, grad[fi])
             base = xp.where(open_, bt, 0.0)
             accepted = False
@@ -207,13 +207,13 @@ class _CappedDual:
             for _ in range(20):  # backtracking along the projected arc
                 cand = xp.where(open_, xp.maximum(base + alpha * d, 0.0), xp.inf)
                 step = xp.where(open_, cand, 0.0) - base
-                if float((grad * step).sum()) >= 0:
+                if host_float((grad * step).sum()) >= 0:
                     break  # not a descent direction
                 col2, h2 = self.sweep(cand * temp, temp, hess=alpha == first)
                 # g is convex, so g(cand) ≤ g(base) + ∇g(cand)·step: a non-positive slope at
                 # the candidate proves descent, and column sums are accurate where g's
                 # float32 value is not
-                if float(((caps - col2) * step)[open_].sum()) <= 0:
+                if host_float(((caps - col2) * step)[open_].sum()) <= 0:
                     accepted = True
                     if h2 is None:
                         col2, h2 = self.sweep(cand * temp, temp, hess=True)
@@ -234,13 +234,13 @@ class _CappedDual:
 def _round_to_caps(xp: Any, w: Any, col: Any, caps: Any) -> None:
     """In place: column sums ≤ caps and rows summing to 1 exactly (Altschuler et al. 2017)."""
     over = col > caps
-    if not bool(over.any()):
+    if not host_bool(over.any()):
         return
     scale = xp.where(over, caps / xp.maximum(col, 1e-300), 1.0).astype(w.dtype)
     w *= scale
     room = xp.maximum(caps - w.sum(axis=0, dtype=np.float64), 0.0)
     missing = xp.maximum(1.0 - w.sum(axis=1, dtype=np.float64), 0.0)
-    tot = float(room.sum())
+    tot = host_float(room.sum())
     if tot > 0:
         w += (missing[:, None] * (room / tot)[None, :]).astype(w.dtype)
 
@@ -259,7 +259,7 @@ def _max_row_spread(xp: Any, L: Any, rows: int, sample: int = 50000) -> float:
         d = hi - lo
         d = d[xp.isfinite(d)]
         if d.size:
-            best = max(best, float(d.max()))
+            best = max(best, host_float(d.max()))
     return best
 
 
@@ -341,8 +341,8 @@ def assign_capped(
         s = s.astype(np.float64)
     n, k = s.shape
     caps = _caps_array(xp, cap, k, np.int64)
-    if bool(xp.any(caps < 0)) or int(caps.sum()) < n:
-        raise ValueError(f"caps must be ≥ 0 with sum ≥ {n}, got sum {int(caps.sum())}")
+    if host_bool(xp.any(caps < 0)) or host_int(caps.sum()) < n:
+        raise ValueError(f"caps must be ≥ 0 with sum ≥ {n}, got sum {host_int(caps.sum())}")
     rows = _chunk_rows(xp, k)
     p = xp.where(caps > 0, 0.0, xp.inf)
     spread = _mean_row_spread(xp, s)
@@ -366,7 +366,7 @@ def assign_capped(
         counts = xp.bincount(labels[labels >= 0], minlength=k)
         excess = counts - caps
         over = excess > 0
-        if not bool(over.any()):
+        if not host_bool(over.any()):
             break
         rounds += 1
         members = xp.nonzero((labels >= 0) & over[xp.maximum(labels, 0)])[0]
@@ -377,7 +377,7 @@ def assign_capped(
             lab = labels[idx]
             lab_s, m_s, idx_s, first, pos = _rank_members(xp, lab, mlb[idx], idx, k)
             out = pos < excess[lab_s]
-            if not bool((out & (stamp[idx_s] != rounds)).any()):
+            if not host_bool((out & (stamp[idx_s] != rounds)).any()):
                 break
             # refresh a window beyond the excess too: refreshed margins only grow
             win = pos < excess[lab_s] * grow + 16
@@ -459,7 +459,7 @@ def _mean_row_spread(xp: Any, s: Any, sample: int = 20000) -> float:
         fin = xp.isfinite(m)
         d = xp.where(fin, m, -xp.inf).max(axis=1) - xp.where(fin, m, xp.inf).min(axis=1)
         d = d[xp.isfinite(d)]
-        tot = float(d.sum(dtype=np.float64))
+        tot = host_float(d.sum(dtype=np.float64))
         cnt = int(d.shape[0])
     return max(tot / cnt, 1e-12) if cnt and tot > 0 else 1.0
 
@@ -478,7 +478,7 @@ def _repair(
     labels = labels.copy()
     counts = xp.bincount(labels[labels >= 0], minlength=k)
     excess = counts - caps
-    if bool(xp.any(excess > 0)):
+    if host_bool(xp.any(excess > 0)):
         idx = xp.nonzero((labels >= 0) & (excess > 0)[xp.maximum(labels, 0)])[0]
         lab = labels[idx]
         margin = _margins(xp, s, p, idx, lab, rows)
@@ -493,7 +493,9 @@ def _repair(
             return labels
         if todo.shape[0] > max(n // 20, 1000):
             break  # a flood of rows with alike preferences: proposals would crawl
-        cls, val, rank = _proposals(xp, s, pf, room > 0, todo, min(q, int((room > 0).sum())), rows)
+        cls, val, rank = _proposals(
+            xp, s, pf, room > 0, todo, min(q, host_int((room > 0).sum())), rows
+        )
         m = todo.shape[0]
         qq = cls.shape[1]
         cls, val, rank = cls.ravel(), val.ravel(), rank.ravel()
@@ -525,14 +527,14 @@ def _sweep_fill(xp: Any, s: Any, p: Any, room: Any, todo: Any, rows: int) -> Any
     open_ = room > 0
     best, val, _ = _top2(xp, s, p - xp.where(open_, 0.0, -xp.inf), todo, None, rows)
     fin = xp.isfinite(val)
-    lo = float(val[fin].min()) - 1.0 if bool(fin.any()) else 0.0
+    lo = host_float(val[fin].min()) - 1.0 if host_bool(fin.any()) else 0.0
     val = xp.where(fin, val, lo)
     demand = xp.bincount(best, minlength=k) * open_
     out = xp.full(todo.shape[0], -1, dtype=np.int64)
     free = xp.ones(todo.shape[0], dtype=bool)
     left = int(todo.shape[0])
     for c in np.argsort(-to_host(demand), kind="stable").tolist():
-        r = min(int(room[c]), left)
+        r = min(host_int(room[c]), left)
         if r <= 0:
             continue
         loss = val - (s[todo, c].astype(np.float64) - p[c])
@@ -562,7 +564,7 @@ def _proposals(
     for a in range(0, m, rows):
         t = s[todo[a : a + rows]].astype(np.float64) - p
         fin = xp.isfinite(t)
-        lo = float(t[fin].min()) - 1.0 if bool(fin.any()) else 0.0
+        lo = host_float(t[fin].min()) - 1.0 if host_bool(fin.any()) else 0.0
         t = xp.where(fin, t, lo) + shut
         j = xp.argpartition(t, k - q, axis=1)[:, k - q :]
         cls[a : a + rows] = j

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from companion.classify.backend import get_array_module, to_device
+from companion.classify.backend import get_array_module, is_cupy, to_device
 
 if TYPE_CHECKING:
     from companion.classify.fourier import Geometry
@@ -90,7 +90,7 @@ def ctf_2d(
     gamma = (a + ca * c2az + sa * s2az) * k2g + k2.astype(dtype) * (k2g * k2g)
     gamma -= (k5 + k3).astype(dtype)
     out = -xp.sin(gamma)
-    if bool(xp.any(k4 != 0)):
+    if is_cupy(xp) or bool(xp.any(k4 != 0)):  # no host sync on a device
         out *= xp.exp(k4.astype(dtype) * k2g)
     out *= col(scale).astype(dtype)
     return out.astype(dtype)
@@ -107,15 +107,13 @@ def ctf_terms(particles: ParticleSet, idx: np.ndarray, geom: Geometry, xp: Any
     - ``cm``: the model's CTF on the reference (C; C² premultiplied; |C| phase-flipped).
     """
     c = particles.ctf
-    kx, ky = geom.freqs_A()
-    ctf = ctf_2d(
-        to_device(kx, xp), to_device(ky, xp),
-        *(to_device(getattr(c, f)[idx], xp) for f in (
-            "defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
-            "phase_shift", "bfactor", "scale")),
-    )  # fmt: skip
-    prem = to_device(particles.ctf_premultiplied[idx], xp)[:, None]
-    flip = to_device(particles.phase_flipped[idx], xp)[:, None]
+    fields = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
+              "phase_shift", "bfactor", "scale")  # fmt: skip
+    per = to_device(np.stack([np.asarray(getattr(c, f), np.float64)[idx] for f in fields]), xp)
+    ctf = ctf_2d(geom.on("kx_A", xp), geom.on("ky_A", xp), *(per[i] for i in range(len(fields))))
+    flags = to_device(np.stack([particles.ctf_premultiplied[idx],
+                                particles.phase_flipped[idx]]), xp)  # fmt: skip
+    prem, flip = flags[0][:, None], flags[1][:, None]
     c2 = ctf * ctf
     absc = xp.abs(ctf)
     cy = xp.where(prem, xp.float32(1.0), xp.where(flip, absc, ctf)).astype(xp.float32)

@@ -145,8 +145,13 @@ class _Run:
         if st is None:
             st = self.initial_state(prep)
             st.timings["preprocess_s"] = prep.seconds
-        elif st.iteration:
-            log.info("continuing after iteration %d of %d", st.iteration, self.total)
+        else:  # resumed: the batch follows this device, not the one that wrote the checkpoint
+            batch = self.batch_size()
+            if batch != st.batch:
+                log.info("batch size %d for %s (checkpoint had %d)", batch, self.device, st.batch)
+            st.batch = batch
+            if st.iteration:
+                log.info("continuing after iteration %d of %d", st.iteration, self.total)
         log.info(
             "E-step batch: %d particles (%s)",
             st.batch,

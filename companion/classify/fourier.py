@@ -16,12 +16,12 @@ Conventions (all arrays on NumPy or CuPy, module taken from the inputs):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from companion.classify.backend import get_array_module, to_device
+from companion.classify.backend import csr_matrix, get_array_module, to_device
 
 
 def working_box(box: int, psize: float, max_resolution: float) -> tuple[int, int]:
@@ -46,6 +46,7 @@ class Geometry:
     kx: np.ndarray  # float32[F] frequency index along x (cycles per box)
     ky: np.ndarray  # float32[F]
     shell: np.ndarray  # int32[F] rounded radius, 1..s_max
+    _device: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def create(cls, box: int, psize: float, max_resolution: float,
@@ -76,6 +77,15 @@ class Geometry:
             ky=gy.ravel()[flat].astype(np.float32),
             shell=np.rint(r.ravel()[flat]).astype(np.int32),
         )
+
+    def on(self, name: str, xp: Any) -> Any:
+        """Table ``name`` (``kept``, ``kx``, ``ky``, ``shell``; ``kx_A``/``ky_A``: the
+        frequencies in 1/Å) on the device of ``xp``, uploaded once per geometry."""
+        key = (name, getattr(xp, "__name__", "numpy"))
+        if key not in self._device:
+            host = dict(zip(("kx_A", "ky_A"), self.freqs_A(), strict=True)).get(name)
+            self._device[key] = to_device(getattr(self, name) if host is None else host, xp)
+        return self._device[key]
 
     @property
     def n_coef(self) -> int:
@@ -174,7 +184,7 @@ def to_kept(images: Any, geom: Geometry) -> Any:
     xp = get_array_module(images)
     f = xp.fft.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), norm="ortho")
     f = f.reshape(f.shape[:-2] + (-1,))
-    return f[..., to_device(geom.kept, xp)].astype(xp.complex64)
+    return f[..., geom.on("kept", xp)].astype(xp.complex64)
 
 
 def kept_to_grid(coef: Any, geom: Geometry) -> Any:
@@ -182,7 +192,7 @@ def kept_to_grid(coef: Any, geom: Geometry) -> Any:
     xp = get_array_module(coef)
     w = geom.work_box
     grid = xp.zeros(coef.shape[:-1] + (w * (w // 2 + 1),), dtype=xp.complex64)
-    grid[..., to_device(geom.kept, xp)] = coef
+    grid[..., geom.on("kept", xp)] = coef
     grid = grid.reshape(coef.shape[:-1] + (w, w // 2 + 1))
     # column kx = 0: fill ky < 0 from the kept ky > 0 (Hermitian)
     col = grid[..., :, 0]
@@ -201,24 +211,34 @@ def from_kept(coef: Any, geom: Geometry) -> Any:
 
 
 def shell_sums(values: Any, geom: Geometry, n_shells: int | None = None) -> Any:
-    """Sum of ``values`` (..., F) over each shell → (..., n_shells) (float64)."""
+    """Sum of ``values`` (..., F) over each shell → (..., n_shells) (float64).
+
+    One float64 GEMM against a shell-membership table (kept on the device): a fixed
+    summation order, unlike a weighted ``bincount`` (atomics on a GPU)."""
     xp = get_array_module(values)
     n = geom.s_max + 1 if n_shells is None else n_shells
-    shell = to_device(geom.shell, xp)
+    key = ("shell_table", n, getattr(xp, "__name__", "numpy"))
+    if key not in geom._device:
+        table = np.zeros((geom.n_coef, n), np.float64)
+        ok = geom.shell < n
+        table[np.flatnonzero(ok), geom.shell[ok]] = 1.0
+        geom._device[key] = to_device(table, xp)
     lead = values.shape[:-1]
     v = values.reshape(-1, values.shape[-1]).astype(xp.float64)
-    m = v.shape[0]
-    idx = (xp.arange(m)[:, None] * n + shell[None, :]).ravel()
-    out = xp.bincount(idx, weights=v.ravel(), minlength=m * n)
-    return out.reshape(lead + (n,))
+    return (v @ geom._device[key]).reshape(lead + (n,))
 
 
 def radial_profile(per_shell: np.ndarray, geom: Geometry, xp: Any = np) -> Any:
-    """A per-shell function (S,) interpolated linearly at each kept coefficient's exact
-    radius → (F,) (smooth in |k|, so it commutes with rotations)."""
+    """Per-shell functions (S,) or (M, S) interpolated linearly at each kept coefficient's
+    exact radius → (F,) or (M, F) float32 (smooth in |k|, so they commute with rotations)."""
+    p = np.asarray(per_shell, np.float64)
     r = np.hypot(geom.kx.astype(np.float64), geom.ky.astype(np.float64))
-    s = np.arange(len(per_shell), dtype=np.float64)
-    return to_device(np.interp(r, s, np.asarray(per_shell, np.float64)).astype(np.float32), xp)
+    last = p.shape[-1] - 1
+    i0 = np.clip(np.floor(r), 0, last).astype(np.int64)
+    i1 = np.minimum(i0 + 1, last)
+    frac = np.clip(r - i0, 0.0, 1.0)
+    vals = p[..., i0] * (1 - frac) + p[..., i1] * frac
+    return to_device(vals.astype(np.float32), xp)
 
 
 def shell_counts(geom: Geometry) -> np.ndarray:
@@ -269,7 +289,7 @@ def shift_images(coef: Any, shift: Any, geom: Geometry) -> Any:
     """Shift (B, F) coefficients by per-row shifts (B, 2) in working px (content moves +t)."""
     xp = get_array_module(coef)
     t = xp.asarray(shift, dtype=xp.float32)
-    kx, ky = to_device(geom.kx, xp), to_device(geom.ky, xp)
+    kx, ky = geom.on("kx", xp), geom.on("ky", xp)
     ang = (-2.0 * np.pi / geom.work_box) * (t[:, :1] * kx[None] + t[:, 1:2] * ky[None])
     return (coef * xp.exp(1j * ang.astype(xp.float32))).astype(xp.complex64)
 
@@ -284,11 +304,19 @@ class Projector:
     ``pad``-times oversampled spectrum with gridding correction (as RELION's projector).
     ``backproject`` rotates per-rotation sums back into the class frame and adds them up:
     complex sums ``S[k, r]`` by the adjoint of ``project`` (push onto the oversampled grid,
-    back to real space, crop to the working box, gridding correction, forward transform;
-    one FFT pair per class), corrected for the weight that leaks across the edge of the kept
-    disc; real weights ``D[k, r]`` by normalised bilinear interpolation on the working grid
-    (non-negative, no ringing where the CTF² / sigma² weights vary fast).
+    back to real space, crop to the working box, gridding correction, forward transform),
+    corrected for the weight that leaks across the edge of the kept disc; real weights
+    ``D[k, r]`` by normalised bilinear interpolation on the working grid (non-negative, no
+    ringing where the CTF² / sigma² weights vary fast).
+
+    Every interpolation is one sparse (CSR) matrix built once on the device and applied to all
+    classes (and half-sets) at once: complex values ride as interleaved float32 columns, so
+    one real SpMM does them all, and a CSR product sums in a fixed order (deterministic on
+    both backends, unlike scatter-adds with atomics). FFTs are batched complex64.
     """
+
+    CHUNK_ELEMS = 1 << 25  # oversampled-grid elements per FFT batch (fixed: results and
+    # memory do not depend on free memory)
 
     def __init__(self, geom: Geometry, n_rot: int, *, pad: int = 4,
                  xp: Any = np, n_coef: int | None = None) -> None:  # fmt: skip
@@ -298,12 +326,19 @@ class Projector:
         self.n_coef = geom.n_coef if n_coef is None else int(n_coef)
         self.fwd = _Table(geom, self.n_rot, pad, self.n_coef, xp)
         self.weight = _Table(geom, self.n_rot, 1, self.n_coef, xp, reverse=True, valid=True)
+        self.kept = to_device(geom.kept[: self.n_coef], xp)
+        pb = self.fwd.pbox
+        self.mirror_rows = to_device((-np.arange(pb)) % pb, xp)
         # push + crop leaks weight across the edge of the kept disc: measure it once
         ones = xp.ones((1, self.n_rot, self.n_coef), xp.complex64)
-        self.edge = xp.maximum(xp.real(self._push(ones)[0]) / self.n_rot, 0.05)
+        self.edge = xp.maximum(xp.real(self._push(ones)[0]) / np.float32(self.n_rot), 0.05)
+        self.edge = self.edge.astype(xp.float32)
 
     def angles_deg(self) -> np.ndarray:
         return np.arange(self.n_rot) * (360.0 / self.n_rot)
+
+    def _chunk(self) -> int:
+        return max(1, self.CHUNK_ELEMS // (self.fwd.pbox * self.fwd.pbox))
 
     def project(self, images: Any) -> Any:
         """Rotated spectra (K, R, F) complex64 of working-box images (K, w, w)."""
@@ -311,15 +346,17 @@ class Projector:
         images = xp.asarray(images, dtype=xp.float32)
         k = images.shape[0]
         out = xp.empty((k, self.n_rot, self.n_coef), dtype=xp.complex64)
-        for i in range(k):  # one class at a time bounds the (R, F, 4) temporaries
-            spec = self.fwd.spectrum(images[i : i + 1])[0]
-            out[i] = self.fwd.gather(spec)
+        c = self._chunk()
+        for s in range(0, k, c):  # fixed-size class chunks bound the oversampled spectra
+            spec = self.fwd.spectrum(images[s : s + c])  # (c, P) complex64
+            out[s : s + c] = self.fwd.gather_all(spec)
         return out
 
     def backproject(self, sums: Any, weights: Any | None = None,
                     radial: Any | None = None) -> tuple[Any, Any]:  # fmt: skip
         """(K, R, F) complex sums (and real weights) in the rotated frames → class frame,
-        summed over rotations: ((K, F) complex64, (K, F) float32).
+        summed over rotations: ((K, F) complex64, (K, F) float32). K may stack classes of
+        several half-sets: every row is independent.
 
         ``radial`` (F,) or (K, F): a smooth function of |k| the sums are multiplied by before
         the interpolation and divided by after (rotation keeps |k|). Pass the inverse of the
@@ -328,51 +365,44 @@ class Projector:
         """
         xp = self.xp
         k = sums.shape[0]
-        num = xp.empty((k, self.n_coef), xp.complex64)
-        den = None if weights is None else xp.empty((k, self.n_coef), xp.float32)
         rad = xp.ones((1, self.n_coef), xp.float32) if radial is None else radial
         rad = xp.asarray(rad, xp.float32).reshape(-1, self.n_coef)
         rad = xp.broadcast_to(rad, (k, self.n_coef))
-        for i in range(k):
-            r = rad[i]
-            num[i] = self._push(sums[i : i + 1] * r[None, None])[0] / (r * self.edge)
-            if den is not None:
-                grid = _real_grid(weights[i] * r[None], self.geom)  # (R, w*(w//2+1))
-                den[i] = self.weight.gather_each_normalised(grid).sum(axis=0) / r
-        return num, den
+        num = self._push(sums * rad[:, None, :]) / (rad * self.edge[None])
+        den = None
+        if weights is not None:
+            w = (weights * rad[:, None, :]).reshape(k, -1)  # (K, R*F)
+            den = spmm(self.weight.back, w.T).T / rad  # (K, F)
+            den = den.astype(xp.float32)
+        return num.astype(xp.complex64), den
 
     def _push(self, vals: Any) -> Any:
         """Adjoint of ``project`` for (K, R, F) complex values → (K, F) complex64."""
         xp, t, geom = self.xp, self.fwd, self.geom
         pb, pc, w = t.pbox, t.pcols, geom.work_box
-        out = xp.empty((vals.shape[0], self.n_coef), xp.complex64)
-        flat_idx = t.idx.reshape(-1)
-        kept = to_device(geom.kept[: self.n_coef], xp)
+        k = vals.shape[0]
+        out = xp.empty((k, self.n_coef), xp.complex64)
         o = pb // 2 - w // 2
-        for i in range(vals.shape[0]):
-            v = xp.where(t.conj, xp.conj(vals[i]), vals[i])[..., None] * t.wts
-            re = xp.bincount(flat_idx, weights=v.real.ravel(), minlength=pb * pc)
-            im = xp.bincount(flat_idx, weights=v.imag.ravel(), minlength=pb * pc)
-            grid = (re + 1j * im).reshape(pb, pc)
-            col = grid[:, 0].copy()  # a sample's mirror on column 0 lands on column 0 too
-            grid[:, 0] = col + xp.conj(col[(-xp.arange(pb)) % pb])
-            img = xp.fft.fftshift(xp.fft.irfft2(grid, s=(pb, pb), norm="ortho"))
-            crop = img[o : o + w, o : o + w] / t.gridding
-            f = xp.fft.rfft2(xp.fft.ifftshift(crop), norm="ortho").reshape(-1)
-            out[i] = (f[kept] * t.pad).astype(xp.complex64)
+        c = self._chunk()
+        for s in range(0, k, c):
+            v = vals[s : s + c].astype(xp.complex64)
+            n = v.shape[0]
+            v = xp.where(t.conj[None], xp.conj(v), v).reshape(n, -1)  # (n, R*F)
+            cols = xp.ascontiguousarray(v.T).view(xp.float32)  # (R*F, 2n) interleaved
+            grid = xp.ascontiguousarray(spmm(t.push, cols).view(xp.complex64).T)  # (n, G)
+            grid = grid.reshape(n, pb, pc)
+            col = grid[:, :, 0].copy()  # a sample's mirror on column 0 lands on column 0 too
+            grid[:, :, 0] = col + xp.conj(col[:, self.mirror_rows])
+            img = xp.fft.fftshift(xp.fft.irfft2(grid, s=(pb, pb), norm="ortho"), axes=(-2, -1))
+            crop = img[:, o : o + w, o : o + w] / t.gridding
+            f = xp.fft.rfft2(xp.fft.ifftshift(crop, axes=(-2, -1)), norm="ortho").reshape(n, -1)
+            out[s : s + n] = f[:, self.kept] * np.float32(t.pad)
         return out
 
 
-def _real_grid(vals: Any, geom: Geometry) -> Any:
-    """Real, even Fourier functions on the kept coefficients (R, F) → rfft grids (R, G)."""
-    xp = get_array_module(vals)
-    w = geom.work_box
-    grid = xp.zeros((vals.shape[0], w * (w // 2 + 1)), dtype=xp.float32)
-    kept = to_device(geom.kept[: vals.shape[1]], xp)
-    grid[:, kept] = vals
-    mirror = to_device(_col0_mirror(geom, vals.shape[1]), xp)
-    grid[:, mirror[1]] = grid[:, mirror[0]]
-    return grid
+def spmm(mat: Any, dense: Any) -> Any:
+    """Sparse (CSR, from :func:`companion.classify.backend.csr_matrix`) × dense float32."""
+    return mat @ dense
 
 
 def _col0_mirror(geom: Geometry, n_coef: int) -> np.ndarray:
@@ -424,10 +454,28 @@ class _Table:
         wts = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=-1)
         if valid:  # only grid points whose value is known count (normalised interpolation)
             wts = wts * _known_grid(geom, n_coef)[idx]
-        self.idx = to_device(idx, xp)  # (R, F, 4)
-        self.wts = to_device(wts.astype(np.float32), xp)
-        self.norm = to_device(wts.sum(axis=-1).astype(np.float32), xp) if valid else None
         self.conj = to_device(flip, xp)  # (R, F)
+        n_rows = n_rot * n_coef
+        rows = np.repeat(np.arange(n_rows), 4)
+        g_size = self.pbox * self.pcols
+        if valid:  # back-rotation of real weights: (F, R*F), normalised over known points
+            src = np.full(w * (w // 2 + 1), -1, np.int64)
+            src[geom.kept[:n_coef]] = np.arange(n_coef)
+            mirror = _col0_mirror(geom, n_coef)
+            src[mirror[1]] = src[mirror[0]]
+            norm = wts.sum(axis=-1)
+            wn = np.where(norm[..., None] > 0, wts / np.maximum(norm, 1e-12)[..., None], 0)
+            col = src[idx.reshape(-1)]
+            r_of = np.repeat(np.arange(n_rot), n_coef * 4)
+            f_of = np.tile(np.repeat(np.arange(n_coef), 4), n_rot)
+            ok = (col >= 0) & (wn.reshape(-1) != 0)
+            self.back = csr_matrix(wn.reshape(-1)[ok].astype(np.float32), f_of[ok],
+                                   (r_of * n_coef + col)[ok], (n_coef, n_rows), xp)  # fmt: skip
+        else:  # gather (R*F, G) and its adjoint, the push (G, R*F)
+            data, cols = wts.reshape(-1).astype(np.float32), idx.reshape(-1)
+            self.gather = csr_matrix(data, rows, cols, (n_rows, g_size), xp)
+            self.push = csr_matrix(data, cols, rows, (g_size, n_rows), xp)
+        self.n_rot, self.n_coef = n_rot, n_coef
         r = (np.arange(w) - w // 2) / self.pbox
         g1 = np.sinc(r) ** 2  # gridding correction of linear interpolation
         self.gridding = to_device((g1[:, None] * g1[None, :]).astype(np.float32), xp)
@@ -441,24 +489,13 @@ class _Table:
         o = pb // 2 - w // 2
         big[:, o : o + w, o : o + w] = images / self.gridding
         f = xp.fft.rfft2(xp.fft.ifftshift(big, axes=(-2, -1)), norm="ortho")
-        return (f * self.pad).reshape(b, -1).astype(xp.complex64)
+        return (f * np.float32(self.pad)).reshape(b, -1).astype(xp.complex64)
 
-    def gather(self, spec: Any) -> Any:
-        """One spectrum (P,) at every rotation → (R, F)."""
+    def gather_all(self, spec: Any) -> Any:
+        """Spectra (B, P) at every rotation → (B, R, F) complex64 (one SpMM for all B)."""
         xp = self.xp
-        v = (spec[self.idx] * self.wts).sum(axis=-1)
-        return xp.where(self.conj, xp.conj(v), v)
-
-    def gather_each(self, spec: Any) -> Any:
-        """Spectrum r (R, P) at rotation r → (R, F)."""
-        xp = self.xp
-        rows = xp.arange(spec.shape[0])[:, None, None]
-        v = (spec[rows, self.idx] * self.wts).sum(axis=-1)
-        return xp.where(self.conj, xp.conj(v), v)
-
-    def gather_each_normalised(self, grid: Any) -> Any:
-        """Real grid r (R, G) at rotation r, normalised over known neighbours → (R, F)."""
-        xp = self.xp
-        rows = xp.arange(grid.shape[0])[:, None, None]
-        v = (grid[rows, self.idx] * self.wts).sum(axis=-1)
-        return xp.where(self.norm > 0, v / xp.maximum(self.norm, 1e-12), 0).astype(xp.float32)
+        b = spec.shape[0]
+        cols = xp.ascontiguousarray(spec.T).view(xp.float32)  # (P, 2B)
+        v = xp.ascontiguousarray(spmm(self.gather, cols).view(xp.complex64).T)  # (B, R*F)
+        v = v.reshape(b, self.n_rot, self.n_coef)
+        return xp.where(self.conj[None], xp.conj(v), v)

@@ -42,8 +42,10 @@ class Accumulator:
     def __init__(self, k: int, r: int, geom: fo.Geometry, n_groups: int, xp: Any) -> None:
         f = geom.n_coef
         self.k, self.r, self.f, self.geom, self.xp = k, r, f, geom, xp
-        self.sums = xp.zeros((2, k * r, 2 * f), xp.float32)
-        self.weights = xp.zeros((2, k * r, f), xp.float32)
+        # per (half, class, rotation): [Σ rows as interleaved float32 (2F) | Σ weights (F)]
+        self.stats = xp.zeros((2 * k * r, 3 * f), xp.float32)
+        self.sums = self.stats[:, : 2 * f].reshape(2, k * r, 2 * f)  # views of ``stats``
+        self.weights = self.stats[:, 2 * f :].reshape(2, k * r, f)
         self.n_shells = geom.s_max + 1
         self.n_groups = n_groups
         self.noise_num = xp.zeros(n_groups * self.n_shells, xp.float64)
@@ -55,7 +57,7 @@ class Accumulator:
         self.hard = xp.zeros(k, xp.int64)
         self.c2s_sum = xp.zeros(f, xp.float64)
         self.count = 0
-        self.shell = to_device(geom.shell, xp)
+        self.shell = geom.on("shell", xp)
 
     def add(self, sc: BatchScores, post: Any, search: Search, refs: RotatedRefs, *,
             x: Any, xc: Any, c2s: Any, cm: Any, v: Any, half: Any, group: Any,
@@ -78,11 +80,12 @@ class Accumulator:
         self._add_noise(sc, top, search, refs, x, cm, v, group)
 
     def _add_rows(self, target: Any, rows: Any, wrows: Any, half_rows: Any) -> None:
-        for h in (0, 1):
-            sel = half_rows == h
-            if bool(sel.any()):
-                scatter_add_rows(self.sums[h], target[sel], f32view(rows[sel]))
-                scatter_add_rows(self.weights[h], target[sel], wrows[sel])
+        """Rows (n, F) complex and weights (n, F) into (half, class·rotation) ``target``:
+        one deterministic segmented sum for both half-sets and both arrays."""
+        xp = self.xp
+        both = xp.concatenate([f32view(rows), wrows.astype(xp.float32)], axis=1)  # (n, 3F)
+        where = half_rows.astype(target.dtype) * (self.k * self.r) + target
+        scatter_add_rows(self.stats, where, both)
 
     def _add_max(self, sc: BatchScores, post: Any, search: Search, xc: Any, c2s: Any,
                  half: Any) -> None:  # fmt: skip
@@ -139,15 +142,18 @@ class Accumulator:
         model = cm * a
         resid = xs - model
         power = resid.real**2 + resid.imag**2
-        idx = (group[:, None] * self.n_shells + self.shell[None, :]).ravel()
-        n = self.n_groups * self.n_shells
-        self.noise_num += xp.bincount(idx, weights=power.ravel(), minlength=n)
-        self.noise_den += xp.bincount(idx, weights=v.ravel(), minlength=n)
+        per = xp.concatenate([fo.shell_sums(power, self.geom), fo.shell_sums(v, self.geom)], 1)
+        acc = xp.zeros((self.n_groups, 2 * self.n_shells), xp.float64)
+        scatter_add_rows(acc, group, per)  # (G, 2S): deterministic per-group sums
+        self.noise_num += acc[:, : self.n_shells].reshape(-1)
+        self.noise_den += acc[:, self.n_shells :].reshape(-1)
         lim = slice(1, refs.n)  # shells 1 .. E-step limit (the DC term carries no scale)
         prod = (xs[:, lim] * model[:, lim].conj()).real.sum(axis=1)
         mpow = (model.real[:, lim] ** 2 + model.imag[:, lim] ** 2).sum(axis=1)
-        self.scale_num += xp.bincount(group, weights=prod, minlength=self.n_groups)
-        self.scale_den += xp.bincount(group, weights=mpow, minlength=self.n_groups)
+        sc_acc = xp.zeros((self.n_groups, 2), xp.float64)
+        scatter_add_rows(sc_acc, group, xp.stack([prod, mpow], axis=1))
+        self.scale_num += sc_acc[:, 0]
+        self.scale_den += sc_acc[:, 1]
 
     def finish(self, projector: fo.Projector) -> dict[str, Any]:
         """Back-rotated sums per half-set plus the per-iteration scalars (device arrays).
@@ -157,18 +163,16 @@ class Accumulator:
         of magnitude with |k|; rotation keeps |k|, so this is exact)."""
         xp = self.xp
         k, r, f = self.k, self.r, self.f
-        num = xp.empty((2, k, f), xp.complex64)
-        den = xp.empty((2, k, f), xp.float32)
         counts = np.maximum(fo.shell_counts(self.geom), 1)
-        for h in (0, 1):
-            s = self.sums[h].view(xp.complex64).reshape(k, r, f)
-            d = self.weights[h].reshape(k, r, f)
-            prof = to_host(fo.shell_sums(d.sum(axis=1), self.geom)) / counts[None]
-            prof[:, 0] = prof[:, 1]
-            top = prof.max(axis=1, keepdims=True)
-            prof = np.where(top > 0, np.maximum(prof, 1e-6 * top), 1.0)
-            radial = xp.stack([1.0 / fo.radial_profile(p, self.geom, xp) for p in prof])
-            num[h], den[h] = projector.backproject(s, d, radial)
+        s = xp.ascontiguousarray(self.sums).view(xp.complex64).reshape(2 * k, r, f)
+        d = xp.ascontiguousarray(self.weights).reshape(2 * k, r, f)  # both half-sets at once
+        prof = to_host(fo.shell_sums(d.sum(axis=1), self.geom)) / counts[None]
+        prof[:, 0] = prof[:, 1]
+        top = prof.max(axis=1, keepdims=True)
+        prof = np.where(top > 0, np.maximum(prof, 1e-6 * top), 1.0)
+        radial = 1.0 / fo.radial_profile(prof, self.geom, xp)
+        num, den = projector.backproject(s, d, radial)
+        num, den = num.reshape(2, k, f), den.reshape(2, k, f)
         return {
             "num": num,
             "den": den,
@@ -197,7 +201,7 @@ def reconstruct(num: Any, den: Any, tau2: np.ndarray, t_fudge: float,
     """Wiener-filtered averages ``Σ S / (Σ D + 1/(T·tau²))`` from per-half sums (2, K, F),
     the half-set FRC (reported resolution) and RELION's data-vs-prior ratio."""
     xp = get_array_module(num)
-    shell = to_device(geom.shell, xp)
+    shell = geom.on("shell", xp)
     tau2_d = to_device(np.maximum(tau2, 1e-30).astype(np.float32), xp)
     reg = 1.0 / (np.float32(t_fudge) * tau2_d[:, shell])  # (K, F)
     full = (num[0] + num[1]) / (den[0] + den[1] + reg)

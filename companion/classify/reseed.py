@@ -96,7 +96,7 @@ def reseed_references(
             out[d] = xp.asarray(halves[0][d], dtype=out.dtype)
             out[e] = xp.asarray(halves[1][d], dtype=out.dtype)
         else:
-            z = xp.asarray(_field(rng, out.shape[1:], np.iscomplexobj(out)), dtype=out.dtype)
+            z = xp.asarray(_field(rng, out.shape[1:], out.dtype.kind == "c"), dtype=out.dtype)
             base = out[d].copy()
             out[d] = base * (1 - scale * z)
             out[e] = base * (1 + scale * z)

@@ -26,19 +26,34 @@ Search modes:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from companion.classify import fourier as fo
-from companion.classify.backend import batch_size, get_array_module, to_device
+from companion.classify.backend import batch_size, get_array_module, synchronize, to_device
 
 FINE_ROT = 2  # fine rotations on each side of the best coarse one (coarse step = 2 fine)
 FINE_SHIFT = 2  # fine shift steps on each side of the best coarse shift (coarse step = 2)
 COARSE_MARGIN = 12.0  # classes whose coarse score trails the best by more than this × u
 # are not refined (their posterior weight is ~exp(-margin·F/Fc) — negligible)
 NEG = np.float32(-3.0e38)
+#: set to a dict by ``companion bench speed`` to time the passes (with a device sync each):
+#: coarse_s / coarse_flop / fine_s / fine_flop accumulate there; None (default) costs nothing
+TIMINGS: dict[str, float] | None = None
+
+
+def _lap(xp: Any, part: str, t0: float, flop: float) -> float:
+    """Add the seconds since ``t0`` and ``flop`` to ``TIMINGS[part...]``; the new t0."""
+    if TIMINGS is None:
+        return 0.0
+    synchronize(xp)
+    now = time.perf_counter()
+    TIMINGS[part + "_s"] = TIMINGS.get(part + "_s", 0.0) + now - t0
+    TIMINGS[part + "_flop"] = TIMINGS.get(part + "_flop", 0.0) + flop
+    return now
 
 
 def f32view(a: Any) -> Any:
@@ -64,6 +79,8 @@ class Search:
     local_adj: Any = None  # (n_d, 2F) float32: exp(-2πi k·d/w) interleaved
     lookup: Any = None  # ((2n+1)², ) index of grid point in shifts, -1 outside
     lookup_n: int = 0
+    shifts_dev: Any = None  # ``shifts`` and ``local`` on the device (uploaded once)
+    local_dev: Any = None
 
     @property
     def n_shift(self) -> int:
@@ -103,6 +120,7 @@ class Search:
             self.n_shift
         )
         self.lookup, self.lookup_n = to_device(table, xp), n
+        self.shifts_dev, self.local_dev = to_device(self.shifts, xp), to_device(self.local, xp)
 
     @staticmethod
     def coarse_shell(shell: int) -> int:
@@ -233,6 +251,9 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
     tc = int(cidx.shape[0])
     rc = refs.coarse.shape[0] // k
     phases = search.phases[:, :f]
+    if TIMINGS is not None:
+        synchronize(xp)
+    t_lap = time.perf_counter()
     # ---- coarse pass: every class, 2x rotation and shift steps, half resolution
     yc = xc[:, None, :fc] * search.phases[cidx, :fc][None]  # (B, Tc, Fc)
     llc = f32view(yc).reshape(b * tc, 2 * fc) @ refs.coarse.T  # (B*Tc, K*Rc)
@@ -246,6 +267,7 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
     rcb = xp.take_along_axis(a1, tcb[:, None, :], axis=1)[:, 0, :]
     del llc, m1, a1, yc
     flops = 4.0 * b * tc * k * rc * fc
+    t_lap = _lap(xp, "coarse", t_lap, flops + 2.0 * b * fc * k * rc)
     # ---- significant (particle, class) pairs: coarse score near the particle's best
     gap = best_c.max(axis=1, keepdims=True) - best_c  # (B, K) >= 0
     sig = gap <= np.float32(COARSE_MARGIN * u)
@@ -260,8 +282,7 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
     else:
         rot_sel = (2 * rcb[bi, ki][:, None] + offs[None, :]) % r  # (P, J)
     t0 = cidx[tcb[bi, ki]]  # (P,) index into shifts
-    shifts = to_device(search.shifts, xp)
-    local = to_device(search.local, xp)
+    shifts, local = search.shifts_dev, search.local_dev
     nd = local.shape[0]
     cand = search.shift_index(shifts[t0][:, None, :] + local[None])  # (P, n_d)
     quad = (c2s[:, :f] @ refs.power.T) * np.float32(0.5)  # (B, K*R)
@@ -299,6 +320,7 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
             s1_all[s:e], su_all[s:e] = s1, su
         del z, q, ll
     flops += 4.0 * n_pairs * j * f * nd
+    _lap(xp, "fine", t_lap, 4.0 * n_pairs * j * f * nd + 2.0 * b * f * k * r)
     # insignificant pairs: coarse pose, score extrapolated from the coarse gap (never used
     # for weights — their posterior is negligible — but ordered, for capped assignment)
     ratio = np.float32(f / max(fc, 1))

@@ -63,6 +63,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_params_arguments(sp, ClassifyParams, only=("n_classes", "search"),
                          defaults={"n_classes": 20, "search": "fast"}, aliases=K_ALIAS)  # fmt: skip
     sp.add_argument(
+        "--resolution",
+        type=float,
+        default=6.0,
+        help="resolution limit (Å) of the runs and of the steady-state pass timed from "
+        "converged references [default: 6]",
+    )
+    sp.add_argument(
         "--relion",
         action="store_true",
         help="also run relion_refine on the same particles and compare",
@@ -193,6 +200,7 @@ def _speed(args: argparse.Namespace) -> int:
             seed=args.seed,
             threads=threads,
             search=args.search,
+            resolution=args.resolution,
         )
     _emit(args, rep, format_speed(rep))
     return 0

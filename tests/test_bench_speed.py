@@ -1,0 +1,23 @@
+"""``companion bench speed``'s steady-state pass: at the stated resolution, with the time
+split into its parts and the scoring GEMM rate against a peak measured on its shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from companion.bench.speed import format_speed, run_speed_benchmark
+
+
+def test_steady_state_pass_at_the_stated_resolution(tmp_path):
+    rep = run_speed_benchmark(n=40, box=64, classes=2, iters=1, relion=False,
+                              out_dir=tmp_path, resolution=6.0)  # fmt: skip
+    st = rep["companion"]["cpu"]["steady"]
+    assert st["resolution_A"] == pytest.approx(6.0, rel=0.02)  # 192 Å box / shell 32
+    assert st["coefficients"] > 4 * st["coarse_coefficients"] / 2  # full F, not the coarse F
+    parts = ["e_step_coarse_s", "e_step_fine_s", "m_step_s", "io_s"]
+    assert all(st[p] > 0 for p in parts)
+    assert sum(st[p] for p in parts) <= 1.05 * st["seconds"] + st["io_s"]
+    assert st["evaluations_per_s"] == pytest.approx(40 * 2 / st["seconds"])
+    assert 0 < st["coarse_gemm_flops"] and st["sgemm_peak_flops"] > 0
+    text = format_speed(rep)
+    assert "steady state at 6.0 Å" in text and "SGEMM peak measured on its shape" in text
