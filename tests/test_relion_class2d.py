@@ -294,8 +294,8 @@ def test_relion_star_handler_reads_every_star(project):
 def test_relion_refine_continues_from_our_files(tmp_path, monkeypatch):
     """relion_refine 3.1.3 --continue reads optimiser, model, sampling, data and classes.
 
-    RELION 3.1 forms groups from micrograph names; this project has one micrograph per optics
-    group, so its groups match the model's (companion writes one group per optics group).
+    RELION 3.1 forms groups from micrograph names, as companion does (one micrograph per
+    optics group here; tests/test_relion_groups.py has several per optics group).
     """
     if shutil.which("relion_refine") is None:
         pytest.skip("relion_refine not on PATH")
