@@ -401,8 +401,9 @@ class Projector:
 
 
 def spmm(mat: Any, dense: Any) -> Any:
-    """Sparse (CSR, from :func:`companion.classify.backend.csr_matrix`) × dense float32."""
-    return mat @ dense
+    """Sparse (CSR, from :func:`companion.classify.backend.csr_matrix`) × dense float32,
+    C-ordered (cuSPARSE may hand back a column-major result; callers view rows as complex)."""
+    return get_array_module(dense).ascontiguousarray(mat @ dense)
 
 
 def _col0_mirror(geom: Geometry, n_coef: int) -> np.ndarray:
