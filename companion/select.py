@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 
 SELECT_THRESHOLD = 0.5
-RIM_MAX = 0.15  # rim / inner RMS at which the rim term is 0.5
-CONTRAST_MAX_LOG = float(np.log(2.0))  # |log contrast| at which the contrast term is 0.5
-SHARPNESS_MIN = 0.8  # mean class posterior of members at which the sharpness term is 0.5
-SIZE_MIN = 0.1  # fraction of the mean class size at which the size term is 0.5
+# each term is 0.5 at its threshold; rim, contrast and sharpness are relative to the
+# particle-weighted median class
+RIM_MAX = 1.8
+CONTRAST_MAX_LOG = float(np.log(2.0))  # |log contrast|
+SHARPNESS_MIN = 0.9
+SIZE_MIN = 0.1  # fraction of the mean class size
 
 
 @dataclass
@@ -57,6 +59,15 @@ def _ring_rms(averages: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.sqrt(np.mean(averages[:, sel].astype(np.float64) ** 2, axis=1))
 
 
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    ok = np.isfinite(values) & (weights > 0)
+    if not ok.any():
+        return 1.0
+    order = np.argsort(values[ok])
+    cum = np.cumsum(weights[ok][order])
+    return float(values[ok][order][np.searchsorted(cum, 0.5 * cum[-1])])
+
+
 def class_features(result: Any) -> ClassFeatures:
     """The features of :func:`class_scores` for a ClassResult (see the module doc)."""
     k = result.n_classes
@@ -67,19 +78,16 @@ def class_features(result: Any) -> ClassFeatures:
     inner = _ring_rms(avg, 0.0, 0.5)
     rim = _ring_rms(avg, 0.6, 0.85) / np.maximum(inner, 1e-30)
     occupied = sizes > 0
-    if occupied.any():
-        order = np.argsort(inner[occupied])
-        cum = np.cumsum(sizes[occupied][order])
-        ref = inner[occupied][order][np.searchsorted(cum, 0.5 * cum[-1])]
-    else:
-        ref = 1.0
-    contrast = inner / max(float(ref), 1e-30)
+    nan = np.where(occupied, 1.0, np.nan)
     psum = np.bincount(labels[seen], weights=np.asarray(result.class_prob)[seen], minlength=k)
     with np.errstate(invalid="ignore", divide="ignore"):
-        sharp = psum / np.bincount(labels[seen], minlength=k)
+        sharp = psum / np.bincount(labels[seen], minlength=k) * nan
+
+    def rel(x: np.ndarray) -> np.ndarray:
+        return x * nan / max(_weighted_median(x * nan, sizes), 1e-30)
+
     size = sizes / max(sizes.sum() / max(k, 1), 1e-30)
-    nan = np.where(occupied, 1.0, np.nan)
-    return ClassFeatures(rim * nan, contrast * nan, sharp * nan, size)
+    return ClassFeatures(rel(rim), rel(inner), rel(sharp), size)
 
 
 def _step(x: np.ndarray, at: float, width: float) -> np.ndarray:
@@ -93,9 +101,9 @@ def class_scores(result: Any) -> np.ndarray:
     written as rlnClassScore (RELION 4's class ranker's label, also in [0, 1])."""
     f = class_features(result)
     s = (
-        _step(f.rim, RIM_MAX, 0.02)
+        _step(f.rim, RIM_MAX, 0.15)
         * _step(np.abs(np.log(np.maximum(f.contrast, 1e-30))), CONTRAST_MAX_LOG, 0.1)
-        * _step(-f.sharpness, -SHARPNESS_MIN, 0.03)
+        * _step(-f.sharpness, -SHARPNESS_MIN, 0.02)
         * _step(-f.size, -SIZE_MIN, 0.02)
     )
     return np.nan_to_num(s, nan=0.0).astype(np.float32)
