@@ -1,25 +1,23 @@
 """Which classes hold particles: one class score and one ``--select auto`` rule for all hosts.
 
-A class is scored from what separates junk from particles in its average and its members,
-each feature judged against the particle-weighted median class (junk is a minority of the
-particles, so the weighted median is a particle class):
+A class is scored from what separates junk from particles in its average and its members;
+``rim``, ``contrast`` and ``sharpness`` are divided by those of the particle-weighted median
+class (junk is assumed to be a minority of the particles, so that class is a particle class):
 
-- ``rim``: RMS of the average in the outer ring of the mask (60-85% of the half box)
-  over its RMS in the inner disc (< 50%). A particle is compact and centred; a gold edge,
-  an off-centre contamination blob or an average of noise reaches the rim. Measured on
-  ``companion simulate`` data: particle classes 0.05-0.10, junk classes 0.18-1.0.
-- ``contrast``: inner-disc RMS over the weighted median's. Gold edges and contamination
-  are 3-10× stronger than the particles, noise averages 5× weaker.
-- ``sharpness``: mean posterior probability of the class over its members (rlnMax... of
-  the class). Particle classes are ~1; pure-noise classes 0.45-0.8 (the members could
-  as well be elsewhere).
-- ``size``: class size over the mean size (classes below 10% of the mean are too small to
-  trust, as RELION users' rule of thumb).
+- ``rim``: RMS of the average in the outer ring (60-85% of the half box) over its RMS in the
+  inner disc (< 50%). A particle is compact and centred; a gold edge, an off-centre
+  contamination blob or an average of noise reaches the rim. Measured on ``companion
+  simulate`` data (``companion bench select``): particle classes 0.05-0.12, junk 0.18-1.07.
+- ``contrast``: inner-disc RMS. Gold edges and contamination are 3-12x stronger than the
+  particles, noise averages 4-15x weaker.
+- ``sharpness``: mean class posterior over the members. Particle classes 0.93-0.98; pure-noise
+  classes 0.52-0.84 (the members could as well be elsewhere).
+- ``size``: class size over the mean class size (below 10% of the mean: too small to trust).
 
-The score is the product of one soft step per feature (each in [0, 1]; 0.5 at its
-threshold), so any single junk trait pulls a class down. ``select_auto`` keeps the
-non-empty classes scoring at least ``SELECT_THRESHOLD``. The host only converts class
-numbers (RELION 1-based, CryoSPARC 0-based).
+The score is the product of one soft step per feature (each in [0, 1], 0.5 at its threshold),
+so any single junk trait pulls a class down. ``select_auto`` keeps the non-empty classes
+scoring at least ``SELECT_THRESHOLD``; hosts only convert class numbers (RELION 1-based,
+CryoSPARC 0-based).
 """
 
 from __future__ import annotations
