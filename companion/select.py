@@ -1,25 +1,23 @@
 """Which classes hold particles: one class score and one ``--select auto`` rule for all hosts.
 
-A class is scored from what separates junk from particles in its average and its members,
-each feature judged against the particle-weighted median class (junk is a minority of the
-particles, so the weighted median is a particle class):
+A class is scored from what separates junk from particles in its average and its members;
+``rim``, ``contrast`` and ``sharpness`` are divided by those of the particle-weighted median
+class (junk is assumed to be a minority of the particles, so that class is a particle class):
 
-- ``rim``: RMS of the average in the outer ring of the mask (60-85% of the half box)
-  over its RMS in the inner disc (< 50%). A particle is compact and centred; a gold edge,
-  an off-centre contamination blob or an average of noise reaches the rim. Measured on
-  ``companion simulate`` data: particle classes 0.05-0.10, junk classes 0.18-1.0.
-- ``contrast``: inner-disc RMS over the weighted median's. Gold edges and contamination
-  are 3-10× stronger than the particles, noise averages 5× weaker.
-- ``sharpness``: mean posterior probability of the class over its members (rlnMax... of
-  the class). Particle classes are ~1; pure-noise classes 0.45-0.8 (the members could
-  as well be elsewhere).
-- ``size``: class size over the mean size (classes below 10% of the mean are too small to
-  trust, as RELION users' rule of thumb).
+- ``rim``: RMS of the average in the outer ring (60-85% of the half box) over its RMS in the
+  inner disc (< 50%). A particle is compact and centred; a gold edge, an off-centre
+  contamination blob or an average of noise reaches the rim. Measured on ``companion
+  simulate`` data (``companion bench select``): particle classes 0.05-0.12, junk 0.18-1.07.
+- ``contrast``: inner-disc RMS. Gold edges and contamination are 3-12x stronger than the
+  particles, noise averages 4-15x weaker.
+- ``sharpness``: mean class posterior over the members. Particle classes 0.93-0.98; pure-noise
+  classes 0.52-0.84 (the members could as well be elsewhere).
+- ``size``: class size over the mean class size (below 10% of the mean: too small to trust).
 
-The score is the product of one soft step per feature (each in [0, 1]; 0.5 at its
-threshold), so any single junk trait pulls a class down. ``select_auto`` keeps the
-non-empty classes scoring at least ``SELECT_THRESHOLD``. The host only converts class
-numbers (RELION 1-based, CryoSPARC 0-based).
+The score is the product of one soft step per feature (each in [0, 1], 0.5 at its threshold),
+so any single junk trait pulls a class down. ``select_auto`` keeps the non-empty classes
+scoring at least ``SELECT_THRESHOLD``; hosts only convert class numbers (RELION 1-based,
+CryoSPARC 0-based).
 """
 
 from __future__ import annotations
@@ -30,10 +28,12 @@ from typing import Any
 import numpy as np
 
 SELECT_THRESHOLD = 0.5
-RIM_MAX = 0.15  # rim / inner RMS at which the rim term is 0.5
-CONTRAST_MAX_LOG = float(np.log(2.0))  # |log contrast| at which the contrast term is 0.5
-SHARPNESS_MIN = 0.8  # mean class posterior of members at which the sharpness term is 0.5
-SIZE_MIN = 0.1  # fraction of the mean class size at which the size term is 0.5
+# each term is 0.5 at its threshold; rim, contrast and sharpness are relative to the
+# particle-weighted median class
+RIM_MAX = 1.8
+CONTRAST_MAX_LOG = float(np.log(2.0))  # |log contrast|
+SHARPNESS_MIN = 0.9
+SIZE_MIN = 0.1  # fraction of the mean class size
 
 
 @dataclass
@@ -57,6 +57,15 @@ def _ring_rms(averages: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.sqrt(np.mean(averages[:, sel].astype(np.float64) ** 2, axis=1))
 
 
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    ok = np.isfinite(values) & (weights > 0)
+    if not ok.any():
+        return 1.0
+    order = np.argsort(values[ok])
+    cum = np.cumsum(weights[ok][order])
+    return float(values[ok][order][np.searchsorted(cum, 0.5 * cum[-1])])
+
+
 def class_features(result: Any) -> ClassFeatures:
     """The features of :func:`class_scores` for a ClassResult (see the module doc)."""
     k = result.n_classes
@@ -67,19 +76,16 @@ def class_features(result: Any) -> ClassFeatures:
     inner = _ring_rms(avg, 0.0, 0.5)
     rim = _ring_rms(avg, 0.6, 0.85) / np.maximum(inner, 1e-30)
     occupied = sizes > 0
-    if occupied.any():
-        order = np.argsort(inner[occupied])
-        cum = np.cumsum(sizes[occupied][order])
-        ref = inner[occupied][order][np.searchsorted(cum, 0.5 * cum[-1])]
-    else:
-        ref = 1.0
-    contrast = inner / max(float(ref), 1e-30)
+    nan = np.where(occupied, 1.0, np.nan)
     psum = np.bincount(labels[seen], weights=np.asarray(result.class_prob)[seen], minlength=k)
     with np.errstate(invalid="ignore", divide="ignore"):
-        sharp = psum / np.bincount(labels[seen], minlength=k)
+        sharp = psum / np.bincount(labels[seen], minlength=k) * nan
+
+    def rel(x: np.ndarray) -> np.ndarray:
+        return x * nan / max(_weighted_median(x * nan, sizes), 1e-30)
+
     size = sizes / max(sizes.sum() / max(k, 1), 1e-30)
-    nan = np.where(occupied, 1.0, np.nan)
-    return ClassFeatures(rim * nan, contrast * nan, sharp * nan, size)
+    return ClassFeatures(rel(rim), rel(inner), rel(sharp), size)
 
 
 def _step(x: np.ndarray, at: float, width: float) -> np.ndarray:
@@ -93,9 +99,9 @@ def class_scores(result: Any) -> np.ndarray:
     written as rlnClassScore (RELION 4's class ranker's label, also in [0, 1])."""
     f = class_features(result)
     s = (
-        _step(f.rim, RIM_MAX, 0.02)
+        _step(f.rim, RIM_MAX, 0.15)
         * _step(np.abs(np.log(np.maximum(f.contrast, 1e-30))), CONTRAST_MAX_LOG, 0.1)
-        * _step(-f.sharpness, -SHARPNESS_MIN, 0.03)
+        * _step(-f.sharpness, -SHARPNESS_MIN, 0.02)
         * _step(-f.size, -SIZE_MIN, 0.02)
     )
     return np.nan_to_num(s, nan=0.0).astype(np.float32)
