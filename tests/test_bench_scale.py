@@ -34,3 +34,11 @@ def test_points_are_measured_tiled_and_resumed(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_scale, "run_point", boom)
     again = bench_scale.run_scale_benchmark(tmp_path, [40, 80], [2, 4], 32, 0, over, 40)
     assert again["points"] == rep["points"]
+
+
+def test_max_iterations_stops_each_point_early(tmp_path):
+    over = {"online_iters": 3, "full_iters": 1, "batch_per_class": 20, "max_resolution": 12.0}
+    rep = bench_scale.run_scale_benchmark(tmp_path, [40], [2], 32, 0, over, 40, max_iterations=1)
+    (row,) = rep["points"]
+    assert row["iterations"] == 1 and row["peak_rss"] > 10 << 20
+    assert "first 1 iteration(s) only" in bench_scale.format_scale(rep)

@@ -15,6 +15,7 @@ large N (preprocessing plus the first iterations) when the full schedule would t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import resource
@@ -134,7 +135,8 @@ def run_scale_benchmark(out: Path, ns: list[int], ks: list[int], box: int, seed:
         if key in done:
             continue
         print(f"bench scale: N={n} K={k} box {box} ...", file=sys.stderr)
-        rec = run_point(star, n, k, out / "runs" / f"n{n}_k{k}", overrides, max_iterations)
+        tag = hashlib.sha1(key.encode()).hexdigest()[:8]  # one work dir per point and options
+        rec = run_point(star, n, k, out / "runs" / f"n{n}_k{k}_{tag}", overrides, max_iterations)
         rec["throughput"] = n / rec["seconds"]
         done[key] = rec
         tmp = points_path.with_suffix(".tmp")
