@@ -231,15 +231,14 @@ def _under(filename: Any, out_dir: Path) -> bool:
 
 def exclusive(run: F) -> F:
     """Decorate ``run_classification(particles, params, out_dir, *, resume, root, ...)``:
-    the stacks are checked (headers only) before any work, then the whole run happens
+    :func:`companion.preflight.preflight` before any work, then the whole run happens
     inside :func:`claim` of its output directory."""
 
     @functools.wraps(run)
     def wrapper(particles: Any, params: Any, out_dir: Any, *args: Any, **kwargs: Any) -> Any:
-        if hasattr(particles, "check_images"):  # unreadable stacks: refused before any work
-            from companion.stacks import require_stacks
+        from companion.preflight import preflight
 
-            require_stacks(particles)
+        preflight(particles, params)  # unreadable stacks refused, clamped values warned
         with claim(
             out_dir,
             root=kwargs.get("root", "run"),
