@@ -238,7 +238,7 @@ def exclusive(run: F) -> F:
     def wrapper(particles: Any, params: Any, out_dir: Any, *args: Any, **kwargs: Any) -> Any:
         from companion.preflight import preflight
 
-        preflight(particles, params)  # unreadable stacks refused, clamped values warned
+        preflight(particles, params)  # clamped values warned
         with claim(
             out_dir,
             root=kwargs.get("root", "run"),

@@ -1,4 +1,4 @@
-"""Checks before any work: unreadable stacks refuse the run; clamped parameters are warned.
+"""Checks before any work: clamped parameters are warned.
 
 Called once per run by :func:`companion.outdir.exclusive` (so every command and host job
 gets them): a value the classifier silently clamps (``--max-resolution`` beyond Nyquist or
@@ -50,11 +50,7 @@ def clamp_warnings(particles: Any, params: Any) -> list[str]:
 
 
 def preflight(particles: Any, params: Any) -> None:
-    """InputError for unreadable stacks (headers only); warnings for clamped parameters."""
-    if not hasattr(particles, "check_images"):
-        return
-    from companion.stacks import require_stacks
-
-    require_stacks(particles)
+    """Warnings for clamped parameters (stacks are checked by
+    :func:`companion.stacks.require_stacks` right before the classifier starts)."""
     for line in clamp_warnings(particles, params):
         log.warning("%s", line)

@@ -51,7 +51,9 @@ class RunOutputs:
 def classify(*args: Any, **kwargs: Any) -> ClassResult:
     """The classifier (imported on first use; tests replace this name)."""
     from companion.classify import classify as _classify
+    from companion.stacks import require_stacks
 
+    require_stacks(args[0])  # a bad stack is refused before the first byte is written
     return _classify(*args, **kwargs)
 
 
