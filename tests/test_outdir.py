@@ -78,17 +78,22 @@ def test_stale_lock_of_a_dead_process_is_reclaimed(sim, tmp_path, caplog):
 def test_leftovers_of_earlier_runs_are_removed_at_start(sim, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    tmp_files = [out / ".run_it002_data.star.abc123.tmp", out / ".summary.json.99.tmp"]
+    (out / "checkpoint").mkdir()
+    tmp_files = [
+        out / ".run_it002_data.star.abc123.tmp",
+        out / ".summary.json.99.tmp",
+        out / "checkpoint" / "state.npz.tmp",
+    ]
     stale = [out / "run_it007_data.star", out / "run_it007_classes.mrcs"]
     for p in tmp_files + stale:
         p.write_text("left over")
-    keep = out / "notes.txt"
+    keep = out / "notes.tmp"  # not one of ours
     keep.write_text("mine")
     assert cli_main(["classify", str(sim / "particles.star"), "--out", str(out), *FAST]) == 0
     assert not any(p.exists() for p in tmp_files + stale)
     assert keep.read_text() == "mine"
     assert (out / "run_it002_data.star").is_file() and (out / "summary.json").is_file()
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_check_free_space(tmp_path):
