@@ -157,16 +157,23 @@ def _read_holder(fd: int, raw: bool = False) -> str:
         return text[:200]
 
 
-_TMP = re.compile(r"^\..+\.tmp$|\.tmp$")
+_HIDDEN_TMP = re.compile(r"^\..+\.tmp$")
+_TMP = re.compile(r"\.tmp$")
 
 
 def remove_leftovers(out_dir: Path, *, root: str, resume: bool, n_iterations: int) -> None:
     """Temporary files of an interrupted write; outputs of an earlier, different run."""
     removed: list[str] = []
-    for d in (out_dir, out_dir / "checkpoint"):
+    # our atomic writers' temporaries: hidden ``.NAME.*.tmp`` beside the outputs, any
+    # ``*.tmp`` in the checkpoint and its cache
+    for d, pattern in (
+        (out_dir, _HIDDEN_TMP),
+        (out_dir / "checkpoint", _TMP),
+        (out_dir / "checkpoint" / "cache", _TMP),
+    ):
         if d.is_dir():
             for p in d.iterdir():
-                if p.is_file() and _TMP.search(p.name):
+                if p.is_file() and pattern.search(p.name):
                     p.unlink(missing_ok=True)
                     removed.append(p.name)
     it_file = re.compile(rf"^{re.escape(root)}_it(\d{{3}})_")
@@ -231,15 +238,14 @@ def _under(filename: Any, out_dir: Path) -> bool:
 
 def exclusive(run: F) -> F:
     """Decorate ``run_classification(particles, params, out_dir, *, resume, root, ...)``:
-    the stacks are checked (headers only) before any work, then the whole run happens
+    :func:`companion.preflight.preflight` before any work, then the whole run happens
     inside :func:`claim` of its output directory."""
 
     @functools.wraps(run)
     def wrapper(particles: Any, params: Any, out_dir: Any, *args: Any, **kwargs: Any) -> Any:
-        if hasattr(particles, "check_images"):  # unreadable stacks: refused before any work
-            from companion.stacks import require_stacks
+        from companion.preflight import preflight
 
-            require_stacks(particles)
+        preflight(particles, params)  # clamped values warned
         with claim(
             out_dir,
             root=kwargs.get("root", "run"),

@@ -142,7 +142,7 @@ def test_select_auto_quality_floor_on_simulated_junk(tmp_path):
     2-core dev VM: good kept 82 / 96 / 84%, junk in the selection 2.8 / 4.5 / 5.9% against a
     class-level floor (junk inside junk-minority classes) of 5.3 / 5.5 / 8.0%: the selection
     never keeps more junk than the best choice of whole classes. Floors below the spread."""
-    from companion.bench_select import select_figures
+    from companion.bench.select import select_figures
     from companion.classify import classify
     from companion.params import ClassifyParams
     from companion.sources import open_particles
