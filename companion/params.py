@@ -77,6 +77,15 @@ class ClassifyParams(BaseModel):
             "--anneal on, 'uniform' with --anneal off; always uniform with --balance."
         ),
     )
+    scale_correction: Literal["off", "on"] = Field(
+        "off",
+        description=(
+            "Per-particle intensity scale (RELION --scale, CryoSPARC 'minimize over "
+            "per-particle scale'): 'on' fits each particle's scale to its best class at its "
+            "best pose after every E-step (normalised to mean 1 over the particles) and uses "
+            "it in the next; 'off' keeps 1."
+        ),
+    )
     initial_uncertainty: float = Field(
         2.0, ge=1.0, description="Initial classification uncertainty factor (temperature ≥ 1)."
     )

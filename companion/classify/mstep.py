@@ -56,9 +56,12 @@ class Accumulator:
 
     def add(self, sc: BatchScores, post: Any, search: Search, refs: RotatedRefs, *,
             x: Any, xc: Any, c2s: Any, cm: Any, v: Any, half: Any, group: Any,
-            pose_mode: str) -> None:  # fmt: skip
+            pose_mode: str, is2: Any = None) -> np.ndarray | None:  # fmt: skip
         """Add one batch: ``post`` (B, K) class weights; x raw coefficients; xc = cy·x/σ²;
-        c2s = C²/σ²; cm the model CTF; v the noise variance factor; half, group per particle."""
+        c2s = C²/σ²; cm the model CTF; v the noise variance factor; half, group per particle.
+
+        With ``is2`` (1/σ² per coefficient) returns each particle's least-squares scale
+        correction of its model at its best pose in its most likely class (host (B,))."""
         xp = self.xp
         b = post.shape[0]
         self.count += b
@@ -72,7 +75,7 @@ class Accumulator:
             self._add_dense(sc, post, search, xc, c2s, half)
         else:
             self._add_local(sc, post, search, xc, c2s, half)
-        self._add_noise(sc, top, search, refs, x, cm, v, group)
+        return self._add_noise(sc, top, search, refs, x, cm, v, group, is2)
 
     def _add_rows(self, target: Any, rows: Any, wrows: Any, half_rows: Any) -> None:
         for h in (0, 1):
@@ -124,20 +127,30 @@ class Accumulator:
         self._add_rows(target, rows, c2s[bi] * wr[pi, ji][:, None], half[bi])
 
     def _add_noise(self, sc: BatchScores, top: Any, search: Search, refs: RotatedRefs,
-                   x: Any, cm: Any, v: Any, group: Any) -> None:  # fmt: skip
-        """Residual power at each particle's best pose in its most likely class."""
+                   x: Any, cm: Any, v: Any, group: Any, is2: Any = None
+                   ) -> np.ndarray | None:  # fmt: skip
+        """Residual power at each particle's best pose in its most likely class (and, with
+        ``is2``, the scale correction Σ Re(m* y) w / Σ |m|² w, m = cm·ref, w = is2 / v)."""
         xp = self.xp
         b = x.shape[0]
         ar = xp.arange(b)
         rot = sc.rot[ar, top]
         sh = sc.shift[ar, top]
         a = refs.full[top, rot]  # (B, F)
-        resid = x * search.phases[sh] - cm * a
+        y = x * search.phases[sh]
+        m = cm * a
+        resid = y - m
         power = resid.real**2 + resid.imag**2
         idx = (group[:, None] * self.n_shells + self.shell[None, :]).ravel()
         n = self.n_groups * self.n_shells
         self.noise_num += xp.bincount(idx, weights=power.ravel(), minlength=n)
         self.noise_den += xp.bincount(idx, weights=v.ravel(), minlength=n)
+        if is2 is None:
+            return None
+        w = is2 / v
+        num = ((m.real * y.real + m.imag * y.imag) * w).sum(axis=1)
+        den = ((m.real**2 + m.imag**2) * w).sum(axis=1)
+        return to_host(num / xp.maximum(den, 1e-30)).astype(np.float32)
 
     def finish(self, projector: fo.Projector) -> dict[str, Any]:
         """Back-rotated sums per half-set plus the per-iteration scalars (device arrays).

@@ -4,7 +4,10 @@ Each batch of protein-white images is Fourier-cropped to the working box, normal
 background (outside the mask radius) has mean 0 and sd 1, multiplied by a soft circular
 mask, transformed, and its kept coefficients written to a ``np.memmap`` of shape (N, F)
 complex64 — a million particles never sit in RAM. The same pass accumulates, per optics
-group, the power spectrum of the particles minus their mean: the initial noise estimate.
+group, the noise power spectrum of the background (the image outside the particle mask,
+windowed), robust to the few particles whose background holds junk (a per-shell median):
+the initial noise estimate, free of the particles' and the junk's own power. Where the
+background is too small to measure, the power of (particle − mean particle) is used.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from companion.particles import ParticleSet
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: initial noise from the background
 
 
 @dataclass
@@ -44,6 +47,9 @@ class Prepared:
     seconds: float = 0.0
     # [Σ cy·X, Σ |cy|] over all particles: the initial reference (see init.py)
     average_sums: list | None = None
+    # half the power of (particle − mean particle) per shell (G, S): RELION's initial
+    # estimate, which holds the particles' and the junk's own power (see em.initial_state)
+    sigma2_particles: np.ndarray | None = None
 
 
 def ctf_terms(particles: ParticleSet, idx: np.ndarray, geom: fo.Geometry, xp: Any
@@ -114,8 +120,9 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         if meta.get("fingerprint") == fp and meta.get("shape") == [n, nf]:
             coeffs = np.memmap(data_path, dtype=np.complex64, mode="r", shape=(n, nf))
             sigma2 = np.asarray(meta["sigma2_init"], dtype=np.float64)
+            s2p = np.asarray(meta["sigma2_particles"], dtype=np.float64)
             log.info("reusing preprocessed particles in %s", cache_dir)
-            return Prepared(geom, coeffs, group_index, groups, sigma2, 0.0)
+            return Prepared(geom, coeffs, group_index, groups, sigma2, 0.0, None, s2p)
     meta_path.unlink(missing_ok=True)
     coeffs = np.memmap(data_path, dtype=np.complex64, mode="w+", shape=(n, max(nf, 1)))
     average = [np.zeros(nf, np.complex128), np.zeros(nf, np.float64)]
@@ -124,6 +131,7 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     mask = fo.soft_mask(w, geom.mask_radius, xp=xp)
     background = fo.radial_mask(w, min(geom.mask_radius, 0.5 * w - 2), xp=xp)
     n_g = len(groups)
+    bg_noise = BackgroundNoise(geom, mask, n_g, xp)
     sum_x = np.zeros((n_g, nf), np.complex128)
     sum_x2 = np.zeros((n_g, nf), np.float64)
     sum_v = np.zeros((n_g, nf), np.float64)
@@ -138,9 +146,11 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         bg = x[:, background]
         mean = bg.mean(axis=1)
         sd = xp.maximum(bg.std(axis=1), 1e-6)
-        x = (x - mean[:, None, None]) / sd[:, None, None] * mask
-        coef = fo.to_kept(x, geom)
+        x = (x - mean[:, None, None]) / sd[:, None, None]
         cy, _, v, _ = ctf_terms(particles, idx, geom, xp)
+        bg_noise.add(x, v, group_index[idx])
+        x = x * mask
+        coef = fo.to_kept(x, geom)
         accumulate(average, coef, cy)
         coef_h = to_host(coef)
         v_h = to_host(v).astype(np.float64)
@@ -155,15 +165,17 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         done += len(idx)
         call(callbacks, "progress", done, n, "preprocess")
     coeffs.flush()
-    sigma2 = _initial_noise(geom, sum_x, sum_x2, sum_v, count)
-    meta = {"fingerprint": fp, "shape": [n, nf], "sigma2_init": sigma2.tolist()}
+    s2p = _initial_noise(geom, sum_x, sum_x2, sum_v, count)
+    sigma2 = bg_noise.estimate(s2p)
+    meta = {"fingerprint": fp, "shape": [n, nf], "sigma2_init": sigma2.tolist(),
+            "sigma2_particles": s2p.tolist()}  # fmt: skip
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta))
     tmp.replace(meta_path)
     coeffs = np.memmap(data_path, dtype=np.complex64, mode="r", shape=(n, nf))
     secs = time.perf_counter() - t0
     log.info("preprocessed %d particles to box %d (%d coefficients) in %.1fs", n, w, nf, secs)
-    return Prepared(geom, coeffs, group_index, groups, sigma2, secs, average)
+    return Prepared(geom, coeffs, group_index, groups, sigma2, secs, average, s2p)
 
 
 def _initial_noise(geom: fo.Geometry, sum_x: np.ndarray, sum_x2: np.ndarray,
@@ -189,3 +201,63 @@ def _initial_noise(geom: fo.Geometry, sum_x: np.ndarray, sum_x2: np.ndarray,
     for g in range(len(count)):
         out[g] = pooled if count[g] < 50 else est(sum_x[g], sum_x2[g], sum_v[g], count[g])
     return out
+
+
+class BackgroundNoise:
+    """Initial noise power per shell and group from the background: each normalised image
+    times the complement of the particle mask (widened by the mask's soft edge), Fourier
+    transformed; per particle the mean power per shell over the noise variance factor,
+    then per group the median over particles (Wilson-Hilferty: the median of a χ² with d
+    degrees of freedom is (1 - 2/(9d))³ of its mean), scaled by Σmask² / Σwindow² to the
+    masked particle images. Junk in a few particles' backgrounds (gold edges) moves a median
+    little; junk inside the mask does not enter at all."""
+
+    MIN_FRACTION = 0.05  # background window below this fraction of the box: not used
+
+    def __init__(self, geom: fo.Geometry, mask: Any, n_groups: int, xp: Any) -> None:
+        w = geom.work_box
+        edge = max(2.0, w / 16)
+        self.window = 1.0 - fo.soft_mask(w, geom.mask_radius + edge, edge, xp=xp)
+        m2 = float(to_host((mask * mask).sum()))
+        b2 = float(to_host((self.window * self.window).sum()))
+        self.usable = b2 >= self.MIN_FRACTION * w * w
+        self.ratio = m2 / max(b2, 1e-30)
+        self.geom, self.xp = geom, xp
+        n_s = geom.s_max + 1
+        self.n_shell = np.maximum(fo.shell_sums(np.ones((1, geom.n_coef)), geom, n_s)[0], 1)
+        self.sums = np.zeros((n_groups, n_s))
+        self.weights = np.zeros(n_groups)
+
+    def add(self, images: Any, v: Any, group_index: np.ndarray) -> None:
+        """Accumulate the batch's per-group medians (``images`` normalised, unmasked)."""
+        if not self.usable:
+            return
+        n_s = self.geom.s_max + 1
+        coef = fo.to_kept(images * self.window, self.geom)
+        p = self.xp.abs(coef) ** 2
+        # per unit of noise variance factor: shell power over shell Σv (not Σ of ratios,
+        # which C² near a CTF zero would blow up for premultiplied images)
+        per = to_host(fo.shell_sums(p, self.geom, n_s)) / np.maximum(
+            to_host(fo.shell_sums(v, self.geom, n_s)), 1e-30
+        )  # (B, S) mean power per coefficient
+        for g in np.unique(group_index):
+            sel = group_index == g
+            self.sums[g] += np.median(per[sel], axis=0) * sel.sum()
+            self.weights[g] += sel.sum()
+
+    def estimate(self, fallback: np.ndarray) -> np.ndarray:
+        """sigma² (G, S) in the convention of :func:`_initial_noise` (half the power of a
+        masked coefficient); ``fallback`` where the background could not be measured."""
+        if not self.usable or not self.weights.any():
+            return fallback
+        dof = 2.0 * self.n_shell
+        median_to_mean = (1.0 - 2.0 / (9.0 * dof)) ** 3
+        pooled = self.sums.sum(0) / self.weights.sum()
+        out = fallback.copy()
+        for g in range(len(self.weights)):
+            med = self.sums[g] / self.weights[g] if self.weights[g] >= 50 else pooled
+            s2 = 0.5 * self.ratio * med / median_to_mean
+            ok = np.isfinite(s2) & (s2 > 0)
+            out[g, ok] = s2[ok]
+        out[:, 0] = out[:, 1] if out.shape[1] > 1 else out[:, 0]
+        return out
