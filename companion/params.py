@@ -62,7 +62,9 @@ class ClassifyParams(BaseModel):
         None,
         description=(
             "Noise power per resolution shell: 'estimated' from residuals each iteration, "
-            "'fixed' at the initial estimate, or 'white'. Default: 'estimated' with --anneal on, "
+            "'fixed' at the initial estimate (the noise power of the background outside the "
+            "mask, so junk's and the particles' own power stay out of it), or 'white' (that "
+            "estimate's mean). Default: 'estimated' with --anneal on, "
             "'fixed' with --anneal off."
         ),
     )
