@@ -63,7 +63,9 @@ class ClassifyParams(BaseModel):
         None,
         description=(
             "Noise power per resolution shell: 'estimated' from residuals each iteration, "
-            "'fixed' at the initial estimate, or 'white'. Default: 'estimated' with --anneal on, "
+            "'fixed' at the initial estimate (the noise power of the background outside the "
+            "mask, so junk's and the particles' own power stay out of it), or 'white' (that "
+            "estimate's mean). Default: 'estimated' with --anneal on, "
             "'fixed' with --anneal off."
         ),
     )
@@ -76,6 +78,15 @@ class ClassifyParams(BaseModel):
             "above 1 it divides the likelihood but not the prior, so estimated priors then "
             "weigh u times more and a dominant class keeps growing. Default: 'estimated' with "
             "--anneal on, 'uniform' with --anneal off; always uniform with --balance."
+        ),
+    )
+    scale_correction: Literal["off", "on"] = Field(
+        "off",
+        description=(
+            "Per-particle intensity scale (RELION --scale, CryoSPARC 'minimize over "
+            "per-particle scale'): 'on' fits each particle's scale to its best class at its "
+            "best pose after every E-step (normalised to mean 1 over the particles) and uses "
+            "it in the next; 'off' keeps 1."
         ),
     )
     initial_uncertainty: float = Field(

@@ -61,3 +61,41 @@ def test_bench_modes_set_rejects_unknown_names_before_work(tmp_path, capsys):
     rc = main(["bench", "modes", "--set", "noise=white", "--table", str(tmp_path / "t.json")])
     assert rc == 2 and not (tmp_path / "t.json").exists()
     assert "no classification parameter 'noise'" in capsys.readouterr().err
+
+
+def _fake(mode, noise, seed, k, rec, good):
+    keys = ("nmi", "ari", "state_purity", "largest_class_fraction", "classes_below_10pct")
+    return {"mode": mode, "k": k, "junk_recall": rec, "junk_in_good_classes": good,
+            "data": {"noise": noise, "seed": seed}, **dict.fromkeys(keys, 0.5)}  # fmt: skip
+
+
+def test_medians_and_the_anneal_verdict_per_cell():
+    from companion.bench_modes import anneal_cells, format_summary, medians
+
+    rows = [_fake("default", "white", s, 24, 0.5, 0.06) for s in (0, 1, 2)]
+    rows += [_fake("anneal-off", "white", s, 24, r, g)
+             for s, r, g in ((0, 0.7, 0.03), (1, 0.4, 0.03), (2, 0.9, 0.01))]  # fmt: skip
+    m = {(x["mode"], x["noise"]): x for x in medians(rows)}
+    assert m[("anneal-off", "white")]["junk_recall"] == 0.7
+    assert m[("anneal-off", "white")]["junk_recall_range"] == [0.4, 0.9]
+    assert m[("anneal-off", "white")]["seeds"] == [0, 1, 2]
+    cells = anneal_cells(rows)
+    assert [c["better"] for c in cells] == [True, False, True]
+    text = format_summary(rows)
+    assert "2 of 3" in text and "not in white seed 1 K 24" in text
+
+
+def test_bench_modes_noise_and_seeds(tmp_path, capsys):
+    table = tmp_path / "modes.json"
+    rc = main(["bench", "modes", "--n", "120", "--classes", "4", "--box", "48",
+               "--modes", "default", "--noise", "white", "coloured", "--seed", "0", "1",
+               "--set", "online-iters=2", "--table", str(table)])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(table.read_text())
+    assert [(r["data"]["noise"], r["data"]["seed"]) for r in rows] == [
+        ("white", 0),
+        ("white", 1),
+        ("coloured", 0),
+        ("coloured", 1),
+    ]
+    assert "median over seeds" in capsys.readouterr().out

@@ -54,7 +54,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
                metavar="K", help="numbers of classes K [default: 24 50]")  # fmt: skip
     p.add_argument("--box", type=int, default=64, help="box in pixels [default: 64]")
     p.add_argument("--snr", type=float, default=0.05, help="simulated SNR [default: 0.05]")
-    p.add_argument("--seed", type=int, default=0, help="simulation and run seed [default: 0]")
+    p.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="simulation and run seeds; several give one table per seed plus medians [default: 0]",
+    )
+    add_noise_args(p)
     p.add_argument(
         "--modes",
         nargs="+",
@@ -83,6 +90,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "settings (anneal, balance) win",
     )
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+
+
+def add_noise_args(p: argparse.ArgumentParser) -> None:
+    """``--noise white|coloured`` (+ ``--ice-fraction``) of the simulated set (bench quality
+    and bench modes)."""
+    p.add_argument(
+        "--noise",
+        nargs="+",
+        choices=["white", "coloured"],
+        default=["white"],
+        help="simulated noise: white, or coloured (MTF detector noise + CTF-modulated ice; "
+        "see companion simulate --help); several: one run each [default: white]",
+    )
+    p.add_argument(
+        "--ice-fraction",
+        type=float,
+        default=0.5,
+        help="coloured noise: fraction of the noise variance from ice [default: 0.5]",
+    )
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -116,12 +142,16 @@ def run_modes_benchmark(
     device: str = "auto",
     modes: tuple[str, ...] | list[str] | None = None,
     params: dict[str, Any] | None = None,
+    noise: str = "white",
+    ice_fraction: float = 0.5,
 ) -> Any:
     """Simulate once, classify in every mode for every K; one dict per (K, mode).
 
     ``out_dir``: keep the simulated data there (``data/``); None = a temporary directory.
     ``params``: extra classification parameters applied to every mode (e.g. a shorter
-    schedule for tests). Called by ``companion bench modes`` with its parsed options.
+    schedule for tests). ``noise``, ``ice_fraction``: the simulated noise (see
+    :func:`companion.simulate.simulate`). Called by ``companion bench modes`` with its
+    parsed options.
     """
     if isinstance(out_dir, argparse.Namespace):
         return _cli(out_dir)
@@ -138,7 +168,12 @@ def run_modes_benchmark(
         for k in k_values:  # every bad combination fails before any work
             for name in names:
                 _params(name, k, seed, device, params).check_feasible(n)
-        sim = simulate(data, n, box=box, psize=192.0 / box, snr=snr, seed=seed, progress=False)
+        sim = simulate(data, n, box=box, psize=192.0 / box, snr=snr, seed=seed, noise=noise,
+                       ice_fraction=ice_fraction, progress=False)  # fmt: skip
+        info = {"n": n, "box": box, "psize": 192.0 / box, "snr": snr, "seed": seed,
+                "n_views": sim.n_views, "n_states": sim.n_states,
+                "junk_fraction": sim.junk_fraction, "noise": noise,
+                "set": dict(params or {})}  # fmt: skip
         particles = open_particles(data / "particles.star", None)
         truth = load_truth(data)
         rows = []
@@ -153,13 +188,8 @@ def run_modes_benchmark(
                     res.class_id, truth, n_classes=k, n_views=sim.n_views,
                     n_states=sim.n_states, cap=res.cap,
                 )  # fmt: skip
-                rows.append(_row(name, k, p, res, f, wall))
+                rows.append(_row(name, k, p, res, f, wall) | {"data": info})
                 log.info("bench modes: %s", format_row(rows[-1]))
-        for r in rows:
-            r["data"] = {"n": n, "box": box, "psize": 192.0 / box, "snr": snr, "seed": seed,
-                         "n_views": sim.n_views, "n_states": sim.n_states,
-                         "junk_fraction": sim.junk_fraction,
-                         "set": dict(params or {})}  # fmt: skip
         return rows
     finally:
         if not keep:
@@ -208,7 +238,8 @@ def format_row(r: dict[str, Any]) -> str:
     cap = f"{r['largest_class']}/{r['cap']}" if r["cap"] is not None else f"{r['largest_class']}/-"
     states = " ".join(f"{v}" for s, v in r["classes_per_state"].items() if int(s) >= 0)
     return (
-        f"{r['mode']:<20} {r['k']:>3} {r['classes_below_10pct']:>6} "
+        f"{r['mode']:<20} {r['data']['noise'][:5]:<5} {r['data']['seed']:>4} {r['k']:>3} "
+        f"{r['classes_below_10pct']:>6} "
         f"{_fmt(r['largest_class_fraction'], True):>7} {_fmt(r['nmi']):>6} {_fmt(r['ari']):>6} "
         f"{_fmt(r['state_purity'], True):>7} {states:>10} {_fmt(r['junk_recall'], True):>7} "
         f"{_fmt(r['junk_in_good_classes'], True):>8} {r['wall_s']:>7.0f} {cap:>11}"
@@ -218,7 +249,8 @@ def format_row(r: dict[str, Any]) -> str:
 def format_modes(rows: list[dict[str, Any]]) -> str:
     """One line per (K, mode)."""
     head = (
-        f"{'mode':<20} {'K':>3} {'<10%':>6} {'largest':>7} {'NMI':>6} {'ARI':>6} "
+        f"{'mode':<20} {'noise':<5} {'seed':>4} {'K':>3} {'<10%':>6} {'largest':>7} "
+        f"{'NMI':>6} {'ARI':>6} "
         f"{'st.pur':>7} {'cls/state':>10} {'jk.rec':>7} {'jk.good':>8} {'wall s':>7} "
         f"{'max/cap':>11}"
     )
@@ -240,27 +272,105 @@ def format_modes(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_KEYS = ("nmi", "ari", "state_purity", "junk_recall", "junk_in_good_classes",
+                "largest_class_fraction", "classes_below_10pct")  # fmt: skip
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (noise, K, mode): the median over seeds of each figure in SUMMARY_KEYS, with the
+    seeds' minimum and maximum."""
+    import numpy as np
+
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["data"]["noise"], r["k"], r["mode"]), []).append(r)
+    out = []
+    for (noise, k, mode), rs in cells.items():
+        m = {"noise": noise, "k": k, "mode": mode, "seeds": [r["data"]["seed"] for r in rs]}
+        for key in SUMMARY_KEYS:
+            v = np.array([r[key] for r in rs], dtype=float)
+            m[key] = float(np.median(v))
+            m[key + "_range"] = [float(v.min()), float(v.max())]
+        out.append(m)
+    return out
+
+
+def anneal_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (noise, seed, K): does anneal-off have higher junk recall AND less junk in good
+    classes than the default?"""
+    by = {(r["data"]["noise"], r["data"]["seed"], r["k"], r["mode"]): r for r in rows}
+    out = []
+    for (noise, seed, k, mode), d in by.items():
+        a = by.get((noise, seed, k, "anneal-off"))
+        if mode != "default" or a is None:
+            continue
+        out.append({
+            "noise": noise, "seed": seed, "k": k,
+            "junk_recall": [d["junk_recall"], a["junk_recall"]],
+            "junk_in_good": [d["junk_in_good_classes"], a["junk_in_good_classes"]],
+            "better": bool(a["junk_recall"] > d["junk_recall"]
+                           and a["junk_in_good_classes"] < d["junk_in_good_classes"]),
+        })  # fmt: skip
+    return out
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """Median table over seeds, then the anneal-off vs default cells."""
+    lines = [
+        f"{'median over seeds':<20} {'noise':<8} {'K':>3} {'NMI':>6} {'ARI':>6} {'st.pur':>7} "
+        f"{'jk.rec':>7} {'jk.good':>8} {'largest':>7} {'<10%':>5}"
+    ]
+    for m in medians(rows):
+        lines.append(
+            f"{m['mode']:<20} {m['noise']:<8} {m['k']:>3} {_fmt(m['nmi']):>6} "
+            f"{_fmt(m['ari']):>6} {_fmt(m['state_purity'], True):>7} "
+            f"{_fmt(m['junk_recall'], True):>7} {_fmt(m['junk_in_good_classes'], True):>8} "
+            f"{_fmt(m['largest_class_fraction'], True):>7} {m['classes_below_10pct']:>5.0f}"
+        )
+    cells = anneal_cells(rows)
+    if cells:
+        ok = sum(c["better"] for c in cells)
+        lines.append(f"anneal-off better on junk (recall up AND junk in good down): {ok} of "
+                     f"{len(cells)} (noise, seed, K) cells")  # fmt: skip
+        for c in cells:
+            if not c["better"]:
+                lines.append(
+                    f"  not in {c['noise']} seed {c['seed']} K {c['k']}: recall "
+                    f"{_fmt(c['junk_recall'][0], True)} -> {_fmt(c['junk_recall'][1], True)}, "
+                    f"junk in good {_fmt(c['junk_in_good'][0], True)} -> "
+                    f"{_fmt(c['junk_in_good'][1], True)}"
+                )
+    return "\n".join(lines)
+
+
 def _cli(args: argparse.Namespace) -> int:
     from companion.report import jsonable
 
     extra = parse_set(args.set_params)
-    rows = run_modes_benchmark(
-        Path(args.out) if args.out else None,
-        n=args.n_particles,
-        k_values=tuple(args.n_classes),
-        seed=args.seed,
-        box=args.box,
-        snr=args.snr,
-        device=args.device,
-        modes=args.modes,
-        params=extra or None,
-    )
+    rows: list[dict[str, Any]] = []
+    for noise in args.noise:
+        for seed in args.seed:
+            sub = Path(args.out) / f"{noise}_seed{seed}" if args.out else None
+            rows += run_modes_benchmark(
+                sub,
+                n=args.n_particles,
+                k_values=tuple(args.n_classes),
+                seed=seed,
+                box=args.box,
+                snr=args.snr,
+                device=args.device,
+                modes=args.modes,
+                params=extra or None,
+                noise=noise,
+                ice_fraction=args.ice_fraction,
+            )
     table = Path(args.table)
-    table.write_text(json.dumps(jsonable(rows), indent=2) + "\n")
+    table.write_text(json.dumps(jsonable(rows), indent=2) + "\n")  # medians: medians(rows)
     print(f"table written to {table}", file=sys.stderr)
     if args.json:
         json.dump(jsonable(rows), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(format_modes(rows))
+        print(format_summary(rows))
     return 0

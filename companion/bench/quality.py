@@ -156,8 +156,13 @@ def run_quality_benchmark(
     device: str = "auto",
     out_dir: Path | None = None,
     params: dict[str, Any] | None = None,
+    noise: str = "white",
+    ice_fraction: float = 0.5,
+    scale_sd: float = 0.0,
 ) -> dict[str, Any]:
-    """Simulate with truth, classify, evaluate; returns the figures (and machine info)."""
+    """Simulate with truth, classify, evaluate; returns the figures (and machine info).
+    ``noise``, ``ice_fraction``, ``scale_sd``: the simulated noise and per-particle
+    intensity spread (see :func:`companion.simulate.simulate`)."""
     from companion.bench.speed import machine_info
     from companion.run import run_classification
     from companion.simulate import load_truth, simulate
@@ -168,7 +173,8 @@ def run_quality_benchmark(
     try:
         data = base / "data"
         t0 = time.perf_counter()
-        sim = simulate(data, n, box=box, psize=psize, snr=snr, seed=seed, progress=False)
+        sim = simulate(data, n, box=box, psize=psize, snr=snr, seed=seed, noise=noise,
+                       ice_fraction=ice_fraction, scale_sd=scale_sd, progress=False)  # fmt: skip
         t_sim = time.perf_counter() - t0
         values = {"n_classes": classes, "device": device, "seed": seed, **(params or {})}
         p = ClassifyParams(**values)
@@ -200,6 +206,9 @@ def run_quality_benchmark(
                 "n_views": sim.n_views,
                 "n_states": sim.n_states,
                 "junk_fraction": sim.junk_fraction,
+                "noise": noise,
+                "ice_fraction": sim.ice_fraction,
+                "scale_sd": scale_sd,
             },
             "params": p.resolved(),
             "device": res.device,
@@ -253,7 +262,8 @@ def format_quality(rep: dict[str, Any]) -> str:
         describe_machine(rep["machine"]),
         f"data: {d['n']} simulated particles, box {d['box']} ({d['psize']} Å/px), SNR "
         f"{d['snr']}, {d['n_views']} views × {d['n_states']} states, "
-        f"{100 * d['junk_fraction']:.0f}% junk (seed {d['seed']})",
+        f"{100 * d['junk_fraction']:.0f}% junk, {d.get('noise', 'white')} noise (seed "
+        f"{d['seed']})",
         f"run: K {p['n_classes']}, anneal {p['anneal']}, balance {p['balance']}, "
         f"{p['online_iters']} online + {p['full_iters']} full iterations on {rep['device']}; "
         f"classified in {rep['classify_s']:.0f} s",

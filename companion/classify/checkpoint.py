@@ -70,6 +70,7 @@ class EMState:
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
+    scale: np.ndarray | None = None  # float32 (N,) per-particle scale (None: all 1)
 
 
 def comparable_params(params: ClassifyParams) -> dict[str, Any]:

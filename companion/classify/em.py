@@ -190,12 +190,20 @@ class _Run:
         tau2 = shell_power(fo.to_kept(to_device(refs, self.xp), self.geom), self.geom)
         g = prep.sigma2_init.shape[0]
         f32 = np.float32
+        # the background's noise where the initial estimate IS the noise model (fixed,
+        # white: --anneal off), so junk's power never enters it; with re-estimated noise the
+        # seeding iteration keeps RELION's estimate (the particles' power; measured: the
+        # background's made the seeding of high-SNR phase-flipped sets less reliable) and
+        # the residuals take over from iteration 2
+        s2 = prep.sigma2_init
+        if self.params.resolved_noise_model == "estimated" and prep.sigma2_particles is not None:
+            s2 = prep.sigma2_particles
         return checkpoint.EMState(
             iteration=0,
             refs=refs,
-            sigma2_init=prep.sigma2_init.copy(),
-            sigma2_est=prep.sigma2_init.copy(),
-            sigma2_used=prep.sigma2_init.copy(),
+            sigma2_init=s2.copy(),
+            sigma2_est=s2.copy(),
+            sigma2_used=s2.copy(),
             tau2=np.maximum(tau2, 1e-30),
             prior=np.full(k, 1.0 / k),
             half=schedule.half_sets(self.params.seed, n),
@@ -224,6 +232,7 @@ class _Run:
             current_shell=self.initial_shell(),
             group_scale=np.ones(g),
             timings={"iterations_s": [], "e_step_s": 0.0, "m_step_s": 0.0, "gflop": 0.0},
+            scale=np.ones(n, f32),
         )
 
     def initial_shell(self) -> int:
@@ -376,6 +385,9 @@ class _Run:
         seeding = None
         if it == 1 and acc is not None:
             seeding = RotatedRefs.create(rrefs.full[:1], self.search, rrefs.n, rrefs.fc or None)
+        if st.scale is None:  # a checkpoint written before per-particle scales
+            st.scale = np.ones(self.n, np.float32)
+        new_scale = st.scale.copy()
         b = st.batch
         for s in range(0, len(idx), b):
             if stop_requested(self.callbacks):
@@ -383,6 +395,9 @@ class _Run:
             chunk = idx[s : s + b]
             x = to_device(np.asarray(prep.coeffs[chunk]), xp)
             cy, c2, v, cm = ctf_terms(self.particles, chunk, geom, xp)
+            if p.scale_correction == "on":  # the model of particle i is scale_i · C · ref
+                a = to_device(st.scale[chunk], xp)[:, None]
+                cy, c2, cm = cy * a, c2 * (a * a), cm * a
             g = to_device(prep.group_index[chunk], xp)
             is2 = inv_s2[g][:, shell_d]
             if scale_d is not None:  # RELION --scale: the model is scale · CTF · reference
@@ -411,9 +426,11 @@ class _Run:
                 stats["logpost"][chunk] = to_host(lp)
                 stats["pose"][chunk] = to_host(sc.rot * self.search.n_shift + sc.shift)
             if acc is not None:
-                acc.add(sc, post, self.search, rrefs, x=x, xc=xc, c2s=c2s, cm=cm, v=v,
-                        half=to_device(st.half[chunk], xp), group=g,
-                        pose_mode="max" if seeding is not None else p.pose_mode)  # fmt: skip
+                fit = acc.add(sc, post, self.search, rrefs, x=x, xc=xc, c2s=c2s, cm=cm, v=v,
+                              half=to_device(st.half[chunk], xp), group=g, is2=is2,
+                              pose_mode="max" if seeding is not None else p.pose_mode)  # fmt: skip
+                if p.scale_correction == "on" and seeding is None:
+                    new_scale[chunk] = st.scale[chunk] * fit
             for name, arr in out.items():
                 getattr(st, name)[chunk] = arr
             stats["n"] += len(chunk)
@@ -425,6 +442,8 @@ class _Run:
             stats["fine_pairs"] += sc.n_fine
             call(self.callbacks, "progress", s + len(chunk), len(idx),
                  f"iteration {it}/{self.total}")  # fmt: skip
+        if p.scale_correction == "on" and acc is not None:
+            st.scale = normalised_scale(new_scale)
         if dual is not None and p.balance != "off":
             st.dual = to_host(dual).astype(np.float64)
         st.timings["e_step_s"] += time.perf_counter() - t0
@@ -539,3 +558,13 @@ def _softmax(a: Any) -> Any:
     xp = get_array_module(a)
     e = xp.exp(a - a.max(axis=1, keepdims=True))
     return (e / e.sum(axis=1, keepdims=True)).astype(xp.float32)
+
+
+SCALE_RANGE = (0.2, 5.0)  # a fitted particle scale outside this is clipped (junk, noise)
+
+
+def normalised_scale(scale: np.ndarray) -> np.ndarray:
+    """Per-particle scales clipped to SCALE_RANGE and divided by their median (so the
+    references keep the typical particle's amplitude; a robust mean 1)."""
+    s = np.clip(np.nan_to_num(scale, nan=1.0), *SCALE_RANGE)
+    return (s / max(float(np.median(s)), 1e-6)).astype(np.float32)

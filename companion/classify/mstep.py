@@ -61,9 +61,12 @@ class Accumulator:
 
     def add(self, sc: BatchScores, post: Any, search: Search, refs: RotatedRefs, *,
             x: Any, xc: Any, c2s: Any, cm: Any, v: Any, half: Any, group: Any,
-            pose_mode: str) -> None:  # fmt: skip
+            pose_mode: str, is2: Any = None) -> np.ndarray | None:  # fmt: skip
         """Add one batch: ``post`` (B, K) class weights; x raw coefficients; xc = cy·x/σ²;
-        c2s = C²/σ²; cm the model CTF; v the noise variance factor; half, group per particle."""
+        c2s = C²/σ²; cm the model CTF; v the noise variance factor; half, group per particle.
+
+        With ``is2`` (1/σ² per coefficient) returns each particle's least-squares scale
+        correction of its model at its best pose in its most likely class (host (B,))."""
         xp = self.xp
         b = post.shape[0]
         self.count += b
@@ -77,7 +80,7 @@ class Accumulator:
             self._add_dense(sc, post, search, xc, c2s, half)
         else:
             self._add_local(sc, post, search, xc, c2s, half)
-        self._add_noise(sc, top, search, refs, x, cm, v, group)
+        return self._add_noise(sc, top, search, refs, x, cm, v, group, is2)
 
     def _add_rows(self, target: Any, rows: Any, wrows: Any, half_rows: Any) -> None:
         """Rows (n, F) complex and weights (n, F) into (half, class·rotation) ``target``:
@@ -130,8 +133,10 @@ class Accumulator:
         self._add_rows(target, rows, c2s[bi] * wr[pi, ji][:, None], half[bi])
 
     def _add_noise(self, sc: BatchScores, top: Any, search: Search, refs: RotatedRefs,
-                   x: Any, cm: Any, v: Any, group: Any) -> None:  # fmt: skip
-        """Residual power at each particle's best pose in its most likely class."""
+                   x: Any, cm: Any, v: Any, group: Any, is2: Any = None
+                   ) -> np.ndarray | None:  # fmt: skip
+        """Residual power at each particle's best pose in its most likely class (and, with
+        ``is2``, the scale correction Σ Re(m* y) w / Σ |m|² w, m = cm·ref, w = is2 / v)."""
         xp = self.xp
         b = x.shape[0]
         ar = xp.arange(b)
@@ -154,6 +159,12 @@ class Accumulator:
         scatter_add_rows(sc_acc, group, xp.stack([prod, mpow], axis=1))
         self.scale_num += sc_acc[:, 0]
         self.scale_den += sc_acc[:, 1]
+        if is2 is None:
+            return None
+        w = is2 / v
+        num = ((model.real * xs.real + model.imag * xs.imag) * w).sum(axis=1)
+        den = ((model.real**2 + model.imag**2) * w).sum(axis=1)
+        return to_host(num / xp.maximum(den, 1e-30)).astype(np.float32)
 
     def finish(self, projector: fo.Projector) -> dict[str, Any]:
         """Back-rotated sums per half-set plus the per-iteration scalars (device arrays).

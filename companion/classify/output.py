@@ -195,6 +195,7 @@ def build_result(run: RunContext, st: EMState) -> ClassResult:
         loglik=st.loglik.astype(np.float32),
         n_significant=st.n_sig.astype(np.int32),
         norm_correction=np.ones(run.n, np.float32),
+        scale=(np.ones(run.n, np.float32) if st.scale is None else st.scale.astype(np.float32)),
         half_set=st.half.astype(np.uint8),
         class_ess=st.class_ess.astype(np.float32),
         averages=averages,

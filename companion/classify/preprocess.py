@@ -4,8 +4,11 @@ Each batch of protein-white images is Fourier-cropped to the working box, normal
 background (outside the mask radius) has mean 0 and sd 1, multiplied by a soft circular
 mask, transformed, and its kept coefficients written to an (N, F) complex64 file
 (:class:`diskcache.RowFile`, read and written by rows, never mapped) — a million particles
-never sit in RAM. The same pass accumulates, per optics group, the power spectrum of the
-particles minus their mean: the initial noise estimate.
+never sit in RAM. The same pass accumulates, per optics group, the noise power spectrum of
+the background (the image outside the particle mask, windowed), robust to the few particles
+whose background holds junk (a per-shell median): the initial noise estimate, free of the
+particles' and the junk's own power. Where the background is too small to measure, the
+power of (particle − mean particle) is used.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from companion.stacks import file_order, read_images
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: initial noise from the background
 
 
 @dataclass
@@ -50,6 +53,9 @@ class Prepared:
     seconds: float = 0.0
     # [Σ cy·X, Σ |cy|] over all particles: the initial reference (see init.py)
     average_sums: list | None = None
+    # half the power of (particle − mean particle) per shell (G, S): RELION's initial
+    # estimate, which holds the particles' and the junk's own power (see em.initial_state)
+    sigma2_particles: np.ndarray | None = None
 
 
 def stack_stamps(particles: ParticleSet) -> list[list[int]]:
@@ -151,7 +157,7 @@ def _load_progress(cache_dir: Path, fp: str) -> dict[str, Any] | None:
             state = {k: z[k] for k in z.files}
     except (OSError, ValueError):
         return None
-    if str(state.get("fingerprint")) != fp:
+    if str(state.get("fingerprint")) != fp or "bg_sums" not in state:
         return None
     return state
 
@@ -191,8 +197,9 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         if meta.get("fingerprint") == fp and meta.get("shape") == [n, nf]:
             coeffs = diskcache.open_rows(data_path, (n, nf), np.complex64)
             sigma2 = np.asarray(meta["sigma2_init"], dtype=np.float64)
+            s2p = np.asarray(meta["sigma2_particles"], dtype=np.float64)
             log.info("reusing preprocessed particles in %s", cache_dir)
-            return Prepared(geom, coeffs, group_index, groups, sigma2, 0.0)
+            return Prepared(geom, coeffs, group_index, groups, sigma2, 0.0, None, s2p)
     meta_path.unlink(missing_ok=True)
     prog = _load_progress(cache_dir, fp) if reuse else None
     if prog is None:
@@ -208,11 +215,13 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     # O(optics groups)) and copied to its noise rows; the M-step refines each row
     optics_ids, optics_index = np.unique(particles.optics_group, return_inverse=True)
     n_g = len(optics_ids)
+    bg_noise = BackgroundNoise(geom, mask, n_g, xp)
     per_image = particles.box**2 * 4 * 12 + nf * 8 * 8
     bsz = batch_size(per_image, xp, budget=min(work_budget(xp), 512 << 20), most=PREPROCESS_MOST)
     if prog is not None:
         bsz = int(prog["batch"])  # the same batches as before the interruption
         state = {k: prog[k] for k in prog}
+        bg_noise.sums, bg_noise.weights = state["bg_sums"], state["bg_weights"]
         log.info("continuing preprocessing after %d of %d particles", int(prog["done"]), n)
     else:
         state = {
@@ -228,6 +237,8 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
             "avg_den": np.zeros(nf, np.float64),
             "bad": np.zeros(0, np.int64),
             "constant": np.zeros(0, np.int64),
+            "bg_sums": bg_noise.sums,
+            "bg_weights": bg_noise.weights,
         }
     log.info("preprocessing %d particles in batches of %d (cache %s)", n, bsz, data_path)
     ordered = file_order(particles)
@@ -251,11 +262,13 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         bg = x[:, background]
         mean = bg.mean(axis=1)
         sd = xp.maximum(bg.std(axis=1), 1e-6)
-        x = (x - mean[:, None, None]) / sd[:, None, None] * mask
-        coef = fo.to_kept(x, geom)
+        x = (x - mean[:, None, None]) / sd[:, None, None]
         cy, _, v, _ = ctf_terms(particles, idx, geom, xp)
         keep = good if good.all() else np.flatnonzero(good)
         keep_d = slice(None) if good.all() else to_device(keep, xp)
+        bg_noise.add(x[keep_d], v[keep_d], optics_index[idx][keep])
+        x = x * mask
+        coef = fo.to_kept(x, geom)
         accumulate(average, coef[keep_d], cy[keep_d])
         coef_h = to_host(coef)
         v_h = to_host(v).astype(np.float64)
@@ -283,10 +296,12 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
         )  # fmt: skip
     row_optics = np.zeros(int(group_index.max()) + 1 if n else 1, np.int64)
     row_optics[group_index] = optics_index
-    sigma2 = _initial_noise(geom, state["sum_x"], state["sum_x2"], state["sum_v"],
-                            state["count"])[row_optics]  # fmt: skip
+    s2p_optics = _initial_noise(geom, state["sum_x"], state["sum_x2"], state["sum_v"],
+                                state["count"])  # fmt: skip
+    s2p = s2p_optics[row_optics]
+    sigma2 = bg_noise.estimate(s2p_optics)[row_optics]
     meta = {"fingerprint": fp, "shape": [n, nf], "sigma2_init": sigma2.tolist(),
-            "bad": sorted(bad)}  # fmt: skip
+            "sigma2_particles": s2p.tolist(), "bad": sorted(bad)}  # fmt: skip
     atomic_write_text(meta_path, json.dumps(meta))
     _progress_path(cache_dir).unlink(missing_ok=True)
     if bad:
@@ -296,7 +311,7 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     coeffs = diskcache.open_rows(data_path, (n, nf), np.complex64)
     secs = time.perf_counter() - t0
     log.info("preprocessed %d particles to box %d (%d coefficients) in %.1fs", n, w, nf, secs)
-    return Prepared(geom, coeffs, group_index, groups, sigma2, secs, average)
+    return Prepared(geom, coeffs, group_index, groups, sigma2, secs, average, s2p)
 
 
 def _initial_noise(geom: fo.Geometry, sum_x: np.ndarray, sum_x2: np.ndarray,
@@ -326,3 +341,63 @@ def _initial_noise(geom: fo.Geometry, sum_x: np.ndarray, sum_x2: np.ndarray,
             else est(sum_x[g], sum_x2[g], sum_v[g], count[g])
         )
     return out
+
+
+class BackgroundNoise:
+    """Initial noise power per shell and group from the background: each normalised image
+    times the complement of the particle mask (widened by the mask's soft edge), Fourier
+    transformed; per particle the mean power per shell over the noise variance factor,
+    then per group the median over particles (Wilson-Hilferty: the median of a χ² with d
+    degrees of freedom is (1 - 2/(9d))³ of its mean), scaled by Σmask² / Σwindow² to the
+    masked particle images. Junk in a few particles' backgrounds (gold edges) moves a median
+    little; junk inside the mask does not enter at all."""
+
+    MIN_FRACTION = 0.05  # background window below this fraction of the box: not used
+
+    def __init__(self, geom: fo.Geometry, mask: Any, n_groups: int, xp: Any) -> None:
+        w = geom.work_box
+        edge = max(2.0, w / 16)
+        self.window = 1.0 - fo.soft_mask(w, geom.mask_radius + edge, edge, xp=xp)
+        m2 = float(to_host((mask * mask).sum()))
+        b2 = float(to_host((self.window * self.window).sum()))
+        self.usable = b2 >= self.MIN_FRACTION * w * w
+        self.ratio = m2 / max(b2, 1e-30)
+        self.geom, self.xp = geom, xp
+        n_s = geom.s_max + 1
+        self.n_shell = np.maximum(fo.shell_sums(np.ones((1, geom.n_coef)), geom, n_s)[0], 1)
+        self.sums = np.zeros((n_groups, n_s))
+        self.weights = np.zeros(n_groups)
+
+    def add(self, images: Any, v: Any, group_index: np.ndarray) -> None:
+        """Accumulate the batch's per-group medians (``images`` normalised, unmasked)."""
+        if not self.usable:
+            return
+        n_s = self.geom.s_max + 1
+        coef = fo.to_kept(images * self.window, self.geom)
+        p = self.xp.abs(coef) ** 2
+        # per unit of noise variance factor: shell power over shell Σv (not Σ of ratios,
+        # which C² near a CTF zero would blow up for premultiplied images)
+        per = to_host(fo.shell_sums(p, self.geom, n_s)) / np.maximum(
+            to_host(fo.shell_sums(v, self.geom, n_s)), 1e-30
+        )  # (B, S) mean power per coefficient
+        for g in np.unique(group_index):
+            sel = group_index == g
+            self.sums[g] += np.median(per[sel], axis=0) * sel.sum()
+            self.weights[g] += sel.sum()
+
+    def estimate(self, fallback: np.ndarray) -> np.ndarray:
+        """sigma² (G, S) in the convention of :func:`_initial_noise` (half the power of a
+        masked coefficient); ``fallback`` where the background could not be measured."""
+        if not self.usable or not self.weights.any():
+            return fallback
+        dof = 2.0 * self.n_shell
+        median_to_mean = (1.0 - 2.0 / (9.0 * dof)) ** 3
+        pooled = self.sums.sum(0) / self.weights.sum()
+        out = fallback.copy()
+        for g in range(len(self.weights)):
+            med = self.sums[g] / self.weights[g] if self.weights[g] >= 50 else pooled
+            s2 = 0.5 * self.ratio * med / median_to_mean
+            ok = np.isfinite(s2) & (s2 > 0)
+            out[g, ok] = s2[ok]
+        out[:, 0] = out[:, 1] if out.shape[1] > 1 else out[:, 0]
+        return out

@@ -113,6 +113,7 @@ class ClassResult:
     params: dict[str, Any]
     device: str
     timings: dict[str, Any] = field(default_factory=dict)
+    scale: np.ndarray | None = None  # float32 (N,) per-particle scale; 1 when not estimated
     history: list[dict[str, Any]] = field(default_factory=list)
     group_scale: np.ndarray = field(default_factory=lambda: np.ones(0, np.float32))
 

@@ -91,6 +91,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     qp.add_argument("--box", type=int, default=128, help="box in pixels [default: 128]")
     qp.add_argument("--psize", type=float, default=None, help="pixel size Å [default: 192 Å / box]")
     qp.add_argument("--snr", type=float, default=0.05, help="simulated SNR [default: 0.05]")
+    qp.add_argument(
+        "--noise",
+        choices=["white", "coloured"],
+        default="white",
+        help="simulated noise (coloured: MTF detector noise + CTF-modulated ice) [white]",
+    )
+    qp.add_argument(
+        "--ice-fraction", type=float, default=0.5, help="coloured: ice share of the noise [0.5]"
+    )
+    qp.add_argument(
+        "--scale-sd", type=float, default=0.0, help="per-particle intensity log-sd [default: 0]"
+    )
     _common(qp, seed=False)  # --seed comes with the classification parameters
     add_params_arguments(qp, ClassifyParams, defaults={"n_classes": 24}, aliases=K_ALIAS)
     qp.set_defaults(_bench=_quality)
@@ -233,6 +245,9 @@ def _quality(args: argparse.Namespace) -> int:
         device=device,
         params=overrides,
         out_dir=Path(args.out) if args.out else None,
+        noise=args.noise,
+        ice_fraction=args.ice_fraction,
+        scale_sd=args.scale_sd,
     )
     _emit(args, rep, format_quality(rep))
     return 0

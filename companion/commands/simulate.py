@@ -4,9 +4,13 @@ The protein has a rigid domain and a flexible domain in several states (hinge an
 last state has the domain missing), seen in a few distinct views with unequal populations.
 A fraction is junk: particles at a gold/carbon edge, particles overlapped by contamination,
 pure noise. Each particle gets a uniform in-plane rotation, a small shift, its micrograph's
-CTF (defocus 0.8-2.5 µm, astigmatism) and white noise at --snr (signal variance / noise
+CTF (defocus 0.8-2.5 µm, astigmatism) and noise at --snr (signal variance / noise
 variance inside the particle), normalised as RELION extraction does (protein white,
-background mean 0, sd 1).
+background mean 0, sd 1). Noise is white unless --noise coloured (detector noise through an
+MTF + ice noise: a low-pass field times the CTF, --ice-fraction of the variance).
+--scale-sd gives each particle its own intensity scale (ice thickness), --disordered-fraction
+adds a less-ordered sub-population (arm at a random hinge angle, blurred); truth.csv records
+intensity_scale, disordered and hinge_deg. With none of these the data set is the original.
 
 Writes OUT/particles.star (paths relative to OUT), OUT/particles.cs (OUT as the project
 directory), OUT/stacks/mic_NNNNN.mrcs (one per micrograph), OUT/truth.csv (image_name, view,
@@ -16,6 +20,8 @@ OUT/simulation.json. The same --seed gives the same files.
 Examples:
   companion simulate sim --n-particles 2000 --seed 1
   companion info sim/particles.star
+  companion simulate real --n-particles 5000 --box 64 --psize 3 --noise coloured \\
+      --scale-sd 0.2 --disordered-fraction 0.15 --n-views 6 --view-weights 8,4,2,1,1,1
   companion simulate big --n-particles 100000 --box 128 --psize 1.5 --snr 0.05 --n-views 6 \\
       --view-weights 6,5,4,3,2,1 --junk-fraction 0.2
 """
@@ -88,6 +94,30 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--optics-groups", type=int, default=1, help="number of optics groups (default 1)"
     )
+    parser.add_argument(
+        "--noise", choices=["white", "coloured"], default="white", help="noise kind (white)"
+    )
+    parser.add_argument(
+        "--ice-fraction",
+        type=float,
+        default=0.5,
+        help="coloured noise: fraction of the noise variance from ice (default 0.5)",
+    )
+    parser.add_argument(
+        "--ice-resolution",
+        type=float,
+        default=20.0,
+        help="coloured noise: low-pass of the ice field in Å (default 20)",
+    )
+    parser.add_argument(
+        "--scale-sd", type=float, default=0.0, help="log-sd of per-particle intensity (0)"
+    )
+    parser.add_argument(
+        "--disordered-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of good particles in a less-ordered population (0)",
+    )
     parser.add_argument("--json", action="store_true", help="print simulation.json on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -120,6 +150,11 @@ def main(args: argparse.Namespace) -> int:
         per_micrograph=args.per_micrograph,
         defocus_range=(args.defocus[0], args.defocus[1]),
         n_optics_groups=args.optics_groups,
+        noise=args.noise,
+        ice_fraction=args.ice_fraction,
+        ice_resolution=args.ice_resolution,
+        scale_sd=args.scale_sd,
+        disordered_fraction=args.disordered_fraction,
         progress=not args.quiet and sys.stderr.isatty(),
     )
     if args.json:

@@ -5,8 +5,15 @@ seen in several states (hinge angles; the last state has the domain missing), pr
 few distinct views with unequal populations. A fraction of particles is junk: particles at
 the edge of dense gold/carbon support, particles overlapped by contamination, pure noise.
 Every particle gets a uniform in-plane rotation, a small shift, its micrograph's CTF
-(defocus spread and astigmatism) and white noise at the requested SNR, and is normalised as
+(defocus spread and astigmatism) and noise at the requested SNR, and is normalised as
 RELION's extraction does (:mod:`companion.simulate.micrographs`).
+
+Closer to real data, each off by default (the defaults give the original, white-noise
+data set, file for file): ``noise="coloured"`` (detector noise through an MTF + CTF-modulated
+low-pass ice noise, ``ice_fraction`` of the variance), ``scale_sd`` (per-particle intensity
+scale, log-normal: ice thickness), ``disordered_fraction`` (a less-ordered sub-population of
+good particles: arm at a random hinge angle in ±50°, blurred; their ``state`` in the truth is
+the drawn nominal state), and steeper ``view_weights`` for more preferred views.
 
 Output directory layout::
 
@@ -45,12 +52,15 @@ from companion.simulate.micrographs import (
     BG_RADIUS,
     GOOD,
     JUNK_KINDS,
+    NOISE_KINDS,
+    NoiseModel,
     Optics,
     Plan,
     Renderer,
+    draw_extras,
     draw_plan,
 )
-from companion.simulate.phantom import true_projections
+from companion.simulate.phantom import state_has_arm, true_projections
 
 __all__ = [
     "JUNK_KINDS",
@@ -77,6 +87,9 @@ TRUTH_COLUMNS = (
     "defocus_u",
     "defocus_v",
     "defocus_angle",
+    "intensity_scale",  # signal scale of the particle (ice thickness); 1 when not simulated
+    "disordered",  # 1: the less-ordered sub-population (random hinge, blurred arm)
+    "hinge_deg",  # its hinge angle; empty for everyone else
 )
 STACK_DIR = "stacks"
 
@@ -109,6 +122,11 @@ class SimulationInfo:
     noise_sd: float
     particle_diameter_A: float
     bg_radius_px: float
+    noise: str = "white"
+    ice_fraction: float = 0.0
+    ice_resolution: float = 0.0
+    scale_sd: float = 0.0
+    disordered_fraction: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -180,6 +198,11 @@ def simulate(
     cs: float = 2.7,
     amp_contrast: float = 0.1,
     n_optics_groups: int = 1,
+    noise: str = "white",
+    ice_fraction: float = 0.5,
+    ice_resolution: float = 20.0,
+    scale_sd: float = 0.0,
+    disordered_fraction: float = 0.0,
     formats: tuple[str, ...] = ("star", "cs"),
     progress: bool = True,
 ) -> SimulationInfo:
@@ -199,6 +222,12 @@ def simulate(
         per_micrograph: particles per micrograph (each micrograph: one stack, one CTF).
         defocus_range, max_astigmatism: mean defocus uniform in the range (Å), dU - dV
             uniform in [0, max_astigmatism] Å, astigmatism angle uniform.
+        noise: "white" (i.i.d. pixels) or "coloured" (detector noise through an MTF plus
+            ice noise: white noise low-passed at ``ice_resolution`` Å times the CTF, a
+            fraction ``ice_fraction`` of the noise variance); same total variance.
+        scale_sd: log-sd of the per-particle intensity scale (0: all 1).
+        disordered_fraction: fraction of good particles (of the states with the arm) in the
+            less-ordered population (random hinge angle, blurred arm).
         formats: which particle files to write ("star", "cs").
     """
     t0 = time.perf_counter()
@@ -219,6 +248,18 @@ def simulate(
     lo_df, hi_df = (float(v) for v in defocus_range)
     if not 0 < lo_df <= hi_df or max_astigmatism < 0 or max_astigmatism >= 2 * lo_df:
         raise ParameterError(f"defocus range {defocus_range} Å / astigmatism: out of range")
+    if noise not in NOISE_KINDS:
+        raise ParameterError(f"--noise {noise!r}: use one of {', '.join(NOISE_KINDS)}")
+    if not 0 <= ice_fraction <= 1 or not ice_resolution > 0:
+        raise ParameterError(
+            f"--ice-fraction {ice_fraction} must be in [0, 1] and --ice-resolution "
+            f"{ice_resolution} Å positive"
+        )
+    if not 0 <= scale_sd <= 1 or not 0 <= disordered_fraction <= 1:
+        raise ParameterError(
+            f"--scale-sd {scale_sd} and --disordered-fraction {disordered_fraction}: must be "
+            "in [0, 1]"
+        )
     unknown = set(formats) - {"star", "cs"}
     if unknown:
         raise ParameterError(f"unknown output formats {sorted(unknown)}: use 'star' and/or 'cs'")
@@ -230,7 +271,8 @@ def simulate(
         raise ParameterError(f"max shift {shift} px: must be in [0, box/4]")
 
     _prepare_out(out)
-    plan_seq, noise_seq = np.random.SeedSequence(seed).spawn(2)
+    # a third stream for the newer draws keeps the first two (the original data) unchanged
+    plan_seq, noise_seq, extra_seq = np.random.SeedSequence(seed).spawn(3)
     plan = draw_plan(
         np.random.default_rng(plan_seq),
         n,
@@ -243,7 +285,12 @@ def simulate(
         defocus_range=(lo_df, hi_df),
         max_astigmatism=max_astigmatism,
     )
-    renderer = Renderer(box, Optics(psize, voltage, cs, amp_contrast), n_views, n_states)
+    draw_extras(np.random.default_rng(extra_seq), plan, scale_sd=float(scale_sd),
+                disordered_fraction=float(disordered_fraction),
+                states_with_arm=state_has_arm(n_states))  # fmt: skip
+    colour = NoiseModel(noise, float(ice_fraction), float(ice_resolution))
+    optics = Optics(psize, voltage, cs, amp_contrast)
+    renderer = Renderer(box, optics, n_views, n_states, colour)
     noise_sd = renderer.calibrate_noise(snr, np.outer(vw, sw), 0.5 * (lo_df + hi_df))
     n_mic = len(plan.defocus_u)
     stacks = [out / STACK_DIR / f"mic_{m + 1:05d}.mrcs" for m in range(n_mic)]
@@ -293,6 +340,11 @@ def simulate(
         noise_sd=noise_sd,
         particle_diameter_A=2 * renderer.radius * box * float(psize),
         bg_radius_px=BG_RADIUS * box,
+        noise=noise,
+        ice_fraction=float(ice_fraction) if noise == "coloured" else 0.0,
+        ice_resolution=float(ice_resolution) if noise == "coloured" else 0.0,
+        scale_sd=float(scale_sd),
+        disordered_fraction=float(disordered_fraction),
         counts=counts,
         files=files,
         images_seconds=t_img,
@@ -410,21 +462,32 @@ def _truth_table(plan: Plan, stacks: list[Path], out: Path) -> pd.DataFrame:
             "defocus_u": np.round(du.astype(np.float64), 2),
             "defocus_v": np.round(dv.astype(np.float64), 2),
             "defocus_angle": np.round(plan.defocus_angle[mic].astype(np.float64), 3),
+            "intensity_scale": np.round(plan.scale.astype(np.float64), 5),
+            "disordered": plan.disordered.astype(np.int8),
+            "hinge_deg": np.round(plan.hinge_deg.astype(np.float64), 3),
         },
         columns=list(TRUTH_COLUMNS),
     )
 
 
 def load_truth(out_dir: str | Path) -> pd.DataFrame:
-    """``OUT/truth.csv`` as a DataFrame (``junk`` is '' for good particles, never NaN)."""
+    """``OUT/truth.csv`` as a DataFrame (``junk`` is '' for good particles, never NaN;
+    ``hinge_deg`` NaN where not set)."""
     path = Path(out_dir)
     if path.is_dir():
         path = path / "truth.csv"
-    return pd.read_csv(
+    truth = pd.read_csv(
         path,
         dtype={"junk": str, "micrograph": str, "image_name": str},
         keep_default_na=False,
     )
+    # columns added later: a truth file written before them reads as the original data set
+    if "intensity_scale" not in truth:
+        truth["intensity_scale"] = 1.0
+    if "disordered" not in truth:
+        truth["disordered"] = 0
+    truth["hinge_deg"] = pd.to_numeric(truth.get("hinge_deg", np.nan), errors="coerce")
+    return truth
 
 
 def true_labels(truth: pd.DataFrame, n_states: int | None = None) -> np.ndarray:

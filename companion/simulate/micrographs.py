@@ -1,10 +1,15 @@
-"""Particle images of one micrograph: clean signal, junk, CTF, white noise, normalisation.
+"""Particle images of one micrograph: clean signal, junk, CTF, noise, normalisation.
 
 All particles of a micrograph share its CTF, so a micrograph is one vectorised batch:
 good particles are rendered analytically in Fourier space at the box size (one inverse FFT
 each); junk is rendered on a grid padded to twice the box (so a gold edge or contamination
 does not wrap around) and cropped. Dense objects (gold, contamination) also absorb: besides
 their CTF-modulated phase contrast they add an unmodulated amplitude term.
+
+Noise (:class:`NoiseModel`) is white (``kind="white"``, the original behaviour) or coloured:
+detector noise shaped by an MTF roll-off plus structural noise from the ice, a low-pass
+random field modulated by the micrograph's CTF like the particle; ``ice_fraction`` of the
+noise variance is ice. The total noise variance is the same for both kinds (it sets --snr).
 
 Stored images have protein WHITE (RELION's convention) and are normalised as RELION's
 extraction does (:class:`Normaliser`): a plane fitted to the pixels outside the background
@@ -19,7 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from companion.classify.ctf import ctf_2d, rfft_freqs
-from companion.simulate.phantom import N_BLOBS, blobs_2d, particle_radius, render_rfft, sigmas_px
+from companion.simulate.phantom import (
+    N_BLOBS,
+    arm_blobs_2d,
+    blobs_2d,
+    particle_radius,
+    render_rfft,
+    sigmas_px,
+)
 
 try:  # scipy's FFT is ~3x faster than numpy's for float32 batches; same results
     from scipy import fft as _fft
@@ -31,6 +43,21 @@ GOOD, GOLD, CONTAM, NOISE = 0, 1, 2, 3
 BG_RADIUS = 0.375  # RELION's default background circle: 75% of the box diameter
 GOLD_DENSITY = 0.08  # projected density per px² of gold, relative to blob masses
 ABSORPTION = 0.5  # amplitude (unmodulated) contrast of dense objects
+NOISE_KINDS = ("white", "coloured")
+DISORDER_BLUR = 1.6  # blob width factor of the flexible arm in the less-ordered population
+DISORDER_HINGE = 50.0  # its hinge angle is uniform in ±DISORDER_HINGE degrees
+
+
+@dataclass
+class NoiseModel:
+    """What the noise looks like. ``white``: i.i.d. Gaussian pixels. ``coloured``: a
+    fraction ``ice_fraction`` of the variance is ice (white noise low-passed at
+    ``ice_resolution`` Å, times the CTF and the MTF), the rest detector noise through the MTF
+    (sinc(f) × (0.5 + 0.5 / (1 + (f / 0.2)²)), f in cycles/pixel: 0.36 at Nyquist)."""
+
+    kind: str = "white"
+    ice_fraction: float = 0.5
+    ice_resolution: float = 20.0
 
 
 @dataclass
@@ -59,6 +86,27 @@ class Plan:
     defocus_u: np.ndarray  # float32 per micrograph, Å
     defocus_v: np.ndarray
     defocus_angle: np.ndarray  # degrees
+    # per particle: intensity scale of the signal (ice thickness; 1 = none), whether the
+    # particle belongs to the less-ordered population, and then its hinge angle (else NaN)
+    scale: np.ndarray | None = None
+    disordered: np.ndarray | None = None
+    hinge_deg: np.ndarray | None = None
+
+
+def draw_extras(rng: np.random.Generator, plan: Plan, *, scale_sd: float,
+                disordered_fraction: float, states_with_arm: np.ndarray) -> None:  # fmt: skip
+    """Per-particle intensity scale (log-normal, mean 1, log-sd ``scale_sd``) and the
+    less-ordered population (a fraction of good particles whose state has the arm: hinge
+    uniform in ±DISORDER_HINGE°, arm blurred). Drawn from their own stream, so a plan with
+    both off is the original one."""
+    n = len(plan.kind)
+    s = rng.normal(0.0, scale_sd, n) if scale_sd > 0 else np.zeros(n)
+    plan.scale = np.exp(s - 0.5 * scale_sd**2).astype(np.float32)
+    eligible = (plan.kind == GOOD) & states_with_arm[plan.state]
+    plan.disordered = eligible & (rng.random(n) < disordered_fraction)
+    plan.hinge_deg = np.where(
+        plan.disordered, rng.uniform(-DISORDER_HINGE, DISORDER_HINGE, n), np.nan
+    ).astype(np.float32)
 
 
 def draw_plan(
@@ -106,9 +154,12 @@ def draw_plan(
 class Renderer:
     """Renders particle images for a phantom with ``n_views`` views and ``n_states`` states."""
 
-    def __init__(self, box: int, optics: Optics, n_views: int, n_states: int) -> None:
+    def __init__(self, box: int, optics: Optics, n_views: int, n_states: int,
+                 noise: NoiseModel | None = None) -> None:  # fmt: skip
         self.box = box
         self.optics = optics
+        self.noise = noise or NoiseModel()
+        self.n_views, self.n_states = n_views, n_states
         self.centres, self.masses, sigmas = blobs_2d(n_views, n_states)
         self.sigmas_px = sigmas_px(sigmas, box)
         self.radius = particle_radius(n_states)
@@ -134,10 +185,27 @@ class Renderer:
         return ctf_2d(kx, ky, du, dv, angle, o.voltage, o.cs, o.amp_contrast)[0]
 
     def _particles_rfft(self, plan: Plan, idx: np.ndarray) -> np.ndarray:
-        """rfft2 (box grid) of the clean particles ``idx`` at their pose."""
+        """rfft2 (box grid) of the clean particles ``idx`` at their pose (the less-ordered
+        ones with their own hinge angle and a blurred arm)."""
         pos = self._blob_positions(plan, idx, self.box // 2)
         masses = self.masses[plan.view[idx], plan.state[idx]]
-        return render_rfft(pos, masses, self.sigmas_px, self.box)
+        sig: np.ndarray = self.sigmas_px
+        if plan.disordered is not None and plan.disordered[idx].any():
+            d = np.flatnonzero(plan.disordered[idx])
+            arm = arm_blobs_2d(plan.view[idx[d]], plan.hinge_deg[idx[d]], self.n_views,
+                               self.n_states) * self.box  # fmt: skip
+            nb = N_BLOBS - arm.shape[1]
+            a = np.deg2rad(plan.psi_deg[idx[d]].astype(np.float64))[:, None]
+            c, sn = np.cos(a), np.sin(a)
+            centre = self.box // 2
+            pos[d, nb:, 0] = c * arm[..., 0] - sn * arm[..., 1] + plan.shift[idx[d], 0:1] + centre
+            pos[d, nb:, 1] = sn * arm[..., 0] + c * arm[..., 1] + plan.shift[idx[d], 1:2] + centre
+            sig = np.broadcast_to(self.sigmas_px, (len(idx), N_BLOBS)).copy()
+            sig[d, nb:] *= np.float32(DISORDER_BLUR)
+        f = render_rfft(pos, masses, sig, self.box)
+        if plan.scale is not None:
+            f *= plan.scale[idx][:, None, None]
+        return f
 
     def clean_good(self, plan: Plan, idx: np.ndarray, ctf: np.ndarray) -> np.ndarray:
         """CTF-modulated, noise-free images of good particles ``idx``."""
@@ -238,10 +306,45 @@ class Renderer:
         junk = np.flatnonzero(kind != GOOD)
         if len(junk):
             out[junk] = self.clean_junk(plan, idx[junk], self._ctf(2 * box, *args))
-        noise = rng.standard_normal((len(idx), box, box), dtype=np.float32)
-        noise *= np.float32(self.noise_sd)
-        out += noise
+        out += self.draw_noise(len(idx), rng, args)
         return self.normalise(out)
+
+    def draw_noise(self, n: int, rng: np.random.Generator, ctf_args: tuple) -> np.ndarray:
+        """(n, box, box) float32 noise of variance noise_sd² (see :class:`NoiseModel`)."""
+        box = self.box
+        noise = rng.standard_normal((n, box, box), dtype=np.float32)
+        if self.noise.kind == "white":
+            noise *= np.float32(self.noise_sd)
+            return noise
+        mtf = self._mtf()
+        ice_f = float(self.noise.ice_fraction)
+        det = _filtered(noise, mtf, np.sqrt(1.0 - ice_f) * self.noise_sd)
+        if ice_f <= 0:
+            return det
+        kx, ky = rfft_freqs(box, self.optics.psize)
+        low = np.exp(-0.5 * (np.hypot(kx, ky) * self.noise.ice_resolution) ** 2)
+        ice = rng.standard_normal((n, box, box), dtype=np.float32)
+        h = (low * self._ctf(box, *ctf_args) * mtf).astype(np.float32)
+        return det + _filtered(ice, h, np.sqrt(ice_f) * self.noise_sd)
+
+    def _mtf(self) -> np.ndarray:
+        kx, ky = rfft_freqs(self.box, 1.0)  # cycles per pixel
+        f = np.hypot(kx, ky)
+        return (np.sinc(f) * (0.5 + 0.5 / (1.0 + (f / 0.2) ** 2))).astype(np.float32)
+
+
+def _filtered(white: np.ndarray, h: np.ndarray, sd: float) -> np.ndarray:
+    """White noise (n, box, box) filtered by the rfft-grid amplitude ``h``, scaled to sd."""
+    box = white.shape[-1]
+    w = np.full(h.shape[-1], 2.0)
+    w[0] = 1.0
+    w[-1] = 1.0  # even box: columns 0 and Nyquist appear once in the full grid
+    var = float((w * h.astype(np.float64) ** 2).sum() / box**2)
+    f = _fft.rfft2(white, workers=1)
+    f *= h
+    out = _fft.irfft2(f, s=(box, box), workers=1).astype(np.float32)
+    out *= np.float32(sd / np.sqrt(max(var, 1e-30)))
+    return out
 
 
 class Normaliser:

@@ -135,6 +135,23 @@ def blobs_2d(n_views: int, n_states: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return proj, np.broadcast_to(masses, (n_views, *masses.shape)).copy(), sigmas
 
 
+def arm_blobs_2d(views: np.ndarray, hinge_deg: np.ndarray, n_views: int, n_states: int
+                 ) -> np.ndarray:  # fmt: skip
+    """(N, len(_ARM), 2) projected arm blobs at per-particle hinge angles ``hinge_deg``, in
+    the frame of :func:`blobs_2d` (box units, same centre of mass shift)."""
+    centres, masses, _ = model_3d(n_states)
+    com = (centres[0] * masses[0][:, None]).sum(0) / masses[0].sum()
+    axis = _HINGE_AXIS
+    a = np.deg2rad(np.asarray(hinge_deg, dtype=np.float64))[:, None]
+    v = _ARM[:, :3][None]  # (1, A, 3), Rodrigues per particle
+    kv = np.cross(axis, v)
+    rot = v * np.cos(a)[..., None] + kv * np.sin(a)[..., None]
+    rot += axis * (v @ axis)[..., None] * (1 - np.cos(a))[..., None]
+    arm = _HINGE + rot - com  # (N, A, 3)
+    mats = view_matrices(n_views)[np.asarray(views)]  # (N, 3, 3)
+    return np.einsum("nij,naj->nai", mats[:, :2, :], arm)
+
+
 def particle_radius(n_states: int) -> float:
     """Radius (box units) containing every blob to 2.5 sigma, in every state and view."""
     centres, masses, sigmas = model_3d(n_states)
