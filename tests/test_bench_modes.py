@@ -70,7 +70,7 @@ def _fake(mode, noise, seed, k, rec, good):
 
 
 def test_medians_and_the_anneal_verdict_per_cell():
-    from companion.bench_modes import anneal_cells, format_summary, medians
+    from companion.bench.modes import anneal_cells, format_summary, medians
 
     rows = [_fake("default", "white", s, 24, 0.5, 0.06) for s in (0, 1, 2)]
     rows += [_fake("anneal-off", "white", s, 24, r, g)
