@@ -335,9 +335,6 @@ def run_classification(
     sink = sink if sink is not None else host_named(particles.host)
     if classifier is None:
         from companion.classify import classify as classifier
-        from companion.stacks import require_stacks
-
-        require_stacks(particles)  # a bad stack is refused before the first byte is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_path = out_dir / SUMMARY

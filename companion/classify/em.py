@@ -57,6 +57,7 @@ from companion.classify.score import RotatedRefs, Search, broadcast_classes, sco
 from companion.errors import Aborted, ParameterError
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
+from companion.stacks import require_stacks
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path |
         raise ParameterError(
             "--online-iters 0 and --full-iters 0: no iterations to run — set at least one"
         )
+    require_stacks(particles)  # a bad stack is refused before the first byte is written
     xp = select_device(params.device)
     with device_errors(), _dirs(work_dir) as (ckpt_dir, persistent), \
             memory_limit(params.memory_limit_bytes) as limit:  # fmt: skip
