@@ -24,6 +24,10 @@ class OutputError(CompanionError):
     """The output directory cannot be used: not writable, full, locked by another run."""
 
 
+class DiskFullError(OutputError):
+    """Not enough free disk space for a cache, a checkpoint or an output."""
+
+
 class DeviceError(CompanionError):
     """The requested compute device is absent or out of memory."""
 

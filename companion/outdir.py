@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from companion.errors import OutputError
+from companion.errors import DiskFullError, OutputError
 
 log = logging.getLogger("companion.outdir")
 
@@ -39,18 +39,20 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def check_free_space(path: str | Path, nbytes: int, what: str = "the file") -> None:
-    """OutputError unless the file system holding ``path`` has ``nbytes`` free (with 1% or
-    64 MiB to spare) — call it before creating a large (memory-mapped) file, where a full
-    disk would otherwise kill the process with SIGBUS."""
+def check_free_space(
+    path: str | Path, nbytes: int, what: str = "the file", *, spare: int | None = None
+) -> None:
+    """DiskFullError unless the file system holding ``path`` has ``nbytes`` free, plus
+    ``spare`` (default: 1% or 64 MiB) — call it before creating a large file, where a full
+    disk would otherwise end in ENOSPC half-way or, for a memory-mapped file, SIGBUS."""
     path = Path(path)
     probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     free = shutil.disk_usage(probe).free
-    need = int(nbytes) + max(64 << 20, int(nbytes) // 100)
+    need = int(nbytes) + (max(64 << 20, int(nbytes) // 100) if spare is None else int(spare))
     if free < need:
-        raise OutputError(
-            f"{path}: {what} needs {_size(need)} but only {_size(free)} is free on that disk "
-            "— free some space or choose another output directory"
+        raise DiskFullError(
+            f"{path}: the disk is full for {what}: it needs {_size(need)} but only "
+            f"{_size(free)} is free — free some space or choose another output directory"
         )
 
 
@@ -132,6 +134,23 @@ class Lock:
             self.fd = fd
             return
         raise OutputError(f"{self.path}: could not take the lock — run again")
+
+    def refuse_if_held(self) -> None:
+        """OutputError naming the holder when another live run holds this lock (nothing
+        is created or taken)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{self.path.parent}: another companion run is using this output directory "
+                f"({_read_holder(fd)}) — wait for it to finish, stop it, or choose another --out"
+            ) from None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self.fd is None:

@@ -98,7 +98,9 @@ def test_leftovers_of_earlier_runs_are_removed_at_start(sim, tmp_path):
 
 def test_check_free_space(tmp_path):
     check_free_space(tmp_path / "cache.bin", 1 << 20)
-    with pytest.raises(OutputError, match="cache.bin: the cache needs .* free"):
+    with pytest.raises(
+        OutputError, match="cache.bin: the disk is full for the cache: it needs .* free"
+    ):
         check_free_space(tmp_path / "cache.bin", 1 << 62, "the cache")
 
 

@@ -13,33 +13,19 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from companion.errors import CompanionError
+from companion.errors import DiskFullError
+from companion.outdir import check_free_space
 
 SPARE_BYTES = 64 << 20  # left free beside the cache (checkpoints, outputs, logs)
 
 
-class DiskFullError(CompanionError):
-    """Not enough free disk space for a cache or an output."""
-
-
 def _size(n: float) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
-
-
-def check_free_space(directory: Path, needed: int, what: str) -> None:
-    """Raise DiskFullError (one line) when ``directory`` has under ``needed`` + spare bytes."""
-    free = shutil.disk_usage(directory).free
-    if free < needed + SPARE_BYTES:
-        raise DiskFullError(
-            f"{directory}: {what} needs {_size(needed)} but only {_size(free)} is free — "
-            "free some space or use an output directory on a larger disk"
-        )
 
 
 class RowFile:
@@ -120,7 +106,7 @@ def open_array(path: Path, shape: tuple[int, ...], dtype: Any, *, what: str,
     have = path.stat().st_size if path.is_file() else 0
     if not (keep and have == nbytes):
         path.unlink(missing_ok=True)
-        check_free_space(path.parent, nbytes, what)
+        check_free_space(path, nbytes, what, spare=SPARE_BYTES)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:

@@ -160,12 +160,15 @@ FINISHED_MARK = "summary.json"
 def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool, option: str = "--out") -> None:
     """Refuse a finished ``out`` unless ``overwrite`` or ``resume``; refuse ``resume`` when
     there is nothing to continue from."""
+    from companion.outdir import Lock
+
     out = Path(out)
     if overwrite and resume:
         raise ParameterError("--overwrite and --continue contradict each other: give one")
+    Lock(out).refuse_if_held()  # a live run here: say so, not "finished" or "stopped"
+    ckpt = out / "checkpoint"
     if resume:
-        ckpt = out / "checkpoint"
-        if not (ckpt.is_dir() and any(ckpt.iterdir())):
+        if not _has_checkpoint(ckpt):
             raise ParameterError(
                 f"{option} {out}: --continue found no checkpoint to continue from (run "
                 "without --continue to start)"
@@ -176,12 +179,19 @@ def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool, option: str
             f"{option} {out}: holds a finished run (summary.json) — use another {option}, "
             "--overwrite to replace it or --continue to go on from it"
         )
-    ckpt = out / "checkpoint"
-    if not overwrite and ckpt.is_dir() and any(ckpt.iterdir()):
+    if not overwrite and _has_checkpoint(ckpt):
         raise ParameterError(
             f"{option} {out}: holds a stopped run (checkpoint/) — add --continue to go on "
             "from it or --overwrite to start again"
         )
+
+
+def _has_checkpoint(ckpt: Path) -> bool:
+    """Whether ``ckpt`` holds something to continue from (not only temporaries of a write
+    that was interrupted, which the next run removes)."""
+    return ckpt.is_dir() and any(
+        p.is_file() and not p.name.endswith(".tmp") for p in ckpt.rglob("*")
+    )
 
 
 def _finished(out: Path) -> bool:
