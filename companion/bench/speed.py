@@ -93,19 +93,7 @@ def matmul_peak(xp: Any, inner: int, size: int = 4096, repeats: int = 5) -> floa
     inner = max(int(inner), 16)
     if xp is np:
         size = min(size, 2048)
-    rng = np.random.default_rng(0)
-    a = xp.asarray(rng.standard_normal((size, inner), dtype=np.float32))
-    b = xp.asarray(rng.standard_normal((inner, size), dtype=np.float32))
-    out = a @ b  # warm-up
-    sync = device_sync(xp)
-    sync()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = xp.matmul(a, b, out=out)
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * size * size * inner / best
+    return gemm_peak(xp, size, inner, size, repeats)
 
 
 def device_sync(xp: Any) -> Any:
