@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
-import warnings
 
 from companion import __version__
 from companion.commands.options import Parser
-from companion.errors import CompanionError
+from companion.entrypoint import run_program
 
 # command name -> module under companion.commands
 COMMANDS: dict[str, str] = {
@@ -55,23 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    if not args.verbose:  # numpy's RuntimeWarnings (all-NaN slices, ...) are not for users
-        warnings.simplefilter("ignore", RuntimeWarning)
-    try:
-        rc = args._main(args)
-    except CompanionError as exc:
-        print(f"companion {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"companion {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return int(rc or 0)
+    return run_program(f"companion {args.command}", args.verbose, lambda: args._main(args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Exit status 0 when the job completed, 2 for a problem you can fix (one line on s
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 PROG = "companion-cryosparc"
@@ -36,23 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``companion-cryosparc``."""
     from companion.commands.cryosparc import run_classify
-    from companion.errors import CompanionError
+    from companion.entrypoint import run_program
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    try:
-        return run_classify(args)
-    except CompanionError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_program(PROG, args.verbose, lambda: run_classify(args))
 
 
 if __name__ == "__main__":
