@@ -26,8 +26,10 @@ SCHEDULE = {"online_iters": 12, "batch_per_class": 60, "full_iters": 2, "anneal_
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", type=int, default=2000, help="particles per seed [default: 2000]")
-    p.add_argument("--classes", type=int, default=16, help="K [default: 16]")
+    from companion.commands.options import add_n_particles, add_option
+
+    add_n_particles(p, 2000, aliases=())
+    add_option(p, "--n-classes", type=int, default=16, help="number of classes K [default: 16]")
     p.add_argument("--box", type=int, default=64, help="box in pixels [default: 64]")
     p.add_argument("--psize", type=float, default=3.0, help="pixel size Å [default: 3]")
     p.add_argument("--snr", type=float, default=0.08, help="simulated SNR [default: 0.08]")
@@ -60,10 +62,10 @@ def run_seed(args: argparse.Namespace, seed: int, base: Path) -> dict[str, Any]:
     from companion.sources import open_particles
 
     data = base / f"seed{seed}" / "data"
-    simulate(data, args.n, box=args.box, psize=args.psize, snr=args.snr, seed=seed,
+    simulate(data, args.n_particles, box=args.box, psize=args.psize, snr=args.snr, seed=seed,
              junk_fraction=args.junk, progress=False, formats=("star",))  # fmt: skip
     particles = open_particles(data / "particles.star", None)
-    p = ClassifyParams(n_classes=args.classes, seed=seed, device=args.device, **SCHEDULE)
+    p = ClassifyParams(n_classes=args.n_classes, seed=seed, device=args.device, **SCHEDULE)
     t0 = time.perf_counter()
     out = run_classification(particles, p, base / f"seed{seed}" / "classify", select="auto")
     secs = time.perf_counter() - t0
