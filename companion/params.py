@@ -178,6 +178,16 @@ class ClassifyParams(BaseModel):
             "Leave out images with NaN/Inf pixels (and report how many) instead of refusing to run."
         ),
     )
+    posteriors: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description=(
+            "Class posteriors written per particle: the N most probable classes with their "
+            "posteriors and log-likelihoods, from the last E-step (extra columns in "
+            "run_itNNN_data.star, a 'posteriors' slot in particles.cs); 0 = none."
+        ),
+    )
     seed: int = Field(0, ge=0, description="Random seed; a run is reproducible on one backend.")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Compute device: 'gpu' needs CuPy and a CUDA GPU; 'auto' picks one."

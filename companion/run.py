@@ -18,7 +18,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -240,28 +240,12 @@ class _Hooks:
 # ------------------------------------------------------------------ outputs
 
 
-PER_PARTICLE = (
-    "class_id",
-    "psi_deg",
-    "shift_px",
-    "max_prob",
-    "class_prob",
-    "loglik",
-    "n_significant",
-    "norm_correction",
-    "half_set",
-    "class_ess",
-)
-
-
 def seen_subset(particles: ParticleSet, result: ClassResult) -> tuple[ParticleSet, ClassResult]:
     """Particles an (online) iteration has assigned (``class_id >= 0``) and their results."""
     seen = np.flatnonzero(np.asarray(result.class_id) >= 0)
     if seen.size == len(particles):
         return particles, result
-    fields = {f: np.asarray(getattr(result, f))[seen] for f in PER_PARTICLE}
-    sizes = np.bincount(fields["class_id"], minlength=result.n_classes).astype(np.int64)
-    return particles.subset(seen), replace(result, class_sizes=sizes, **fields)
+    return particles.subset(seen), result.take(seen)
 
 
 def check_cap(result: ClassResult, n_particles: int, cap: int | None = None) -> None:

@@ -25,7 +25,8 @@ STATE_FILE = "state.npz"
 FORMAT = 1
 # parameters that may change between a run and its continuation
 # (the batch size is saved in the state, so --memory-limit does not change the result)
-RESUMABLE_CHANGES = ("device", "memory_limit")
+# (--posteriors changes only what is written: the per-particle arrays follow it, see put)
+RESUMABLE_CHANGES = ("device", "memory_limit", "posteriors")
 
 
 @dataclass
@@ -71,6 +72,25 @@ class EMState:
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     scale: np.ndarray | None = None  # float32 (N,) per-particle scale (None: all 1)
+    # optional per-particle outputs (None until an E-step writes them: see put)
+    post_class: np.ndarray | None = None  # int32 (N, P) top-P classes, most probable first
+    post_prob: np.ndarray | None = None  # float32 (N, P) their posteriors
+    post_loglik: np.ndarray | None = None  # float32 (N, P) their log-likelihoods
+    image_pow: np.ndarray | None = None  # float32 (N,) CryoSPARC powers of the best pose
+    cross_cor: np.ndarray | None = None
+    slice_pow: np.ndarray | None = None
+
+    def put(self, name: str, rows: Any, values: np.ndarray) -> None:
+        """``self.<name>[rows] = values``, allocating an optional per-particle field (or
+        re-allocating it when its trailing shape changed) on first use; integer fields of
+        particles not written yet hold -1, float fields 0."""
+        cur = getattr(self, name)
+        values = np.asarray(values)
+        if cur is None or cur.shape[1:] != values.shape[1:]:
+            fill = -1 if values.dtype.kind in "iu" else 0
+            cur = np.full((len(self.class_id), *values.shape[1:]), fill, values.dtype)
+            setattr(self, name, cur)
+        cur[rows] = values
 
 
 def comparable_params(params: ClassifyParams) -> dict[str, Any]:

@@ -422,7 +422,8 @@ class _Run:
                     post = post.astype(xp.float32)
                 else:
                     post = _softmax(sc.ev_u + log_prior_d[None])
-            out = output.particle_outputs(self, sc, post, x, v, is2, log_prior_d)
+            out = output.particle_outputs(self, sc, post, x, v, is2, log_prior_d,
+                                          c2s=c2s, refs=rrefs)  # fmt: skip
             if final_scores:
                 lp = sc.ev_u - logsumexp(sc.ev_u)[:, None]
                 stats["logpost"][chunk] = to_host(lp)
@@ -434,7 +435,7 @@ class _Run:
                 if p.scale_correction == "on" and seeding is None:
                     new_scale[chunk] = st.scale[chunk] * fit
             for name, arr in out.items():
-                getattr(st, name)[chunk] = arr
+                st.put(name, chunk, arr)
             stats["n"] += len(chunk)
             stats["pmax"] += float(out["max_prob"].sum())
             stats["loglik"] += float(out["loglik"].astype(np.float64).sum())

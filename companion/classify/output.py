@@ -40,7 +40,8 @@ class RunContext(Protocol):
     marginal: bool
 
 
-SIG = 1e-3  # posterior probability that makes a (class, pose) sample "significant"
+ADAPTIVE_FRACTION = 0.999  # RELION's --adaptive_fraction: the mass significant samples hold
+TWO_PI = 2.0 * np.pi
 IN_RAM = 256 << 20  # larger (N, K) arrays go to memory maps in the cache directory
 
 
@@ -64,8 +65,17 @@ def poses(run: RunContext, rot: Any, shift_idx: Any) -> tuple[np.ndarray, np.nda
 
 
 def particle_outputs(run: RunContext, sc: BatchScores, post: Any, x: Any, v: Any, is2: Any,
-                     log_prior: Any) -> dict[str, np.ndarray]:  # fmt: skip
-    """Host arrays for one batch, named as the per-particle fields of EMState."""
+                     log_prior: Any, *, c2s: Any = None, refs: Any = None,
+                     ) -> dict[str, np.ndarray]:  # fmt: skip
+    """Host arrays for one batch, named as the per-particle fields of EMState.
+
+    ``refs`` (the RotatedRefs scored) and ``c2s`` (C²/σ² of the batch, with any scale the
+    model carried) add the CryoSPARC powers ``image_pow``, ``cross_cor`` and ``slice_pow``
+    of the best pose in the assigned class; without them those are left out. Terms follow
+    :mod:`companion.classify.particle_terms`.
+    """
+    from companion.classify import particle_terms as pt
+
     xp = get_array_module(post)
     b = post.shape[0]
     ar = xp.arange(b)
@@ -73,23 +83,21 @@ def particle_outputs(run: RunContext, sc: BatchScores, post: Any, x: Any, v: Any
     psi, shift = poses(run, sc.rot[ar, lab], sc.shift[ar, lab])
     if run.marginal and sc.dense_w is not None:
         peak = sc.dense_w.max(axis=(1, 3))
-        nsig = (sc.dense_w * post[:, None, :, None] > SIG).sum(axis=(1, 2, 3))
+        nsig = pt.significant_dense(sc.dense_w, post, ADAPTIVE_FRACTION)
         max_prob = (post * peak).max(axis=1)
     elif run.marginal:
         pb, pk = sc.pairs
         peak = xp.zeros_like(post)
         peak[pb, pk] = sc.local_w.max(axis=(1, 2))
-        per_pair = (sc.local_w * post[pb, pk][:, None, None] > SIG).sum(axis=(1, 2))
-        nsig = xp.bincount(pb, weights=per_pair, minlength=b).astype(xp.int64)
+        nsig = pt.significant_pairs(sc.local_w, post[pb, pk], pb, b, ADAPTIVE_FRACTION)
         max_prob = (post * peak).max(axis=1)
     else:
         max_prob = post.max(axis=1)
-        nsig = (post > SIG).sum(axis=1)
-    p = xp.maximum(post, 1e-30)
-    ess = xp.exp(-(post * xp.log(p)).sum(axis=1))
-    data = 0.5 * ((x.real**2 + x.imag**2) * is2 / v).sum(axis=1)
-    ll = logsumexp(sc.ev_1 + log_prior[None]) - data
-    return {
+        nsig = pt.significant_rows(post, ADAPTIVE_FRACTION)
+    n = x.shape[1] if refs is None else int(refs.n)  # coefficients the E-step used
+    data, lognorm = pt.data_terms(x[:, :n], v[:, :n], is2[:, :n], run.geom.work_box)
+    ll = logsumexp(sc.ev_1 + log_prior[None]) - data - lognorm
+    out = {
         "class_id": to_host(lab).astype(np.int32),
         "psi": psi,
         "shift": shift,
@@ -97,8 +105,27 @@ def particle_outputs(run: RunContext, sc: BatchScores, post: Any, x: Any, v: Any
         "class_prob": to_host(post[ar, lab]).astype(np.float32),
         "loglik": to_host(ll).astype(np.float32),
         "n_sig": to_host(nsig).astype(np.int32),
-        "class_ess": to_host(ess).astype(np.float32),
+        "class_ess": to_host(1.0 / (post * post).sum(axis=1)).astype(np.float32),
     }
+    n_top = min(int(getattr(run.params, "posteriors", 0) or 0), run.k)
+    if n_top:
+        # balanced runs: the unconstrained posterior, which the final capped assignment's
+        # class_prob is read from (assign_balanced); else the E-step's own
+        src = post
+        if run.params.balance != "off":
+            lp = sc.ev_u + log_prior[None]
+            src = xp.exp(lp - logsumexp(lp)[:, None])
+        cls, prob, cll = pt.top_classes(src, sc.ev_1 - (data + lognorm)[:, None], n_top)
+        out["post_class"] = to_host(cls).astype(np.int32)
+        out["post_prob"] = to_host(prob).astype(np.float32)
+        out["post_loglik"] = to_host(cll).astype(np.float32)
+    if c2s is not None and refs is not None:
+        row = lab * run.r + sc.rot[ar, lab]
+        slice_pow = (c2s[:, :n] * refs.power[row]).sum(axis=1)
+        out["image_pow"] = to_host(2.0 * data).astype(np.float32)
+        out["cross_cor"] = to_host(2.0 * sc.best[ar, lab] + slice_pow).astype(np.float32)
+        out["slice_pow"] = to_host(slice_pow).astype(np.float32)
+    return out
 
 
 def assign_balanced(run: RunContext, st: EMState, stats: dict[str, Any]) -> None:
@@ -175,6 +202,20 @@ def _group_scale(st: EMState, rows: np.ndarray) -> np.ndarray:
     return scale[rows] if scale.size > int(rows.max(initial=0)) else np.ones(len(rows), np.float32)
 
 
+def _optional(run: RunContext, st: EMState) -> dict[str, np.ndarray]:
+    """The optional per-particle fields the run has (posteriors cut to --posteriors)."""
+    out: dict[str, np.ndarray] = {}
+    n_top = min(int(getattr(run.params, "posteriors", 0) or 0), run.k)
+    if n_top and st.post_class is not None and st.post_class.shape[1] >= n_top:
+        out["post_class"] = np.asarray(st.post_class[:, :n_top], np.int32)
+        out["post_prob"] = np.asarray(st.post_prob[:, :n_top], np.float32)
+        out["post_loglik"] = np.asarray(st.post_loglik[:, :n_top], np.float32)
+    for name in ("image_pow", "cross_cor", "slice_pow"):
+        if getattr(st, name) is not None:
+            out[name] = np.asarray(getattr(st, name), np.float32)
+    return out
+
+
 def build_result(run: RunContext, st: EMState) -> ClassResult:
     geom, params = run.geom, run.params
     n_out = geom.box // 2 + 1
@@ -226,6 +267,7 @@ def build_result(run: RunContext, st: EMState) -> ClassResult:
         avg_pmax=float(st.max_prob[seen].mean()) if seen.any() else 0.0,
         sigma_offsets_A=float(np.sqrt(np.mean(shift_a[seen] ** 2))) if seen.any() else 0.0,
         cap=run.cap,
+        **_optional(run, st),
         params=params.resolved(),
         device=run.device,
         timings=dict(st.timings),

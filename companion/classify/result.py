@@ -7,10 +7,17 @@ particle i means shifting it by ``+shift_px[i]`` (original pixels) and then rota
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
+#: the per-particle fields of a ClassResult (length N in their first axis)
+PER_PARTICLE = (
+    "class_id", "psi_deg", "shift_px", "max_prob", "class_prob", "loglik", "n_significant",
+    "norm_correction", "half_set", "class_ess", "scale", "post_class", "post_prob",
+    "post_loglik", "image_pow", "cross_cor", "slice_pow",
+)  # fmt: skip
 
 
 @dataclass
@@ -23,12 +30,22 @@ class ClassResult:
         shift_px: float32[N, 2], (x, y) origin in original pixels (rlnOriginX/YAngst / psize).
         max_prob: float32, largest posterior over (class, pose) (rlnMaxValueProbDistribution).
         class_prob: float32, posterior probability of the assigned class (summed over poses).
-        loglik: float32, log-likelihood contribution (rlnLogLikeliContribution).
-        n_significant: int32, poses/classes holding most of the posterior
-            (rlnNrOfSignificantSamples).
-        norm_correction: float32 (rlnNormCorrection; 1 unless estimated).
+        loglik: float32, log-likelihood contribution in RELION's sense
+            (rlnLogLikeliContribution; see classify/particle_terms.py).
+        n_significant: int32, (class, pose) samples holding 99.9% of the posterior
+            (rlnNrOfSignificantSamples, RELION's count).
+        norm_correction: float32 (rlnNormCorrection; 1: companion applies no per-image
+            norm correction, what RELION writes without --norm).
         half_set: uint8, 0 or 1 (random half used for the per-class FRC).
-        class_ess: float32, effective number of classes (exp of the posterior's entropy).
+        class_ess: float32, effective number of classes, 1 / Σ_k p_k² (CryoSPARC's
+            alignments2D/class_ess, checked on a real export).
+        scale: float32 or None, per-particle intensity scale (--scale-correction; 1 off).
+        post_class, post_prob, post_loglik: (N, P) or None — the P = --posteriors most
+            probable classes (int32, 0-based, most probable first), their posteriors and
+            log-likelihoods log p(X | class) (float32); class -1 where not computed.
+        image_pow, cross_cor, slice_pow: float32 or None — CryoSPARC's powers of the best
+            pose in the assigned class (Σ|X|²/σ², 2 Re Σ X̄·S/σ², Σ|S|²/σ² for the model S
+            the last E-step used, with its scale), over the E-step's coefficients.
 
     Per class (length K):
         averages: float32[K, box, box] at the ORIGINAL box and pixel size (Fourier-padded
@@ -116,6 +133,32 @@ class ClassResult:
     scale: np.ndarray | None = None  # float32 (N,) per-particle scale; 1 when not estimated
     history: list[dict[str, Any]] = field(default_factory=list)
     group_scale: np.ndarray = field(default_factory=lambda: np.ones(0, np.float32))
+    post_class: np.ndarray | None = None
+    post_prob: np.ndarray | None = None
+    post_loglik: np.ndarray | None = None
+    image_pow: np.ndarray | None = None
+    cross_cor: np.ndarray | None = None
+    slice_pow: np.ndarray | None = None
+
+    def take(self, idx: Any) -> ClassResult:
+        """The result for the particles ``idx`` (indices or a bool mask, in the new order):
+        every per-particle field subset, ``class_sizes`` recounted; per-class fields kept."""
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        fields = {
+            name: np.asarray(getattr(self, name))[idx]
+            for name in PER_PARTICLE
+            if getattr(self, name) is not None
+        }
+        labels = np.asarray(fields["class_id"], dtype=np.int64)
+        sizes = np.bincount(labels[labels >= 0], minlength=self.n_classes).astype(np.int64)
+        return replace(self, class_sizes=sizes, **fields)
+
+    @property
+    def n_posteriors(self) -> int:
+        """How many class posteriors per particle the result carries (--posteriors)."""
+        return 0 if self.post_prob is None else int(np.asarray(self.post_prob).shape[1])
 
     @property
     def n_classes(self) -> int:

@@ -71,6 +71,25 @@ CTF units
     ``ctf/phase_shift_rad`` = radians(rlnPhaseShift); ``accel_kv``, ``cs_mm``,
     ``amp_contrast``, ``bfactor`` (Å²), ``scale`` as RELION (pyem's mapping).
 
+Powers, scale and effective class count (``alignments2D/image_pow`` ... ``class_ess``)
+    Checked on the real 2D export (tests/data/cryosparc_J2_particles_exported.cs, 22 rows):
+    ``error = image_pow - cross_cor + slice_pow`` (to 2e-4) and ``alpha_min = cross_cor /
+    (2 slice_pow)`` (to 6e-8), i.e. the squared residual ``|X - S|²`` of the best pose, the
+    image power ``|X|²``, ``2 Re <X, S>`` and ``|S|²`` (whitened), and the least-squares
+    scale of the model S. ``class_ess`` there lies within [1/(p² + (1-p)²), 1/p²] for the
+    best class's posterior p on every row and below exp(entropy) on some: it is 1 / Σ p_k²,
+    which is what companion writes. ``alpha`` is the per-particle scale applied to the model
+    (companion's --scale-correction scale × its group's scale; 1 there); powers are for the
+    unscaled model, ``error = image_pow - alpha·cross_cor + alpha²·slice_pow`` (the export
+    has alpha = 1 only: the alpha weighting is NOT verified on a real file).
+
+Class posteriors (slot ``posteriors``, companion's own)
+    ``posteriors/class_R`` (uint32, 0-based as ``alignments2D/class``), ``posteriors/prob_R``
+    and ``posteriors/loglik_R`` (float32) for ranks R = 1..P, most probable first
+    (``--posteriors P``). A slot CryoSPARC does not define: cryosparc-tools loads and saves
+    it like any other, and Subset Particles by Statistic lists the fields of a particle
+    input's slots; NOT verified on a server (none here).
+
 ``alignments2D/*`` values companion does not compute get neutral values; where CryoSPARC's
 own 2D output (the real export) writes 0 we write 0 too. See :data:`ALIGNMENTS2D_FIELDS`.
 """
@@ -127,21 +146,25 @@ ALIGNMENTS2D_FIELDS: list[tuple[str, str, tuple[int, ...], str]] = [
     ("alignments2D/shift", "<f4", (2,), "origin in pixels at psize_A (shift_from_origin)"),
     ("alignments2D/pose", "<f4", (), "radians(psi) mod 2pi (pose_from_psi)"),
     ("alignments2D/psize_A", "<f4", (), "particle pixel size (blob/psize_A)"),
-    ("alignments2D/error", "<f4", (), "image_pow - cross_cor + slice_pow if known, else -2 loglik"),
+    ("alignments2D/error", "<f4", (), "image_pow - a cross_cor + a^2 slice_pow, else -2 loglik"),
     ("alignments2D/error_min", "<f4", (), "0 (CryoSPARC 2D writes 0)"),
     ("alignments2D/resid_pow", "<f4", (), "0 (CryoSPARC 2D writes 0)"),
-    ("alignments2D/slice_pow", "<f4", (), "classifier's |CTF*ref|^2 if given, else 0"),
-    ("alignments2D/image_pow", "<f4", (), "classifier's |image|^2 if given, else 0"),
-    ("alignments2D/cross_cor", "<f4", (), "classifier's 2 Re<image, CTF*ref> if given, else 0"),
-    ("alignments2D/alpha", "<f4", (), "1 (no per-particle reference scale; as CryoSPARC 2D)"),
+    ("alignments2D/slice_pow", "<f4", (), "|CTF*ref|^2/sigma^2 of the best pose, else 0"),
+    ("alignments2D/image_pow", "<f4", (), "|image|^2/sigma^2, else 0"),
+    ("alignments2D/cross_cor", "<f4", (), "2 Re<image, CTF*ref>/sigma^2, else 0"),
+    ("alignments2D/alpha", "<f4", (), "per-particle scale a (--scale-correction; else 1)"),
     ("alignments2D/alpha_min", "<f4", (), "cross_cor / (2 slice_pow) if known, else 1"),
     ("alignments2D/weight", "<f4", (), "0 (CryoSPARC 2D writes 0)"),
     ("alignments2D/pose_ess", "<f4", (), "0 (CryoSPARC 2D writes 0)"),
     ("alignments2D/shift_ess", "<f4", (), "0 (CryoSPARC 2D writes 0)"),
     ("alignments2D/class_posterior", "<f4", (), "posterior of the class (ClassResult.class_prob)"),
     ("alignments2D/class", "<u4", (), "0-based class = template blob/idx (idx_from_class)"),
-    ("alignments2D/class_ess", "<f4", (), "effective number of classes (ClassResult.class_ess)"),
+    ("alignments2D/class_ess", "<f4", (), "1 / sum of squared class posteriors (class_ess)"),
 ]
+
+POSTERIOR_SLOT = "posteriors"
+# per rank R (1-based): field name pattern, dtype
+POSTERIOR_FIELDS = (("class_{}", "<u4"), ("prob_{}", "<f4"), ("loglik_{}", "<f4"))
 
 CONTRAST_OVERRIDES = ("auto", "white", "dark", "sign")
 
@@ -279,10 +302,13 @@ def alignments2d_fields(particles: ParticleSet, result: ClassResult) -> dict[str
         raise ValueError(f"result has {result.n_particles} particles, particle set has {n}")
     psize = np.asarray(particles.psize, dtype=np.float32)
     zeros = np.zeros(n, dtype=np.float32)
+    alpha = model_scale(particles, result)
     powers = [getattr(result, name, None) for name in ("image_pow", "cross_cor", "slice_pow")]
     if all(p is not None for p in powers):
-        image_pow, cross_cor, slice_pow = (np.asarray(p, dtype=np.float32) for p in powers)
-        error = image_pow - cross_cor + slice_pow
+        # the result's powers are of the scaled model a·S: CryoSPARC's are of S
+        image_pow, cc_scaled, sp_scaled = (np.asarray(p, dtype=np.float64) for p in powers)
+        cross_cor, slice_pow = cc_scaled / alpha, sp_scaled / (alpha * alpha)
+        error = image_pow - alpha * cross_cor + alpha * alpha * slice_pow
         with np.errstate(divide="ignore", invalid="ignore"):
             alpha_min = np.where(slice_pow > 0, cross_cor / (2 * slice_pow), 1.0)
     else:
@@ -300,7 +326,7 @@ def alignments2d_fields(particles: ParticleSet, result: ClassResult) -> dict[str
         "alignments2D/slice_pow": slice_pow,
         "alignments2D/image_pow": image_pow,
         "alignments2D/cross_cor": cross_cor,
-        "alignments2D/alpha": np.ones(n),
+        "alignments2D/alpha": alpha,
         "alignments2D/alpha_min": alpha_min,
         "alignments2D/weight": zeros,
         "alignments2D/pose_ess": zeros,
@@ -313,6 +339,37 @@ def alignments2d_fields(particles: ParticleSet, result: ClassResult) -> dict[str
         name: np.ascontiguousarray(np.asarray(values[name]).astype(dtype).reshape((n, *shape)))
         for name, dtype, shape, _ in ALIGNMENTS2D_FIELDS
     }
+
+
+def model_scale(particles: ParticleSet, result: ClassResult) -> np.ndarray:
+    """float64 (N,): the scale companion applied to each particle's model (its
+    --scale-correction scale × its micrograph group's scale; 1 where not estimated)."""
+    n = len(particles)
+    scale = np.ones(n)
+    if result.scale is not None and result.params.get("scale_correction", "off") == "on":
+        scale = scale * np.asarray(result.scale, np.float64)
+    group = np.asarray(result.group_scale, np.float64).ravel()
+    if group.size == len(particles.group_names) and group.size:
+        scale = scale * group[np.asarray(particles.group, np.int64)]
+    return scale
+
+
+def posterior_fields(result: ClassResult) -> dict[str, np.ndarray]:
+    """The ``posteriors/*`` fields (see the module doc), in rank order; {} without any."""
+    n_top = result.n_posteriors
+    if not n_top:
+        return {}
+    values = (
+        np.maximum(np.asarray(result.post_class), 0).astype(np.uint32),
+        np.asarray(result.post_prob, np.float32),
+        np.asarray(result.post_loglik, np.float32),
+    )
+    out: dict[str, np.ndarray] = {}
+    for r in range(n_top):
+        for (pattern, dtype), arr in zip(POSTERIOR_FIELDS, values, strict=True):
+            name = f"{POSTERIOR_SLOT}/{pattern.format(r + 1)}"
+            out[name] = np.ascontiguousarray(arr[:, r].astype(dtype))
+    return out
 
 
 def class_average_fields(result: ClassResult, mrc_path_rel: str, psize: float) -> dict:

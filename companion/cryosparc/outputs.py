@@ -1,6 +1,7 @@
 """Offline CryoSPARC outputs of a 2D classification: what CryoSPARC's own 2D job would save.
 
-``particles.cs`` (uid + every ``alignments2D/*`` field; join it with the input on uid, as
+``particles.cs`` (uid + every ``alignments2D/*`` field, and the ``posteriors/*`` slot with
+``--posteriors``; join it with the input on uid, as
 CryoSPARC joins a job's output with its passthrough), ``class_averages.mrc`` (K images,
 float32, pixel size in the header) and ``class_averages.cs`` (the ``template`` output:
 ``blob/idx`` = class index = image in the .mrc; ``blob/path`` relative to the particles'
@@ -36,7 +37,7 @@ def write_class2d_outputs(
     out = Path(out_dir)
     psize = particles.pixel_size
     uids = particle_uids_for(particles)
-    parts = Dataset([("uid", uids), *cv.alignments2d_fields(particles, result).items()])
+    parts = Dataset([("uid", uids), *particle_fields(particles, result).items()])
     templates = Dataset(
         [
             ("uid", template_uids(uids, result.n_classes)),
@@ -57,6 +58,12 @@ def write_class2d_outputs(
         parts.save(str(tmp["particles"]))
         templates.save(str(tmp["class_averages"]))
     return paths
+
+
+def particle_fields(particles: ParticleSet, result: ClassResult) -> dict[str, np.ndarray]:
+    """Every field of ``particles.cs`` but uid: ``alignments2D/*``, then ``posteriors/*``
+    (with --posteriors)."""
+    return {**cv.alignments2d_fields(particles, result), **cv.posterior_fields(result)}
 
 
 def project_path(path: Path, project_dir: str | Path) -> str:
@@ -87,7 +94,7 @@ def write_selected_particles(
     (bool per class), what CryoSPARC's Select 2D saves as particles_selected."""
     path = Path(out_dir) / SELECTED_NAME
     rows = np.flatnonzero(np.asarray(keep, dtype=bool)[np.asarray(result.class_id)])
-    fields = cv.alignments2d_fields(particles, result)
+    fields = particle_fields(particles, result)
     ds = Dataset([("uid", particle_uids_for(particles)[rows]),
                   *((k, v[rows]) for k, v in fields.items())])  # fmt: skip
     with atomic_path(path) as tmp:

@@ -161,11 +161,50 @@ def data_columns(
         "rlnMaxValueProbDistribution": np.asarray(result.max_prob, dtype=np.float64),
         "rlnNrOfSignificantSamples": np.asarray(result.n_significant, dtype=np.int64),
     }
+    scale = scale_factors(particles, result)
+    if scale is not None:
+        cols["rlnCtfScalefactor"] = scale
+    cols.update(posterior_columns(result))
     if needs_group_name(particles):
         cols["rlnGroupName"] = pd.Categorical.from_codes(
             groups.number - 1, categories=pd.Index(groups.names, dtype=object)
         )
     return cols
+
+
+#: extra labels for the class posteriors (RELION 3.1.3, 4.0.2 and 5.0.1 define no label
+#: starting with "companion"; 3.1.3 reads them, warns once per label and keeps them)
+POSTERIOR_LABELS = ("companionClass{}", "companionPosterior{}", "companionLogLikelihood{}")
+ASSIGNED_POSTERIOR = "companionAssignedPosterior"
+
+
+def posterior_columns(result: ClassResult) -> dict[str, np.ndarray]:
+    """``companionClass1 companionPosterior1 companionLogLikelihood1 … companionClassP …
+    companionAssignedPosterior``: the P most probable classes (1-based as rlnClassNumber; 0
+    where not computed), their posteriors and log-likelihoods, then the posterior of the
+    class the particle was assigned (rlnClassNumber); nothing when the result has none."""
+    n_top = result.n_posteriors
+    if not n_top:
+        return {}
+    cls = np.asarray(result.post_class, dtype=np.int64) + 1
+    prob = np.asarray(result.post_prob, dtype=np.float64)
+    ll = np.asarray(result.post_loglik, dtype=np.float64)
+    cols: dict[str, np.ndarray] = {}
+    for i in range(n_top):
+        c, p, lab = (name.format(i + 1) for name in POSTERIOR_LABELS)
+        cols[c], cols[p], cols[lab] = np.maximum(cls[:, i], 0), prob[:, i], ll[:, i]
+    cols[ASSIGNED_POSTERIOR] = np.asarray(result.class_prob, dtype=np.float64)
+    return cols
+
+
+def scale_factors(particles: ParticleSet, result: ClassResult) -> np.ndarray | None:
+    """``rlnCtfScalefactor`` with companion's per-particle intensity scale folded in (the
+    input's factor × the scale), when --scale-correction was on; else None (the input
+    column is kept as read). RELION multiplies the CTF by rlnCtfScalefactor (ctf.h), which
+    is companion's model (scale · CTF · reference), so relion_refine continues with it."""
+    if result.scale is None or result.params.get("scale_correction", "off") != "on":
+        return None
+    return np.asarray(particles.ctf.scale, np.float64) * np.asarray(result.scale, np.float64)
 
 
 def needs_group_name(particles: ParticleSet) -> bool:
