@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "simulate",
     "info": "info",
     "classify": "classify",
+    "select": "select",
     "demo": "demo",
     "bench": "bench",
     "cryosparc": "cryosparc",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import mrcfile
@@ -12,7 +12,6 @@ import pytest
 from cryosparc.dataset import Dataset
 from fake_result import make_fake_result
 
-from companion.classify.result import ClassResult
 from companion.cryosparc import (
     alignments2d_fields,
     class_average_fields,
@@ -90,13 +89,6 @@ def test_alignments2d_values_come_from_the_result(j2):
         assert np.all(f[f"alignments2D/{name}"] == value), name
 
 
-@dataclass
-class _ResultWithPowers(ClassResult):
-    image_pow: np.ndarray | None = None
-    cross_cor: np.ndarray | None = None
-    slice_pow: np.ndarray | None = None
-
-
 def test_error_relation_is_cryosparcs(j2):
     """error = image_pow - cross_cor + slice_pow and alpha_min = cross_cor / (2 slice_pow),
     as in the real export; companion writes them that way when the classifier gives powers."""
@@ -108,7 +100,7 @@ def test_error_relation_is_cryosparcs(j2):
     np.testing.assert_allclose(real["alignments2D/alpha_min"], cc / (2 * sl), rtol=1e-5)
     ps = read_particles(j2)
     base = make_fake_result(len(ps), 5, ps.box)
-    r = _ResultWithPowers(**base.__dict__, image_pow=img, cross_cor=cc, slice_pow=sl)
+    r = replace(base, image_pow=img, cross_cor=cc, slice_pow=sl)
     f = alignments2d_fields(ps, r)
     np.testing.assert_allclose(f["alignments2D/error"], real["alignments2D/error"], rtol=1e-5)
     np.testing.assert_allclose(

@@ -80,7 +80,7 @@ def significant_pairs(w: Any, post_pairs: Any, pb: Any, b: int, fraction: float)
     joint = w * post_pairs[:, None, None]
 
     def per_particle(values: Any) -> Any:
-        return xp.bincount(pb, weights=values, minlength=b)
+        return xp.bincount(pb, weights=values.astype(xp.float64), minlength=b)
 
     total = per_particle(joint.sum(axis=(1, 2)))
 
@@ -89,7 +89,7 @@ def significant_pairs(w: Any, post_pairs: Any, pb: Any, b: int, fraction: float)
         return per_particle((joint * (joint >= tt)).sum(axis=(1, 2)))
 
     t = _bisect(total, mass, fraction)
-    count = per_particle((joint >= t[pb][:, None, None]).sum(axis=(1, 2)).astype(joint.dtype))
+    count = per_particle((joint >= t[pb][:, None, None]).sum(axis=(1, 2)))
     return xp.maximum(xp.rint(count), 1).astype(xp.int64)
 
 
