@@ -66,11 +66,10 @@ class Criteria:
 
     def check(self) -> None:
         """ParameterError when nothing is asked for or a bound is out of range."""
-        if all(v is None for v in (self.classes, self.margin, self.min_stability,
-                                   self.min_score)):  # fmt: skip
+        values = (self.classes, self.margin, self.min_stability, self.min_score)
+        if all(v is None for v in values):
             raise ParameterError(
-                "nothing to select by: give --classes, --margin, --min-stability and/or "
-                "--min-score"
+                "nothing to select by: give --classes, --margin, --min-stability and/or --min-score"
             )
         for name, v in (("--margin", self.margin), ("--min-stability", self.min_stability)):
             if v is not None and not 0.0 <= v <= 1.0:
