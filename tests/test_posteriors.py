@@ -136,7 +136,7 @@ def runs(tmp_path_factory):
         ("cs", sim / "particles.cs", ["--project-dir", str(sim), "--scale-correction", "on"]),
         ("star0", sim / "particles.star", ["--posteriors", "0"]),
     ):
-        out[name] = d / name
+        out[name] = sim / name  # inside the project: RELION paths relative to it
         assert main(["classify", str(inp), "--out", str(out[name]), *TINY, *extra]) == 0
     return out
 
@@ -182,6 +182,24 @@ def test_relion_313_reads_and_keeps_the_posterior_columns(runs, tmp_path):
     assert list(copy.columns) == list(df.columns)
     for col in POSTERIOR_COLUMNS:
         np.testing.assert_allclose(copy[col].to_numpy(float), df[col].to_numpy(float), rtol=1e-6)
+
+
+@pytest.mark.relion
+def test_relion_refine_continues_from_a_run_with_posteriors(runs, monkeypatch):
+    """relion_refine 3.1.3 --continue reads the files and carries the columns through
+    (unchanged: RELION does not update them)."""
+    if shutil.which("relion_refine") is None:
+        pytest.skip("relion_refine not on PATH")
+    monkeypatch.chdir(runs["sim"])
+    cmd = ["relion_refine", "--continue", "star/run_it003_optimiser.star", "--o", "star/ct",
+           "--iter", "4", "--j", "1"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ERROR" not in r.stderr, r.stdout[-1500:] + r.stderr[-2000:]
+    _, ours = _data(runs["star"])
+    theirs = read_star(runs["sim"] / "star" / "ct_it004_data.star")["particles"]
+    assert list(theirs.columns)[: len(ours.columns)] == list(ours.columns)
+    for col in POSTERIOR_COLUMNS:
+        np.testing.assert_allclose(theirs[col].to_numpy(float), ours[col].to_numpy(float))
 
 
 def test_cs_slot_round_trip_and_powers(runs):
