@@ -326,3 +326,31 @@ def test_select_refuses_a_directory_without_outputs(tmp_path, capsys):
     assert rc == 2 and "no *_itNNN_data.star" in out
     rc, out = _select(capsys, str(tmp_path / "missing"), "--classes", "1", "--out", "x")
     assert rc == 2 and "not found" in out
+
+
+def test_scale_goes_into_rlnctfscalefactor_and_alpha(real_data):
+    """--scale-correction on: rlnCtfScalefactor = the input's factor × the scale (RELION
+    multiplies the CTF by it), alignments2D/alpha = the scale; off: neither is touched."""
+    from companion.cryosparc.conventions import alignments2d_fields
+    from companion.cryosparc.dataset_io import read_particles as read_cs
+    from companion.relion.class2d import data_columns, posterior_columns
+
+    ps = read_cs(real_data / "cryosparc_J2_particles_exported.cs")
+    n = len(ps)
+    base = make_fake_result(n, K, ps.box, seed=4)
+    scale = np.linspace(0.5, 1.5, n).astype(np.float32)
+    on = replace(base, scale=scale, params={**base.params, "scale_correction": "on"})
+    ctf_scale = np.asarray(ps.ctf.scale, np.float64)
+    np.testing.assert_allclose(data_columns(ps, on)["rlnCtfScalefactor"], ctf_scale * scale)
+    np.testing.assert_allclose(alignments2d_fields(ps, on)["alignments2D/alpha"], scale)
+    off = replace(base, scale=scale, params={**base.params, "scale_correction": "off"})
+    assert "rlnCtfScalefactor" not in data_columns(ps, off)
+    assert np.all(alignments2d_fields(ps, off)["alignments2D/alpha"] == 1)
+    # unassigned particles of an online iteration: class 0 as rlnClassNumber writes them
+    post = replace(base, post_class=np.full((n, 1), -1, np.int32),
+                   post_prob=np.zeros((n, 1), np.float32),
+                   post_loglik=np.zeros((n, 1), np.float32))  # fmt: skip
+    cols = posterior_columns(post)
+    assert list(cols) == ["companionClass1", "companionPosterior1", "companionLogLikelihood1",
+                          "companionAssignedPosterior"]  # fmt: skip
+    assert np.all(cols["companionClass1"] == 0)
