@@ -154,6 +154,7 @@ def test_star_columns_exact_and_invariants(runs):
     prob = df[[f"companionPosterior{r}" for r in (1, 2, 3)]].to_numpy()
     cls = df[[f"companionClass{r}" for r in (1, 2, 3)]].to_numpy()
     assert np.all(prob.sum(axis=1) <= 1 + 1e-5)
+    np.testing.assert_allclose(prob.sum(axis=1), 1, atol=1e-5)  # all K of K classes
     assert np.all(np.diff(prob, axis=1) <= 0)
     assert np.all((cls >= 1) & (cls <= K))
     assert all(len(set(row)) == K for row in cls.tolist())  # distinct classes
@@ -354,3 +355,23 @@ def test_scale_goes_into_rlnctfscalefactor_and_alpha(real_data):
     assert list(cols) == ["companionClass1", "companionPosterior1", "companionLogLikelihood1",
                           "companionAssignedPosterior"]  # fmt: skip
     assert np.all(cols["companionClass1"] == 0)
+
+
+def test_balanced_posteriors_are_the_unconstrained_ones(runs):
+    """--balance: the capped assignment may give a particle a lower-ranked class; its
+    assigned posterior is then that class's entry in the (unconstrained) top list."""
+    from companion.classify import classify
+    from companion.params import ClassifyParams
+    from companion.sources import open_particles
+
+    ps = open_particles(runs["sim"] / "particles.star")
+    p = ClassifyParams(n_classes=K, online_iters=2, batch_per_class=20, full_iters=1,
+                       max_resolution=16, psi_step=15, device="cpu", seed=1,
+                       balance="equal")  # fmt: skip
+    r = classify(ps, p)
+    assert r.n_posteriors == K and r.class_sizes.max() <= r.cap
+    hit = r.post_class == r.class_id[:, None]
+    assert np.all(hit.sum(axis=1) == 1)  # the assigned class is in the list once
+    np.testing.assert_allclose(r.post_prob[hit], r.class_prob, atol=1e-6)
+    assert np.all(np.diff(r.post_prob, axis=1) <= 0)
+    np.testing.assert_allclose(r.post_prob.sum(axis=1), 1, atol=1e-5)
