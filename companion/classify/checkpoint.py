@@ -25,7 +25,9 @@ STATE_FILE = "state.npz"
 FORMAT = 1
 # parameters that may change between a run and its continuation
 # (the batch size is saved in the state, so --memory-limit does not change the result)
-RESUMABLE_CHANGES = ("device", "memory_limit")
+# (--cluster and its options: where the E-step runs does not change the result)
+RESUMABLE_CHANGES = ("device", "memory_limit", "cluster", "cluster_jobs", "cluster_queue",
+                     "cluster_walltime", "cluster_timeout")  # fmt: skip
 
 
 @dataclass
