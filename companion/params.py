@@ -196,8 +196,7 @@ class ClassifyParams(BaseModel):
     cluster_jobs: int | None = Field(
         None,
         ge=1,
-        description="With --cluster slurm|pbs: batch jobs to submit (one worker each). "
-        "Default: 2.",
+        description="With --cluster slurm|pbs: batch jobs to submit (one worker each). Default: 2.",
     )
     cluster_queue: str | None = Field(
         None,

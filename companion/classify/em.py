@@ -1,7 +1,10 @@
 """The EM loop of 2D classification.
 
-One iteration: rotate the K references (:class:`fourier.Projector`), stream the iteration's
-particles in batches through the E-step (:mod:`score`) — class posteriors
+One iteration: rotate the K references (:class:`fourier.Projector`), run the E-step over
+the iteration's particles — fixed shards (:func:`estep.shards`), each a pure function
+(:func:`estep.estep_shard`) run in this process or on a Dask cluster (``--cluster``,
+:mod:`companion.cluster`), their sums added here in shard order — in batches through
+:mod:`score`: class posteriors
 ``p(k | X) ∝ pi_k exp(ll / u)`` (Sinkhorn-capped weights in balanced mode and during the
 warm-up) — and the sufficient statistics (:mod:`mstep`), then the M-step: back-rotate,
 Wiener-filter, half-set FRC, tau², noise per shell, class priors, optional re-centring and
@@ -425,6 +428,7 @@ class _Run:
         wall = time.perf_counter() - t0
         st.timings["e_step_s"] += wall
         st.timings["shard_s"] = st.timings.get("shard_s", 0.0) + shard_s
+        st.timings["workers"] = int(self.engine.workers)
         st.timings["gflop"] += stats["gflop"]
         return stats
 

@@ -166,8 +166,9 @@ class Accumulator:
         den = ((model.real**2 + model.imag**2) * w).sum(axis=1)
         return to_host(num / xp.maximum(den, 1e-30)).astype(np.float32)
 
+    # the arrays a shard hands back (host_sums) and merge adds up
     SUMS = ("stats", "noise_num", "noise_den", "scale_num", "scale_den", "occupancy", "hard",
-            "c2s_sum")  # the arrays a shard hands back (host_sums) and merge adds up
+            "c2s_sum")  # fmt: skip
 
     def host_sums(self) -> dict[str, Any]:
         """The sums as host arrays (a shard's result; see :meth:`merge`)."""
