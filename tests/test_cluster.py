@@ -1,11 +1,11 @@
 """--cluster: the E-step on a Dask cluster gives the single-process result.
 
-One 2-worker LocalCluster (processes, one BLAS thread each) serves the tests; the shards are
-made small (estep.MIN_SHARD, read on the client only) so every pass has several shards and
-both workers get some. The shards' sums are added in shard order on the client, so with the
-same BLAS thread count as the workers (the reference runs under ``limit_threads(1)``) every
-number is bit-identical. With another thread count BLAS rounds differently: labels stay the
-same and posteriors / averages move by ~2e-5 (measured), hence TOL where threads differ.
+One ``--cluster local:2`` (2 worker processes, cores // 2 BLAS threads each) serves the
+tests; the shards are made small (estep.MIN_SHARD, read on the client only) so every pass
+has several shards and both workers get some. The shards' sums are added in shard order on
+the client, so with the workers' BLAS thread count (the reference runs under
+``limit_threads``) every number is bit-identical. With another thread count BLAS rounds
+differently: the same labels, posteriors and averages within ~2e-5 (measured).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import distributed  # the test extra installs it (pyproject.toml)
 import numpy as np
 import pytest
 from classify_data import make_particles
@@ -25,8 +24,6 @@ from classify_data import make_particles
 from companion.classify import Callbacks, classify, estep
 from companion.errors import ClusterError, ParameterError
 from companion.params import ClassifyParams, validate_params
-
-TOL = 1e-4  # posteriors and averages when client and workers use other BLAS thread counts
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +34,14 @@ def sim(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    import logging
+    """``--cluster local:2`` as classify starts it (DaskEngine.start), shared by the tests
+    through its scheduler's address."""
+    from companion.cluster.engine import DaskEngine
 
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None,
-                                  silence_logs=logging.ERROR) as lc:  # fmt: skip
-        yield lc
+    eng = DaskEngine.start(ClassifyParams(cluster="local:2"))
+    assert eng.workers == 2
+    yield eng
+    eng.close()
 
 
 @pytest.fixture(autouse=True)
@@ -53,41 +52,37 @@ def small_shards(monkeypatch):
 def params(**kw) -> ClassifyParams:
     base = dict(n_classes=3, max_resolution=10.0, online_iters=2, batch_per_class=40,
                 full_iters=1, anneal_start=1, anneal_iters=2, seed=1, device="cpu",
-                batch_size=16)  # fmt: skip
+                batch_size=24)  # fmt: skip
     return ClassifyParams(**(base | kw))
 
 
-def one_thread(sim, p: ClassifyParams):
-    """The single-process reference with the workers' BLAS thread count (1)."""
-    from companion.threads import limit_threads
+def one_process(sim, p: ClassifyParams):
+    """The single-process reference with the BLAS thread count of a local:2 worker."""
+    from companion.threads import available_cores, limit_threads
 
-    with limit_threads(1):
+    with limit_threads(max(1, available_cores() // 2)):
         return classify(sim.particles, p)
 
 
-def same(a, b, tol: float = 0.0) -> None:
-    np.testing.assert_array_equal(a.class_id, b.class_id)
-    np.testing.assert_array_equal(a.class_sizes, b.class_sizes)
-    np.testing.assert_allclose(a.class_prob, b.class_prob, rtol=0, atol=tol)
-    np.testing.assert_allclose(a.averages, b.averages, rtol=0, atol=tol)
-    if tol == 0:
-        np.testing.assert_array_equal(a.psi_deg, b.psi_deg)
-        np.testing.assert_array_equal(a.shift_px, b.shift_px)
+def same(a, b) -> None:
+    """Bit-identical labels, sizes, posteriors, poses and averages."""
+    for name in ("class_id", "class_sizes", "class_prob", "psi_deg", "shift_px", "averages"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
 @pytest.mark.parametrize("mode", [{}, {"balance": "equal"}])
 def test_two_workers_give_the_single_process_result(sim, cluster, mode):
-    one = one_thread(sim, params(**mode))
+    one = one_process(sim, params(**mode))
     assert len(estep.shards(np.arange(240))) == 10  # several shards per pass
-    two = classify(sim.particles, params(cluster=cluster.scheduler_address, **mode))
+    two = classify(sim.particles, params(cluster=cluster.cluster.scheduler_address, **mode))
     same(one, two)
     if mode:
         assert two.class_sizes.max() <= two.cap
 
 
 def test_a_worker_killed_mid_iteration_changes_nothing(sim, cluster, tmp_path):
-    ref = one_thread(sim, params(seed=4))
-    client = distributed.Client(cluster.scheduler_address)
+    ref = one_process(sim, params(seed=4))
+    client = cluster.client
     before = set(client.run(os.getpid).values())
     killed: list[int] = []
 
@@ -98,20 +93,13 @@ def test_a_worker_killed_mid_iteration_changes_nothing(sim, cluster, tmp_path):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    got = classify(sim.particles, params(seed=4, cluster=cluster.scheduler_address),
+    got = classify(sim.particles, params(seed=4, cluster=cluster.cluster.scheduler_address),
                    work_dir=tmp_path, callbacks=Callbacks(progress=progress))  # fmt: skip
     assert killed, "the kill never happened"
     client.wait_for_workers(2, timeout=60)
     after = set(client.run(os.getpid).values())
-    client.close()
     assert killed[0] not in after  # the worker really died (its nanny started a new one)
     same(ref, got)
-
-
-def test_local_n_starts_its_own_cluster(sim):
-    a = classify(sim.particles, params(online_iters=1, full_iters=1))
-    b = classify(sim.particles, params(online_iters=1, full_iters=1, cluster="local:2"))
-    same(a, b, TOL)  # workers: cores // 2 BLAS threads each, this process: all cores
 
 
 def test_no_dask_without_cluster(tmp_path):
@@ -122,8 +110,8 @@ def test_no_dask_without_cluster(tmp_path):
         from companion.classify import classify
         from companion.params import ClassifyParams
         import companion.cli
-        s = make_particles({str(tmp_path)!r}, n=60, n_classes=2, box=24, psize=4.0, seed=1)
-        p = ClassifyParams(n_classes=2, online_iters=1, full_iters=1, max_resolution=12.0,
+        s = make_particles({str(tmp_path)!r}, n=40, n_classes=2, box=24, psize=4.0, seed=1)
+        p = ClassifyParams(n_classes=2, online_iters=0, full_iters=1, max_resolution=12.0,
                            device="cpu")
         classify(s.particles, p)
         ClassifyParams(n_classes=2, cluster="local:2")  # parsing the option imports no Dask

@@ -133,8 +133,8 @@ class DaskEngine:
                 cluster.close()
             raise
         eng = cls(client, cluster, spec)
-        log.info("E-step on %s: %d worker(s) (dashboard %s)", spec.describe(), eng.workers,
-                 getattr(client, "dashboard_link", "-"))  # fmt: skip
+        board = "" if spec.kind in ("local", "gpus") else f" (dashboard {client.dashboard_link})"
+        log.info("E-step on %s: %d worker(s)%s", spec.describe(), eng.workers, board)
         return eng
 
     @staticmethod
@@ -151,14 +151,14 @@ class DaskEngine:
             with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
                 return distributed.LocalCluster(
                     n_workers=n, threads_per_worker=1, processes=True,
-                    dashboard_address=None, silence_logs=logging.WARNING,
+                    dashboard_address=":0", silence_logs=logging.WARNING,
                 )  # fmt: skip
         if spec.kind == "gpus":
             try:
                 from dask_cuda import LocalCUDACluster
             except ImportError:
                 raise ClusterError(f"--cluster gpus needs dask-cuda: {INSTALL_GPU}") from None
-            return LocalCUDACluster(threads_per_worker=1, dashboard_address=None,
+            return LocalCUDACluster(threads_per_worker=1, dashboard_address=":0",
                                     silence_logs=logging.WARNING)  # fmt: skip
         cls = _jobqueue_class(spec.kind)
         try:
