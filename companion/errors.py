@@ -36,3 +36,7 @@ class Aborted(CompanionError):
     """The run was stopped on request (Ctrl-C, SIGTERM, RELION abort file)."""
 
     exit_code = 130
+
+
+class ClusterError(CompanionError):
+    """The Dask cluster of --cluster cannot be started, reached or kept alive."""

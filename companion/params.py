@@ -192,9 +192,53 @@ class ClassifyParams(BaseModel):
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Compute device: 'gpu' needs CuPy and a CUDA GPU; 'auto' picks one."
     )
+    cluster: str | None = Field(
+        None,
+        description=(
+            "Run the E-step on a Dask cluster: 'local:N' (N worker processes here), 'gpus' "
+            "(one worker per visible GPU, needs dask-cuda), 'tcp://HOST:PORT' (a running "
+            "dask scheduler), 'slurm' or 'pbs' (workers submitted as batch jobs through "
+            "dask-jobqueue; cores, memory, account etc. from ~/.config/dask/jobqueue.yaml). "
+            "Same result as without it; needs pip install 'companion[cluster]'. "
+            "Default: this process only."
+        ),
+    )
+    cluster_jobs: int | None = Field(
+        None,
+        ge=1,
+        description="With --cluster slurm|pbs: batch jobs to submit (one worker each). Default: 2.",
+    )
+    cluster_queue: str | None = Field(
+        None,
+        description="With --cluster slurm|pbs: queue (partition) of the worker jobs. "
+        "Default: jobqueue.yaml's, else the scheduler's default.",
+    )
+    cluster_walltime: str | None = Field(
+        None,
+        description="With --cluster slurm|pbs: wall-time limit of each worker job, e.g. "
+        "04:00:00. Default: jobqueue.yaml's.",
+    )
+    cluster_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds to wait for the scheduler to answer and the first worker to "
+        "join (batch jobs may queue) before giving up with an error.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ClassifyParams:
+        if self.cluster is not None:
+            from companion.cluster.spec import parse_cluster
+
+            parse_cluster(self.cluster)  # ValueError: one line naming the accepted forms
+        jobq = (self.cluster_jobs, self.cluster_queue, self.cluster_walltime)
+        if any(v is not None for v in jobq) and not (
+            self.cluster and self.cluster.strip().lower() in ("slurm", "pbs")
+        ):
+            raise ValueError(
+                "--cluster-jobs/--cluster-queue/--cluster-walltime are only used with "
+                "--cluster slurm or --cluster pbs"
+            )
         if self.memory_limit is not None:
             from companion.classify.backend import parse_size
 

@@ -56,7 +56,7 @@ def one_batch(k: int, mode: str, pose_mode: str, n: int = 12):
     (rotating references, back-rotation, reconstruction) at ``k`` classes."""
     from companion.classify import fourier as fo
     from companion.classify import score as sc
-    from companion.classify.em import _softmax
+    from companion.classify.estep import softmax as _softmax
     from companion.classify.mstep import Accumulator, reconstruct, shell_power
 
     xp = XS

@@ -26,7 +26,9 @@ FORMAT = 1
 # parameters that may change between a run and its continuation
 # (the batch size is saved in the state, so --memory-limit does not change the result)
 # (--posteriors changes only what is written: the per-particle arrays follow it, see put)
-RESUMABLE_CHANGES = ("device", "memory_limit", "posteriors")
+# (--cluster and its options: where the E-step runs does not change the result)
+RESUMABLE_CHANGES = ("device", "memory_limit", "posteriors", "cluster", "cluster_jobs",
+                     "cluster_queue", "cluster_walltime", "cluster_timeout")  # fmt: skip
 
 
 @dataclass

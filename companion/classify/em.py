@@ -1,7 +1,10 @@
 """The EM loop of 2D classification.
 
-One iteration: rotate the K references (:class:`fourier.Projector`), stream the iteration's
-particles in batches through the E-step (:mod:`score`) — class posteriors
+One iteration: rotate the K references (:class:`fourier.Projector`), run the E-step over
+the iteration's particles — fixed shards (:func:`estep.shards`), each a pure function
+(:func:`estep.estep_shard`) run in this process or on a Dask cluster (``--cluster``,
+:mod:`companion.cluster`), their sums added here in shard order — in batches through
+:mod:`score`: class posteriors
 ``p(k | X) ∝ pi_k exp(ll / u)`` (Sinkhorn-capped weights in balanced mode and during the
 warm-up) — and the sufficient statistics (:mod:`mstep`), then the M-step: back-rotate,
 Wiener-filter, half-set FRC, tau², noise per shell, class priors, optional re-centring and
@@ -32,13 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from companion.classify import checkpoint, output, schedule
+from companion.classify import checkpoint, estep, output, schedule
 from companion.classify import fourier as fo
 from companion.classify.backend import (
     batch_size,
     describe_device,
     device_errors,
-    logsumexp,
     memory_limit,
     select_device,
     to_device,
@@ -46,14 +48,13 @@ from companion.classify.backend import (
     work_budget,
 )
 from companion.classify.callbacks import IterationInfo, call, stop_requested
-from companion.classify.ctf import ctf_terms
 from companion.classify.groups import noise_rows
 from companion.classify.init import initial_references, lowpass_shell, seed_owner
 from companion.classify.mstep import Accumulator, reconstruct, shell_power
 from companion.classify.preprocess import Prepared, fingerprint, prepare
 from companion.classify.resolution import class_resolution
 from companion.classify.result import ClassResult
-from companion.classify.score import RotatedRefs, Search, broadcast_classes, score
+from companion.classify.score import RotatedRefs, Search
 from companion.errors import Aborted, ParameterError
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
@@ -62,6 +63,16 @@ from companion.stacks import require_stacks
 log = logging.getLogger(__name__)
 
 INCR_SHELLS = 10  # E-step resolution limit = current resolution + this (RELION's incr_size)
+
+
+def open_engine(params: ClassifyParams) -> Any:
+    """Where the E-step shards run: this process, or the Dask cluster of ``--cluster``
+    (Dask is imported only then)."""
+    if not params.cluster:
+        return estep.InProcess()
+    from companion.cluster import open_engine as dask_engine
+
+    return dask_engine(params)
 
 
 def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path | str | None = None,
@@ -141,6 +152,13 @@ class _Run:
             self.n, self.k, self.device, self.geom.work_box, self.geom.work_psize,
             self.geom.n_coef, self.r, self.search.n_shift, self.search.mode,
         )  # fmt: skip
+        self.engine = open_engine(self.params)
+        try:
+            return self._execute(st, resume, t0)
+        finally:
+            self.engine.close()
+
+    def _execute(self, st: checkpoint.EMState | None, resume: bool, t0: float) -> ClassResult:
         prep = prepare(self.particles, self.geom, self.ckpt_dir / "cache", self.xp,
                        reuse=resume and self.persistent,
                        drop_bad=self.params.drop_bad_images, callbacks=self.callbacks)  # fmt: skip
@@ -154,6 +172,17 @@ class _Run:
             st.batch = batch
             if st.iteration:
                 log.info("continuing after iteration %d of %d", st.iteration, self.total)
+        self.run_state = estep.RunState(
+            params=self.params, box=self.particles.box, pixel_size=self.particles.pixel_size,
+            n=self.n, cache_path=str(prep.coeffs.path),
+            ctf=estep.CtfInputs(self.particles.ctf, self.particles.ctf_premultiplied,
+                                self.particles.phase_flipped),
+            group_index=np.asarray(prep.group_index, np.int32), half=st.half, owner=self.owner,
+        )  # fmt: skip
+        self.ctx = estep.Context(self.run_state, self.xp, geom=self.geom, search=self.search,
+                                 projector=self.projector, coeffs=prep.coeffs)  # fmt: skip
+        estep.register(self.ctx)
+        self._pass = 0
         log.info(
             "E-step batch: %d particles (%s)",
             st.batch,
@@ -355,103 +384,87 @@ class _Run:
     def estep_pass(self, it: int, st: checkpoint.EMState, prep: Prepared, idx: np.ndarray,
                    rrefs: RotatedRefs, u: float, sigma2: np.ndarray, acc: Accumulator | None,
                    final_scores: bool) -> dict[str, Any]:  # fmt: skip
-        """E-step over ``idx`` in batches; adds to ``acc`` (when given) and records every
-        particle's outputs in ``st``. With ``final_scores`` keeps (N, K) log posteriors and
-        best poses for the capped assignment."""
-        from companion.classify import balance
-
+        """E-step over ``idx``: the fixed shards of :func:`estep.shards`, run by the engine
+        (this process or a Dask cluster) and added up here in shard order; adds to ``acc``
+        (when given) and records every particle's outputs in ``st``. With ``final_scores``
+        keeps (N, K) log posteriors and best poses for the capped assignment."""
         t0 = time.perf_counter()
-        p, xp, geom = self.params, self.xp, self.geom
-        # per noise row and shell; a batch gathers its rows (G can be thousands)
-        inv_s2 = to_device((1.0 / sigma2).astype(np.float32), xp)  # (G, S)
-        shell_d = to_device(geom.shell, xp)
-        scale_d = to_device(st.group_scale.astype(np.float32), xp) if st.group_scale.size else None
+        p = self.params
+        if st.scale is None:  # a checkpoint written before per-particle scales
+            st.scale = np.ones(self.n, np.float32)
+        its = self.iteration_state(it, st, rrefs, u, sigma2, acc is not None, final_scores)
+        self.ctx.set_rotated(its.key, rrefs)
+        stats: dict[str, Any] = {"n": 0, "pmax": 0.0, "loglik": 0.0, "gflop": 0.0,
+                                 "fine_pairs": 0, "hard": np.zeros(self.k, np.int64),
+                                 "soft": np.zeros(self.k, np.float64)}  # fmt: skip
+        if final_scores:
+            stats["logpost"] = output.host_array(self, "logpost", (self.n, self.k), np.float32)
+            stats["pose"] = output.host_array(self, "pose", (self.n, self.k), np.int32)
+        new_scale = st.scale.copy()
+        duals: list[tuple[int, np.ndarray]] = []
+        shard_s = 0.0
+        hooks = _Hooks(self, it, len(idx))
+        for res in self.engine.map(self.run_state, its, estep.shards(idx), hooks):
+            chunk = res.idx
+            if acc is not None and res.sums is not None:
+                acc.merge(res.sums)
+            if res.scale_fit is not None:
+                new_scale[chunk] = st.scale[chunk] * res.scale_fit
+            if final_scores:
+                stats["logpost"][chunk] = res.logpost
+                stats["pose"][chunk] = res.pose
+            for name, arr in res.outputs.items():
+                st.put(name, chunk, arr)
+            for name in ("n", "pmax", "loglik", "gflop", "fine_pairs", "hard", "soft"):
+                stats[name] += res.stats[name]
+            if res.dual is not None:
+                duals.append((len(chunk), res.dual))
+            shard_s += res.seconds
+            hooks.shard_done(len(chunk))
+        if p.scale_correction == "on" and acc is not None:
+            st.scale = normalised_scale(new_scale)
+        if duals and p.balance != "off":
+            st.dual = estep.mean_dual(duals)
+        wall = time.perf_counter() - t0
+        st.timings["e_step_s"] += wall
+        st.timings["shard_s"] = st.timings.get("shard_s", 0.0) + shard_s
+        st.timings["workers"] = int(self.engine.workers)
+        st.timings["gflop"] += stats["gflop"]
+        return stats
+
+    def iteration_state(self, it: int, st: checkpoint.EMState, rrefs: RotatedRefs, u: float,
+                        sigma2: np.ndarray, accumulate: bool,
+                        final_scores: bool) -> estep.IterationState:  # fmt: skip
+        """What the E-step of this pass broadcasts (see :class:`estep.IterationState`)."""
+        p = self.params
         log_prior = np.log(np.maximum(st.prior, 1e-12)).astype(np.float32)
         balanced = p.balance != "off" or self.early_balance(it)
         cap = self.cap if p.balance != "off" else math.ceil(self.n / self.k)
         if balanced:
             log_prior[:] = -math.log(self.k)
-        log_prior_d = to_device(log_prior, xp)
         dual = None
         if balanced:
-            dual = to_device(st.dual, xp) if st.dual.size else xp.zeros(self.k)
-        budget = work_budget(xp) // 2
-        stats: dict[str, Any] = {"n": 0, "pmax": 0.0, "loglik": 0.0, "gflop": 0.0,
-                                 "fine_pairs": 0, "hard": np.zeros(self.k, np.int64),
-                                 "soft": xp.zeros(self.k, xp.float64)}  # fmt: skip
-        if final_scores:
-            stats["logpost"] = output.host_array(self, "logpost", (self.n, self.k), np.float32)
-            stats["pose"] = output.host_array(self, "pose", (self.n, self.k), np.int32)
-        # seeding iteration: every reference is the same low-passed average; each particle is
-        # aligned (best pose, whatever --pose-mode) to the class it was dealt (init.py)
-        seeding = None
-        if it == 1 and acc is not None:
-            seeding = RotatedRefs.create(rrefs.full[:1], self.search, rrefs.n, rrefs.fc or None)
-        if st.scale is None:  # a checkpoint written before per-particle scales
-            st.scale = np.ones(self.n, np.float32)
-        new_scale = st.scale.copy()
-        b = st.batch
-        for s in range(0, len(idx), b):
-            if stop_requested(self.callbacks):
-                raise Aborted(self._abort_msg(it - 1))
-            chunk = idx[s : s + b]
-            x = to_device(np.asarray(prep.coeffs[chunk]), xp)
-            cy, c2, v, cm = ctf_terms(self.particles, chunk, geom, xp)
-            if p.scale_correction == "on":  # the model of particle i is scale_i · C · ref
-                a = to_device(st.scale[chunk], xp)[:, None]
-                cy, c2, cm = cy * a, c2 * (a * a), cm * a
-            g = to_device(prep.group_index[chunk], xp)
-            is2 = inv_s2[g][:, shell_d]
-            if scale_d is not None:  # RELION --scale: the model is scale · CTF · reference
-                sg = scale_d[g][:, None]
-                cy, c2, cm = cy * sg, c2 * (sg * sg), cm * sg
-            xc = (x * (cy * is2)).astype(xp.complex64)
-            c2s = c2 * is2
-            if seeding is not None:  # first iteration: align against the dealt class only
-                own = to_device(self.owner[chunk], xp)
-                sc1 = score(xc, c2s, seeding, self.search, u, self.marginal, budget)
-                sc = broadcast_classes(sc1, own, self.k)
-                post = xp.zeros((len(chunk), self.k), xp.float32)
-                post[xp.arange(len(chunk)), own] = 1.0
-            else:
-                sc = score(xc, c2s, rrefs, self.search, u, self.marginal, budget)
-                if balanced:
-                    caps = float(cap) * len(chunk) / self.n
-                    post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,
-                                                         return_dual=True)  # fmt: skip
-                    post = post.astype(xp.float32)
-                else:
-                    post = _softmax(sc.ev_u + log_prior_d[None])
-            out = output.particle_outputs(self, sc, post, x, v, is2, log_prior_d,
-                                          c2s=c2s, refs=rrefs)  # fmt: skip
-            if final_scores:
-                lp = sc.ev_u - logsumexp(sc.ev_u)[:, None]
-                stats["logpost"][chunk] = to_host(lp)
-                stats["pose"][chunk] = to_host(sc.rot * self.search.n_shift + sc.shift)
-            if acc is not None:
-                fit = acc.add(sc, post, self.search, rrefs, x=x, xc=xc, c2s=c2s, cm=cm, v=v,
-                              half=to_device(st.half[chunk], xp), group=g, is2=is2,
-                              pose_mode="max" if seeding is not None else p.pose_mode)  # fmt: skip
-                if p.scale_correction == "on" and seeding is None:
-                    new_scale[chunk] = st.scale[chunk] * fit
-            for name, arr in out.items():
-                st.put(name, chunk, arr)
-            stats["n"] += len(chunk)
-            stats["pmax"] += float(out["max_prob"].sum())
-            stats["loglik"] += float(out["loglik"].astype(np.float64).sum())
-            stats["hard"] += np.bincount(out["class_id"], minlength=self.k)
-            stats["soft"] += post.sum(axis=0)  # stays on the device
-            stats["gflop"] += sc.flops / 1e9
-            stats["fine_pairs"] += sc.n_fine
-            call(self.callbacks, "progress", s + len(chunk), len(idx),
-                 f"iteration {it}/{self.total}")  # fmt: skip
-        if p.scale_correction == "on" and acc is not None:
-            st.scale = normalised_scale(new_scale)
-        if dual is not None and p.balance != "off":
-            st.dual = to_host(dual).astype(np.float64)
-        st.timings["e_step_s"] += time.perf_counter() - t0
-        st.timings["gflop"] += stats["gflop"]
-        return stats
+            dual = st.dual.astype(np.float64) if st.dual.size else np.zeros(self.k)
+        self._pass += 1
+        return estep.IterationState(
+            iteration=it,
+            key=f"{self.run_state.token}:{self._pass}",
+            refs=np.asarray(st.refs, np.float32),
+            shell=int(st.current_shell or self.initial_shell()),
+            inv_sigma2=(1.0 / sigma2).astype(np.float32),
+            u=float(u),
+            log_prior=log_prior,
+            balanced=balanced,
+            cap=float(cap),
+            dual=dual,
+            group_scale=st.group_scale.astype(np.float32) if st.group_scale.size else None,
+            scale=st.scale if p.scale_correction == "on" else None,
+            seeding=it == 1 and accumulate,
+            accumulate=accumulate,
+            final_scores=final_scores,
+            batch=int(st.batch),
+            budget=work_budget(self.xp) // 2,
+        )
 
     def mstep(self, it: int, st: checkpoint.EMState, acc: Accumulator, rrefs: RotatedRefs,
               n_batch: int, stage: str, last: bool, sigma2: np.ndarray) -> None:  # fmt: skip
@@ -555,15 +568,35 @@ class _Run:
         st.acc_rot = np.asarray(st.acc_rot, np.float32)
 
 
-def _softmax(a: Any) -> Any:
-    from companion.classify.backend import get_array_module
-
-    xp = get_array_module(a)
-    e = xp.exp(a - a.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(xp.float32)
-
-
 SCALE_RANGE = (0.2, 5.0)  # a fitted particle scale outside this is clipped (junk, noise)
+
+
+class _Hooks:
+    """The driver's side of an E-step pass: stop requests before every batch (in this
+    process) or while waiting for a shard (cluster), progress after every batch or shard."""
+
+    def __init__(self, run: _Run, it: int, total: int) -> None:
+        self.run, self.it, self.total = run, it, total
+        self.reported = 0  # particles reported done
+        self.finished = 0  # particles of the finished shards
+
+    def before_batch(self) -> None:
+        if stop_requested(self.run.callbacks):
+            raise Aborted(self.run._abort_msg(self.it - 1))
+
+    def after_batch(self, n: int) -> None:
+        self.reported += n
+        self._report()
+
+    def shard_done(self, n: int) -> None:
+        self.finished += n
+        if self.finished > self.reported:  # a shard that ran elsewhere
+            self.reported = self.finished
+            self._report()
+
+    def _report(self) -> None:
+        call(self.run.callbacks, "progress", self.reported, self.total,
+             f"iteration {self.it}/{self.run.total}")  # fmt: skip
 
 
 def normalised_scale(scale: np.ndarray) -> np.ndarray:

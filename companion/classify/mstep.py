@@ -166,6 +166,24 @@ class Accumulator:
         den = ((model.real**2 + model.imag**2) * w).sum(axis=1)
         return to_host(num / xp.maximum(den, 1e-30)).astype(np.float32)
 
+    # the arrays a shard hands back (host_sums) and merge adds up
+    SUMS = ("stats", "noise_num", "noise_den", "scale_num", "scale_den", "occupancy", "hard",
+            "c2s_sum")  # fmt: skip
+
+    def host_sums(self) -> dict[str, Any]:
+        """The sums as host arrays (a shard's result; see :meth:`merge`)."""
+        out: dict[str, Any] = {name: to_host(getattr(self, name)) for name in self.SUMS}
+        out["count"] = self.count
+        return out
+
+    def merge(self, sums: dict[str, Any]) -> None:
+        """Add a shard's :meth:`host_sums` (the caller adds shards in a fixed order, so the
+        totals do not depend on where or when the shards ran)."""
+        xp = self.xp
+        for name in self.SUMS:
+            getattr(self, name)[...] += to_device(sums[name], xp)
+        self.count += int(sums["count"])
+
     def finish(self, projector: fo.Projector) -> dict[str, Any]:
         """Back-rotated sums per half-set plus the per-iteration scalars (device arrays).
 

@@ -17,7 +17,8 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
            in the selection, and the class-level floor (junk inside junk-minority classes).
   scale    wall time, peak RSS, cache disk use and throughput at N = 10k, 100k, 1M (box
            64) and K 50, 200; fitted exponents of time vs N and K; resumable (rerun the same
-           command), prints an ETA.
+           command), prints an ETA. With --cluster local:N: the first N and K without
+           Dask, on 1 worker and on N workers (wall time, speedup, overhead per iteration).
   assign   the balanced-mode solvers (soft Sinkhorn E-step, final capped labels) on an
            N × K score matrix with an attractor built in: seconds, extra memory, cap kept,
            particles moved, score given up for the cap.
@@ -31,6 +32,7 @@ Examples:
   companion bench modes --json
   companion bench select                             # 3 seeds × 2,000 particles, K 16
   companion bench scale --n-particles 2000,8000 --n-classes 10,40 --out /tmp/bs
+  companion bench scale --cluster local:2 --n-particles 4000 --n-classes 20 --out /tmp/bc
   companion bench assign                             # N 1,000,000, K 200, CPU
   companion bench assign --device both --n-particles 200000 --n-classes 500
 """
@@ -295,6 +297,13 @@ def _scale(args: argparse.Namespace) -> int:
     validate_params({"n_classes": ks[0], **overrides}).check_feasible(min(ns))
     print(describe_machine(machine_info()), file=sys.stderr)
     seed = overrides.get("seed", 0)  # simulation and run seed (--seed)
+    if overrides.get("cluster"):  # 1 worker against N on the first N and K
+        from companion.bench.cluster import format_cluster, run_cluster_comparison
+
+        rep = run_cluster_comparison(Path(args.out), ns[0], ks[0], args.box, seed, overrides,
+                                     args.base)  # fmt: skip
+        _emit(args, rep, format_cluster(rep))
+        return 0
     rep = run_scale_benchmark(
         Path(args.out), ns, ks, args.box, seed, overrides, args.base, args.max_iterations
     )
