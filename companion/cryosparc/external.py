@@ -117,10 +117,13 @@ def classify(
 
     The one place the External job calls the core: ``companion.run.run_classification``
     (classify + gallery/occupancy PNGs + summary.json; no local .cs files, see JOB_SINK).
+    ``particles`` and ``params`` were checked by :func:`_preflight` before the job existed.
     """
     from companion.run import run_classification
 
-    outputs = run_classification(particles, params, out_dir, JOB_SINK, callbacks=callbacks)
+    outputs = run_classification(
+        particles, params, out_dir, JOB_SINK, callbacks=callbacks, checked=True
+    )
     return outputs.result, outputs.paths, outputs.summary
 
 
@@ -226,7 +229,7 @@ def run_external_job(
 
 def _preflight(run: _Run) -> None:
     """Load the source particles and check all that can fail before a job exists."""
-    from companion.run import check_device
+    from companion.preflight import check_run
 
     req, source, params = run.req, run.source, run.req.params
     log.info("loading %s (%d particles) from %s", source.label, source.n_particles, run.url)
@@ -241,8 +244,7 @@ def _preflight(run: _Run) -> None:
     if len(run.dset) == 0:
         raise CryoSPARCError(f"{source.label} holds no particles — pick an output that has some")
     run.particles = _load_particles(run.dset, image_root, req.contrast, source.label)
-    params.check_feasible(len(run.particles))
-    check_device(params.device)
+    check_run(params, len(run.particles))  # the run's one check: classify() says checked
     run.particles.pixel_size  # noqa: B018 - raises when pixel sizes differ
     sel = run.selection
     if isinstance(sel, list) and sel[-1] >= params.n_classes:
