@@ -597,3 +597,34 @@ def test_more_threads_than_cores_warns(project, monkeypatch):
 def test_unknown_option_suggests_the_closest():
     with pytest.raises(JobArgsError, match="did you mean --n_classes"):
         parse_job_args(["--o", "X/", "--n_clases", "3"])
+
+
+COUNTED_MAIN = (
+    "import json, sys; sys.path.insert(0, sys.argv.pop(1)); import param_counts; "
+    "counts = param_counts.install(setattr); from companion.relion.external_job import main; "
+    "out = sys.argv.pop(1); rc = main(sys.argv[1:]); "
+    "open(out, 'w').write(json.dumps([counts.validated, counts.feasible, rc]))"
+)
+
+
+def test_parameters_are_validated_once_per_run(project, tmp_path):
+    """A run, RELION's Continue of it and a refused Continue: the params model validates
+    once and check_feasible runs at most once per call (counted through pydantic's validator
+    and ClassifyParams.check_feasible in the job's own process)."""
+    job_dir = project / "External" / "job050"
+    counts = tmp_path / "counts.json"
+
+    def counted(*extra: str) -> list[int]:
+        cmd = job_command("job050", *extra)
+        argv = [sys.executable, "-c", COUNTED_MAIN, str(REPO / "tests"), str(counts), *cmd[3:]]
+        r = subprocess.run(argv, cwd=project, capture_output=True, text=True, env=_env(),
+                           timeout=120)  # fmt: skip
+        assert counts.is_file(), r.stderr[-3000:]
+        return json.loads(counts.read_text())
+
+    assert counted() == [1, 1, 0]
+    for f in job_dir.glob("RELION_JOB_EXIT_*"):  # RELION's Continue: the same command again
+        f.unlink()
+    assert counted() == [1, 1, 0]
+    assert exit_files(job_dir) == {EXIT_SUCCESS}
+    assert counted("--tau2_fudge", "3") == [1, 0, 2]  # refused before any check or work
