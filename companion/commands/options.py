@@ -165,9 +165,12 @@ def add_threads_option(parser: Any) -> None:
 FINISHED_MARK = "summary.json"
 
 
-def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool, option: str = "--out") -> None:
+def check_out_dir(
+    out: str | Path, *, overwrite: bool, resume: bool, option: str = "--out", nonempty: bool = False
+) -> None:
     """Refuse a finished ``out`` unless ``overwrite`` or ``resume``; refuse ``resume`` when
-    there is nothing to continue from."""
+    there is nothing to continue from. ``nonempty``: refuse any directory that holds
+    something unless ``overwrite`` (the benchmarks, whose directories hold many runs)."""
     from companion.outdir import Lock
 
     out = Path(out)
@@ -182,6 +185,11 @@ def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool, option: str
                 "without --continue to start)"
             )
         return
+    if nonempty and not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ParameterError(
+            f"{option} {out}: is not empty — use another {option} or add --overwrite to "
+            "write into it"
+        )
     if out.is_dir() and not overwrite and _finished(out):
         raise ParameterError(
             f"{option} {out}: holds a finished run (summary.json) — use another {option}, "
