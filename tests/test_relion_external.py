@@ -142,6 +142,44 @@ def test_bad_command_lines(argv, message):
         parse_job_args(argv.split())
 
 
+def test_every_parameter_of_the_model_is_an_option_in_both_spellings():
+    """The parser is generated from ClassifyParams: a field added to the model is accepted
+    without a change here, as --name_with_underscores and --name-with-dashes."""
+    from companion.params import ClassifyParams, field_choices
+
+    for name, info in ClassifyParams.model_fields.items():
+        choices = field_choices(info)
+        value = "Yes" if info.annotation is bool else choices[0] if choices else "7"
+        want = True if info.annotation is bool else value
+        for spelling in {name, name.replace("_", "-")}:
+            job = parse_job_args(["--o", "X/", f"--{spelling}", value])
+            assert job.params == {name: want}, spelling
+
+
+def test_relion_booleans_and_one_line_errors():
+    # RELION writes booleans as Yes/No; the value field is passed as typed
+    job = parse_job_args("--o X/ --recenter No --drop_bad_images yes --keep_iterations Yes".split())
+    assert job.params == {"recenter": False, "drop_bad_images": True} and job.keep_iterations
+    for argv, want in [
+        ("--o X/ --j 0", "--j 0: the number of threads must be at least 1"),
+        ("--o X/ --anneal of", "--anneal 'of': choose one of on, off — did you mean off?"),
+        ("--o X/ --bogus 3", "unknown option --bogus — companion-relion --help lists"),
+        ("--o X/ --recenter --no_recenter", "--no_recenter is given twice (also as --recenter)"),
+        ("--o X/ --select", "--select needs a value"),
+    ]:
+        with pytest.raises(JobArgsError) as err:
+            parse_job_args(argv.split())
+        assert str(err.value) == want or str(err.value).startswith(want), str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_usage_is_the_parsers_help(capsys):
+    from companion.relion.external_job import build_parser, main
+
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.strip() == build_parser().format_help().strip()
+
+
 def test_parse_select():
     from fake_result import make_fake_result, set_particle_and_junk_averages
 

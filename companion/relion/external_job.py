@@ -11,9 +11,11 @@ available to the job draw a warning), ``--pipeline_control DIR`` is
 ignored, and every classifier parameter is ``--<name> <value>`` with RELION-style
 underscores (``--n_classes 50``) or the CLI's dashes (``--n-classes 50``); a parameter
 whose value field is empty arrives as a bare flag (a boolean then means "on", an optional
-value its default). Job options: ``--select auto|1,4,7`` (also write a Subset-selection
-style ``particles.star`` + ``class_averages.star``), ``--keep_iterations``,
-``--relion_version 3.1|4.0|5.0`` (default: from ``default_pipeline.star``).
+value its default); booleans take Yes/No (RELION's word), true/false, on/off or 1/0. The
+options are generated from the parameter model (:func:`build_parser`). Job options:
+``--select auto|1,4,7`` (also write a Subset-selection style ``particles.star`` +
+``class_averages.star``), ``--keep_iterations``, ``--relion_version 3.1|4.0|5.0``
+(default: from ``default_pipeline.star``).
 
 The job directory receives ``run_itNNN_{data,model,optimiser,sampling}.star`` and
 ``run_itNNN_classes.mrcs`` (what Subset selection and relion_class_ranker open), the PNG
