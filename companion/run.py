@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -202,17 +201,14 @@ class _Hooks:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def build(self) -> Any:
-        hooks = {
-            "on_iteration": self.on_iteration,
-            "should_stop": self.should_stop,
-            "progress": self.progress,
-            "intermediate": self.intermediate if self.intermediate_writer else None,
-        }
-        try:
-            from companion.classify.callbacks import Callbacks
-        except ImportError:  # classifier not installed (tests with a stand-in)
-            return SimpleNamespace(**hooks)
-        return Callbacks(**hooks)
+        from companion.classify.callbacks import Callbacks
+
+        return Callbacks(
+            on_iteration=self.on_iteration,
+            should_stop=self.should_stop,
+            progress=self.progress,
+            intermediate=self.intermediate if self.intermediate_writer else None,
+        )
 
     def on_iteration(self, info: Any) -> None:
         self.progress_log.on_iteration(info)
