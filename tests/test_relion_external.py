@@ -666,3 +666,15 @@ def test_parameters_are_validated_once_per_run(project, tmp_path):
     assert counted() == [1, 1, 0]
     assert exit_files(job_dir) == {EXIT_SUCCESS}
     assert counted("--tau2_fudge", "3") == [1, 0, 2]  # refused before any check or work
+
+
+def test_bad_class_list_fails_before_any_work(project):
+    """--select naming a class that cannot exist: refused before classification starts (no
+    checkpoint, no run_it files), with one line naming the class."""
+    job_dir = project / "External" / "job060"
+    r = run_job(project, "job060", "--select", "1,9")
+    assert r.returncode == 2
+    last = (job_dir / "run.err").read_text().strip().splitlines()[-1]
+    assert "--select '1,9': class 9 does not exist with --n-classes 4" in last, last
+    assert exit_files(job_dir) == {EXIT_FAILURE}
+    assert not (job_dir / "checkpoint").exists() and not list(job_dir.glob("run_it*"))

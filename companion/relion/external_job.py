@@ -377,7 +377,6 @@ def run_job(job: JobArgs, params: Any, project_dir: Path) -> Path:
     job directory."""
     from companion.errors import InputError
     from companion.relion import read_particles
-    from companion.relion.class2d import write_selection
     from companion.relion.pipeline import (
         OUTPUT_NODES,
         AbortWatcher,
@@ -423,6 +422,7 @@ def run_job(job: JobArgs, params: Any, project_dir: Path) -> Path:
         keep_iterations=job.keep_iterations,
         callbacks=JobCallbacks(abort),
         root="run",
+        select=job.select,  # a bad class list is refused before any work
     )
     result, paths = outputs.result, outputs.paths
     _log_occupancy(result)
@@ -431,18 +431,16 @@ def run_job(job: JobArgs, params: Any, project_dir: Path) -> Path:
         (paths["optimiser"], "optimiser"),
         (paths["model"], "model"),
     ]
-    if job.select:
-        chosen = parse_select(job.select, result)
-        sel = write_selection(job_dir, particles, result, chosen, paths["classes"])
-        n_sel = int(sum(result.class_sizes[c - 1] for c in chosen))
+    if "selected_particles" in paths:  # Host.write_selection (nothing when no class is kept)
+        sel = outputs.summary["selection"]  # 1-based class numbers
         log.info(
             "selected %d classes (%s), %d particles -> %s, %s",
-            len(chosen), ",".join(map(str, chosen)), n_sel,
-            sel["particles"], sel["class_averages"],
+            len(sel["classes"]), ",".join(map(str, sel["classes"])), sel["n_particles"],
+            paths["selected_particles"], paths["selected_classes"],
         )  # fmt: skip
         nodes += [
-            (sel["particles"], "selected_particles"),
-            (sel["class_averages"], "class_averages"),
+            (paths["selected_particles"], "selected_particles"),
+            (paths["selected_classes"], "class_averages"),
         ]
     for name, path in paths.items():
         log.info("output %-10s %s", name, path)
