@@ -327,11 +327,7 @@ def test_server_error_on_save_output_fails_the_job(standin, fake, capsys):
 
 
 def test_server_refusing_the_second_save_says_what_was_saved(standin, fake, capsys):
-    standin.on(
-        "jobs.save_output",
-        lambda: standin.fail("jobs.save_output", 422, "quota exceeded"),
-        after=1,
-    )
+    standin.fail("jobs.save_output", 422, "quota exceeded", after=1)  # the second save
     assert run_cli(standin) == 2
     line = one_line_error(capsys)
     (job,) = new_jobs(standin)
