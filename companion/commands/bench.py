@@ -154,7 +154,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="data, runs and finished points: rerun the same command to resume (any other "
         "non-empty directory is refused without --overwrite) [default: bench_scale]",
     )
-    _overwrite(sc, "start again: the finished points (scale.json) and runs/ in --out are removed")
+    _overwrite(sc, "start again: remove the finished points (scale.json) and runs/ in --out")
     sc.add_argument(
         "--max-iterations",
         type=int,
@@ -181,8 +181,10 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     _overwrite(p)
 
 
-def _overwrite(p: argparse.ArgumentParser, text: str = "write into a non-empty --out") -> None:
-    p.add_argument("--overwrite", action="store_true", help=f"{text} [default: refuse it]")
+def _overwrite(
+    p: argparse.ArgumentParser, text: str = "write into a non-empty --out [default: refuse it]"
+) -> None:
+    p.add_argument("--overwrite", action="store_true", help=text)
 
 
 def main(args: argparse.Namespace) -> int:
