@@ -160,6 +160,8 @@ def test_relion_booleans_and_one_line_errors():
     # RELION writes booleans as Yes/No; the value field is passed as typed
     job = parse_job_args("--o X/ --recenter No --drop_bad_images yes --keep_iterations Yes".split())
     assert job.params == {"recenter": False, "drop_bad_images": True} and job.keep_iterations
+    # a label typed with its dashes: RELION puts two more in front
+    assert parse_job_args("--o X/ ----n_classes 5".split()).params == {"n_classes": "5"}
     for argv, want in [
         ("--o X/ --j 0", "--j 0: the number of threads must be at least 1"),
         ("--o X/ --anneal of", "--anneal 'of': choose one of on, off — did you mean off?"),

@@ -231,9 +231,11 @@ def build_parser() -> Parser:
 
 
 def parse_job_args(argv: list[str]) -> JobArgs:
-    """Parse RELION's command line; classifier parameters are collected, not validated."""
+    """Parse RELION's command line; classifier parameters are collected, not validated. A
+    label typed with its dashes (RELION adds two more: ``----n_classes``) is accepted."""
     from companion.params import ClassifyParams
 
+    argv = ["--" + a.lstrip("-") if a.startswith("---") else a for a in argv]
     ns = vars(build_parser().parse_args(argv))
     ns.pop(_GIVEN, None)
     return JobArgs(
