@@ -256,15 +256,16 @@ def _under(filename: Any, out_dir: Path) -> bool:
 
 
 def exclusive(run: F) -> F:
-    """Decorate ``run_classification(particles, params, out_dir, *, resume, root, ...)``:
-    :func:`companion.preflight.preflight` before any work, then the whole run happens
-    inside :func:`claim` of its output directory."""
+    """Decorate ``run_classification(particles, params, out_dir, *, resume, root, checked,
+    ...)``: :func:`companion.preflight.preflight` before any work, then the whole run
+    happens inside :func:`claim` of its output directory."""
 
     @functools.wraps(run)
     def wrapper(particles: Any, params: Any, out_dir: Any, *args: Any, **kwargs: Any) -> Any:
         from companion.preflight import preflight
 
-        preflight(particles, params)  # clamped values warned
+        # feasibility and device (unless the caller checked them), clamped values warned
+        preflight(particles, params, checked=bool(kwargs.get("checked", False)))
         with claim(
             out_dir,
             root=kwargs.get("root", "run"),

@@ -351,30 +351,43 @@ def add_params_arguments(
     names = list(model.model_fields) if only is None else list(only)
     for name in names:
         info = model.model_fields[name]
-        help_text = (info.description or "").replace("%", "%%")
-        default = defaults.get(name, info.default)
-        if default is not None:
-            help_text += f" [default: {default}]"
         kwargs: dict[str, Any] = {
             "dest": name,
             "default": defaults.get(name, argparse.SUPPRESS),
-            "help": help_text,
+            "help": field_help(info, defaults.get(name, info.default)),
         }
-        ann = info.annotation
-        args = getattr(ann, "__args__", ())
-        if ann is bool:
+        choices = field_choices(info)
+        if info.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            literal = next(
-                (a for a in (ann, *args) if getattr(a, "__origin__", None) is Literal), None
-            )
-            if literal is not None:
-                kwargs["choices"] = list(literal.__args__)
-            kwargs["metavar"] = name.upper() if literal is None else None
-            number = next((t for t in (int, float) if t is ann or t in args), None)
-            if literal is None and number is not None:
+            if choices is not None:
+                kwargs["choices"] = choices
+            kwargs["metavar"] = name.upper() if choices is None else None
+            args = getattr(info.annotation, "__args__", ())
+            number = next((t for t in (int, float) if t is info.annotation or t in args), None)
+            if choices is None and number is not None:
                 kwargs["type"] = number  # so every command sees numbers, not strings
         add_option(group, option_name(name), aliases=tuple((aliases or {}).get(name, ())), **kwargs)
+
+
+def field_help(info: Any, default: Any) -> str:
+    """A parameter's ``--help`` text (argparse-escaped) with its default."""
+    text = (info.description or "").replace("%", "%%")
+    return text if default is None else f"{text} [default: {default}]"
+
+
+def field_choices(info: Any) -> list[str] | None:
+    """The values of a ``Literal`` parameter (also ``Literal[...] | None``), else None."""
+    ann = info.annotation
+    literal = next(
+        (
+            a
+            for a in (ann, *getattr(ann, "__args__", ()))
+            if getattr(a, "__origin__", None) is Literal
+        ),
+        None,
+    )
+    return None if literal is None else list(literal.__args__)
 
 
 def params_from_namespace(

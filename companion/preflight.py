@@ -1,9 +1,14 @@
-"""Checks before any work: clamped parameters are warned.
+"""Checks before any work: the parameters against the particles, the device, clamped values.
 
-Called once per run by :func:`companion.outdir.exclusive` (so every command and host job
-gets them): a value the classifier silently clamps (``--max-resolution`` beyond Nyquist or
-so coarse that a handful of Fourier coefficients remain, a mask wider than the box) is
-logged with the value actually used.
+Called once per run, by :func:`companion.outdir.exclusive` before it claims the output
+directory (so every command and host job gets them). A caller that must refuse before it
+creates anything (the CryoSPARC job before its job exists, the demo before it simulates)
+runs :func:`check_run` itself and passes ``checked=True`` to
+:func:`companion.run.run_classification`. The parameters were validated by the params model
+when the command line was parsed; here they meet the particles: a cap or a class count that
+cannot work for N particles, ``--device gpu`` without a GPU, and a value the classifier
+silently clamps (``--max-resolution`` beyond Nyquist or so coarse that a handful of Fourier
+coefficients remain, a mask wider than the box), logged with the value actually used.
 """
 
 from __future__ import annotations
@@ -49,8 +54,20 @@ def clamp_warnings(particles: Any, params: Any) -> list[str]:
     return out
 
 
-def preflight(particles: Any, params: Any) -> None:
-    """Warnings for clamped parameters (stacks are checked by
-    :func:`companion.stacks.require_stacks` right before the classifier starts)."""
+def check_run(params: Any, n_particles: int) -> None:
+    """ParameterError when ``params`` cannot work for ``n_particles``, DeviceError when the
+    device asked for is absent."""
+    from companion.run import check_device
+
+    params.check_feasible(n_particles)
+    check_device(params.device)
+
+
+def preflight(particles: Any, params: Any, *, checked: bool = False) -> None:
+    """:func:`check_run` (unless the caller ran it: ``checked``), then warnings for clamped
+    parameters (stacks are checked by :func:`companion.stacks.require_stacks` right before
+    the classifier starts)."""
+    if not checked:
+        check_run(params, len(particles))
     for line in clamp_warnings(particles, params):
         log.warning("%s", line)

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -202,17 +201,14 @@ class _Hooks:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def build(self) -> Any:
-        hooks = {
-            "on_iteration": self.on_iteration,
-            "should_stop": self.should_stop,
-            "progress": self.progress,
-            "intermediate": self.intermediate if self.intermediate_writer else None,
-        }
-        try:
-            from companion.classify.callbacks import Callbacks
-        except ImportError:  # classifier not installed (tests with a stand-in)
-            return SimpleNamespace(**hooks)
-        return Callbacks(**hooks)
+        from companion.classify.callbacks import Callbacks
+
+        return Callbacks(
+            on_iteration=self.on_iteration,
+            should_stop=self.should_stop,
+            progress=self.progress,
+            intermediate=self.intermediate if self.intermediate_writer else None,
+        )
 
     def on_iteration(self, info: Any) -> None:
         self.progress_log.on_iteration(info)
@@ -300,22 +296,24 @@ def run_classification(
     root: str = "run",
     classifier: Callable[..., ClassResult] | None = None,
     select: str | None = None,
+    checked: bool = False,
 ) -> RunOutputs:
     """Classify ``particles`` into ``out_dir`` and write every output; see the module doc.
 
     ``sink``: the Host that writes the result (default: the host the particles came from);
     ``classifier``: the classification function (default :func:`companion.classify.classify`);
     ``select``: ``auto`` or a class list in the host's numbering (RELION 1-based, CryoSPARC
-    0-based): also write the particles of those classes (``Host.write_selection``).
+    0-based): also write the particles of those classes (``Host.write_selection``);
+    ``checked``: the caller already ran :func:`companion.preflight.check_run` for these
+    parameters and this many particles (once per run).
 
     Raises ParameterError / DeviceError before any work when the parameters cannot work
-    (cap below N/K, more classes than particles, GPU asked for and absent), Aborted when
-    ``callbacks.should_stop()`` turned true (the last finished iteration stays on disk).
+    (cap below N/K, more classes than particles, GPU asked for and absent: see
+    :func:`companion.outdir.exclusive`), Aborted when ``callbacks.should_stop()`` turned
+    true (the last finished iteration stays on disk).
     """
     t_start = time.perf_counter()
     n = len(particles)
-    params.check_feasible(n)
-    check_device(params.device)
     sink = sink if sink is not None else host_named(particles.host)
     if classifier is None:
         from companion.classify import classify as classifier
@@ -362,7 +360,7 @@ def run_classification(
                     len(bad.bad), n)  # fmt: skip
         particles = particles.subset(bad.keep)
         n = len(particles)
-        params.check_feasible(n)
+        params.check_feasible(n)  # fewer particles than were checked
         cap = params.class_cap(n)
         result = classifier(particles, params, work_dir=out_dir, resume=resume,
                           callbacks=hooks.build())  # fmt: skip

@@ -136,7 +136,10 @@ def parse_class_list(
     last = n_classes - 1 + base
     bad = sorted(c for c in out if not base <= c <= last)
     if bad or not out:
-        raise ParameterError(f"{option} {spec!r}: class numbers must be between {base} and {last}")
+        which = f"class {bad[-1]} does not exist" if bad else "no class given"
+        raise ParameterError(
+            f"{option} {spec!r}: {which} with --n-classes {n_classes} (classes {base} to {last})"
+        )
     return sorted(c - base for c in out)
 
 

@@ -343,3 +343,34 @@ def test_bench_assign_bad_input_is_one_line(capsys, extra, fragment):
     assert main(["bench", "assign", "--n-particles", "1000", "--n-classes", "20", *extra]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+def test_parameters_are_validated_once_per_run(tiny, tmp_path, monkeypatch, capsys):
+    """companion classify and companion demo: the params model validates once (the command
+    line) and check_feasible runs once (before any work), counted through pydantic's
+    validator and ClassifyParams.check_feasible."""
+    from param_counts import install
+
+    counts = install(monkeypatch.setattr)
+    out = tmp_path / "out"
+    assert main(["classify", str(tiny / "particles.star"), "--out", str(out), *TINY]) == 0
+    assert counts.as_tuple() == (1, 1)
+    # --continue of the finished run: validated and checked once again, not more
+    counts.validated = counts.feasible = 0
+    assert main(["classify", str(tiny / "particles.star"), "--out", str(out), *TINY,
+                 "--continue"]) == 0  # fmt: skip
+    assert counts.as_tuple() == (1, 1)
+    # a refused run: one validation, one check, no work
+    counts.validated = counts.feasible = 0
+    bad = ["--balance", "cap", "--max-per-class", "10"]
+    assert main(["classify", str(tiny / "particles.star"), "--out", str(tmp_path / "o2"),
+                 *TINY, *bad]) == 2  # fmt: skip
+    assert counts.as_tuple() == (1, 1) and not (tmp_path / "o2").exists()
+    counts.validated = counts.feasible = 0
+    demo = ["demo", "--out", str(tmp_path / "demo"), "--n-particles", "40", "--box", "32",
+            "--n-classes", "2", "--device", "cpu"]  # fmt: skip
+    monkeypatch.setattr("companion.commands.demo.DEMO_SCHEDULE",
+                        {"online_iters": 1, "batch_per_class": 10, "full_iters": 1})  # fmt: skip
+    assert main(demo) == 0
+    assert counts.as_tuple() == (1, 1)
+    capsys.readouterr()

@@ -220,3 +220,45 @@ def test_simulate_max_shift_is_a_fraction_of_the_box(tmp_path, capsys):
     assert rc == 0
     info = json.loads((out / "simulation.json").read_text())
     assert info["max_shift"] == pytest.approx(0.05 * 32)
+
+
+@pytest.mark.parametrize("bench", ["speed", "quality", "modes", "select", "scale"])
+def test_bench_refuses_a_non_empty_out_unless_overwrite(bench, tmp_path, capsys, monkeypatch):
+    """bench * --out: an existing non-empty directory is refused in one line before any work
+    (nothing in it touched); --overwrite writes into it."""
+    import companion.commands.bench as cmd
+
+    ran = []
+    monkeypatch.setattr(cmd, f"_{bench}", lambda args: ran.append(args.out) or 0)
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rc, lines = _run(["bench", bench, "--out", str(out)], capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert f"--out {out}: is not empty" in lines[0] and "--overwrite" in lines[0]
+    assert ran == [] and [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert _run(["bench", bench, "--out", str(tmp_path / "new")], capsys)[0] == 0
+    assert _run(["bench", bench, "--out", str(out), "--overwrite"], capsys)[0] == 0
+    assert ran == [str(tmp_path / "new"), str(out)]
+
+
+def test_bench_scale_resumes_its_own_out_and_overwrite_starts_again(tmp_path, capsys, monkeypatch):
+    import companion.bench.scale as scale
+
+    seen = []
+
+    def fake_run(out, *args, **kwargs):
+        seen.append(sorted(p.name for p in out.iterdir()))
+        return {}
+
+    monkeypatch.setattr(scale, "run_scale_benchmark", fake_run)
+    monkeypatch.setattr(scale, "format_scale", lambda rep: "")
+    out = tmp_path / "bs"
+    (out / "runs" / "n10_k2_x").mkdir(parents=True)
+    (out / scale.POINTS_FILE).write_text("{}")
+    (out / "base_40_32").mkdir()
+    args = ["bench", "scale", "--n-particles", "40", "--n-classes", "2", "--out", str(out)]
+    assert _run(args, capsys)[0] == 0  # rerun: resumes, nothing removed
+    assert seen[-1] == ["base_40_32", "runs", scale.POINTS_FILE]
+    assert _run([*args, "--overwrite"], capsys)[0] == 0  # finished points and runs removed
+    assert seen[-1] == ["base_40_32"]

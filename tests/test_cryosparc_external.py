@@ -327,11 +327,7 @@ def test_server_error_on_save_output_fails_the_job(standin, fake, capsys):
 
 
 def test_server_refusing_the_second_save_says_what_was_saved(standin, fake, capsys):
-    standin.on(
-        "jobs.save_output",
-        lambda: standin.fail("jobs.save_output", 422, "quota exceeded"),
-        after=1,
-    )
+    standin.fail("jobs.save_output", 422, "quota exceeded", after=1)  # the second save
     assert run_cli(standin) == 2
     line = one_line_error(capsys)
     (job,) = new_jobs(standin)
@@ -571,3 +567,19 @@ def test_help_has_examples_and_no_password_option():
     options = [o for a in parser._actions for o in a.option_strings]
     assert "--url" in options and "--n-classes" in options
     assert not [o for o in options if "pass" in o or "token" in o]
+
+
+def test_parameters_are_validated_once_per_run(standin, monkeypatch, capsys):
+    """The CryoSPARC job (real classifier): the params model validates once (the command
+    line) and check_feasible runs once, before the job exists, not again in the run."""
+    from param_counts import install
+
+    counts = install(monkeypatch.setattr)
+    assert run_cli(standin, "--select", "auto") == 0
+    assert counts.as_tuple() == (1, 1)
+    (job,) = new_jobs(standin)
+    assert job.status == "completed"
+    counts.validated = counts.feasible = 0
+    assert run_cli(standin, "--n-classes", "100") == 2  # refused before a job exists
+    assert counts.as_tuple() == (1, 1) and len(new_jobs(standin)) == 1
+    capsys.readouterr()

@@ -142,6 +142,46 @@ def test_bad_command_lines(argv, message):
         parse_job_args(argv.split())
 
 
+def test_every_parameter_of_the_model_is_an_option_in_both_spellings():
+    """The parser is generated from ClassifyParams: a field added to the model is accepted
+    without a change here, as --name_with_underscores and --name-with-dashes."""
+    from companion.params import ClassifyParams, field_choices
+
+    for name, info in ClassifyParams.model_fields.items():
+        choices = field_choices(info)
+        value = "Yes" if info.annotation is bool else choices[0] if choices else "7"
+        want = True if info.annotation is bool else value
+        for spelling in {name, name.replace("_", "-")}:
+            job = parse_job_args(["--o", "X/", f"--{spelling}", value])
+            assert job.params == {name: want}, spelling
+
+
+def test_relion_booleans_and_one_line_errors():
+    # RELION writes booleans as Yes/No; the value field is passed as typed
+    job = parse_job_args("--o X/ --recenter No --drop_bad_images yes --keep_iterations Yes".split())
+    assert job.params == {"recenter": False, "drop_bad_images": True} and job.keep_iterations
+    # a label typed with its dashes: RELION puts two more in front
+    assert parse_job_args("--o X/ ----n_classes 5".split()).params == {"n_classes": "5"}
+    for argv, want in [
+        ("--o X/ --j 0", "--j 0: the number of threads must be at least 1"),
+        ("--o X/ --anneal of", "--anneal 'of': choose one of on, off — did you mean off?"),
+        ("--o X/ --bogus 3", "unknown option --bogus — companion-relion --help lists"),
+        ("--o X/ --recenter --no_recenter", "--no_recenter is given twice (also as --recenter)"),
+        ("--o X/ --select", "--select needs a value"),
+    ]:
+        with pytest.raises(JobArgsError) as err:
+            parse_job_args(argv.split())
+        assert str(err.value) == want or str(err.value).startswith(want), str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_usage_is_the_parsers_help(capsys):
+    from companion.relion.external_job import build_parser, main
+
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.strip() == build_parser().format_help().strip()
+
+
 def test_parse_select():
     from fake_result import make_fake_result, set_particle_and_junk_averages
 
@@ -597,3 +637,46 @@ def test_more_threads_than_cores_warns(project, monkeypatch):
 def test_unknown_option_suggests_the_closest():
     with pytest.raises(JobArgsError, match="did you mean --n_classes"):
         parse_job_args(["--o", "X/", "--n_clases", "3"])
+
+
+COUNTED_MAIN = (
+    "import json, sys; sys.path.insert(0, sys.argv.pop(1)); import param_counts; "
+    "counts = param_counts.install(setattr); from companion.relion.external_job import main; "
+    "out = sys.argv.pop(1); rc = main(sys.argv[1:]); "
+    "open(out, 'w').write(json.dumps([counts.validated, counts.feasible, rc]))"
+)
+
+
+def test_parameters_are_validated_once_per_run(project, tmp_path):
+    """A run, RELION's Continue of it and a refused Continue: the params model validates
+    once and check_feasible runs at most once per call (counted through pydantic's validator
+    and ClassifyParams.check_feasible in the job's own process)."""
+    job_dir = project / "External" / "job050"
+    counts = tmp_path / "counts.json"
+
+    def counted(*extra: str) -> list[int]:
+        cmd = job_command("job050", *extra)
+        argv = [sys.executable, "-c", COUNTED_MAIN, str(REPO / "tests"), str(counts), *cmd[3:]]
+        r = subprocess.run(argv, cwd=project, capture_output=True, text=True, env=_env(),
+                           timeout=120)  # fmt: skip
+        assert counts.is_file(), r.stderr[-3000:]
+        return json.loads(counts.read_text())
+
+    assert counted() == [1, 1, 0]
+    for f in job_dir.glob("RELION_JOB_EXIT_*"):  # RELION's Continue: the same command again
+        f.unlink()
+    assert counted() == [1, 1, 0]
+    assert exit_files(job_dir) == {EXIT_SUCCESS}
+    assert counted("--tau2_fudge", "3") == [1, 0, 2]  # refused before any check or work
+
+
+def test_bad_class_list_fails_before_any_work(project):
+    """--select naming a class that cannot exist: refused before classification starts (no
+    checkpoint, no run_it files), with one line naming the class."""
+    job_dir = project / "External" / "job060"
+    r = run_job(project, "job060", "--select", "1,9")
+    assert r.returncode == 2
+    last = (job_dir / "run.err").read_text().strip().splitlines()[-1]
+    assert "--select '1,9': class 9 does not exist with --n-classes 4" in last, last
+    assert exit_files(job_dir) == {EXIT_FAILURE}
+    assert not (job_dir / "checkpoint").exists() and not list(job_dir.glob("run_it*"))

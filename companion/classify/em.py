@@ -83,9 +83,8 @@ def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path |
     ``cache/``, removed at the end); without it a temporary directory is used and nothing
     can be resumed. ``resume``: continue from the last finished iteration (the parameters
     must be the same). ``callbacks``: a :class:`Callbacks` (or any object with some of its
-    methods).
+    methods). ``params`` against N (cap, K): :func:`companion.preflight.preflight`, before.
     """
-    params.check_feasible(len(particles))
     if schedule.n_iterations(params) == 0:
         raise ParameterError(
             "--online-iters 0 and --full-iters 0: no iterations to run — set at least one"

@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from companion.classify.ctf import ctf_terms
 from companion.classify.groups import MIN_GROUP_PARTICLES, noise_rows
 from companion.classify.init import accumulate
 from companion.errors import Aborted, InputError
-from companion.io.atomic import atomic_write_text
+from companion.io.atomic import atomic_write_bytes, atomic_write_text
 from companion.particles import ParticleSet
 from companion.stacks import file_order, read_images
 
@@ -139,13 +139,9 @@ def _progress_path(cache_dir: Path) -> Path:
 def _save_progress(cache_dir: Path, coeffs: diskcache.RowFile, state: dict[str, Any]) -> None:
     """Flush the coefficients written so far, then record how far (atomically)."""
     coeffs.flush()
-    path = _progress_path(cache_dir)
-    tmp = path.with_name("progress.tmp.npz")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **state)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buf = BytesIO()
+    np.savez(buf, **state)
+    atomic_write_bytes(_progress_path(cache_dir), buf.getbuffer(), fsync=True)
 
 
 def _load_progress(cache_dir: Path, fp: str) -> dict[str, Any] | None:

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from companion.commands.options import add_n_particles
+from companion.commands.options import add_n_particles, check_out_dir
 from companion.params import ClassifyParams, add_params_arguments
 
 K_ALIAS = {"n_classes": ("--classes",)}  # the old spelling in demo and bench
@@ -117,6 +118,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "modes", help="default / annealing-off / balanced modes compared", formatter_class=fmt
     )
     bench_modes.add_args(mp)
+    _overwrite(mp)
     mp.set_defaults(_bench=_modes)
 
     ap = sub.add_parser(
@@ -130,6 +132,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         formatter_class=fmt,
     )  # fmt: skip
     bench_select.add_args(lp)
+    _overwrite(lp)
     lp.set_defaults(_bench=_select)
     sc = sub.add_parser(
         "scale", help="time, peak RSS and cache size vs N and K (resumable)", formatter_class=fmt
@@ -150,8 +153,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--out",
         metavar="DIR",
         default="bench_scale",
-        help="data, runs and finished points (rerun to resume) [default: bench_scale]",
+        help="data, runs and finished points: rerun the same command to resume (any other "
+        "non-empty directory is refused without --overwrite) [default: bench_scale]",
     )
+    _overwrite(sc, "start again: remove the finished points (scale.json) and runs/ in --out")
     sc.add_argument(
         "--max-iterations",
         type=int,
@@ -175,10 +180,29 @@ def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
         help="keep data and outputs here [default: a temporary directory]",
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    _overwrite(p)
+
+
+def _overwrite(
+    p: argparse.ArgumentParser, text: str = "write into a non-empty --out [default: refuse it]"
+) -> None:
+    p.add_argument("--overwrite", action="store_true", help=text)
 
 
 def main(args: argparse.Namespace) -> int:
+    out = getattr(args, "out", None)
+    if out is not None and not (args.bench == "scale" and _scale_resumes(Path(out), args)):
+        check_out_dir(out, overwrite=args.overwrite, resume=False, nonempty=True)
     return int(args._bench(args) or 0)
+
+
+def _scale_resumes(out: Path, args: argparse.Namespace) -> bool:
+    """Whether ``out`` holds an earlier bench scale to go on from (not with --overwrite)."""
+    from companion.bench.scale import POINTS_FILE
+
+    return not args.overwrite and (
+        (out / POINTS_FILE).is_file() or (out / "runs").is_dir() or any(out.glob("base_*"))
+    )
 
 
 def _emit(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
@@ -286,7 +310,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from companion.bench.scale import format_scale, run_scale_benchmark
+    from companion.bench.scale import POINTS_FILE, format_scale, run_scale_benchmark
     from companion.bench.speed import describe_machine, machine_info
     from companion.params import validate_params
 
@@ -295,6 +319,10 @@ def _scale(args: argparse.Namespace) -> int:
     overrides.pop("n_classes", None)
     overrides.pop("device", None)
     validate_params({"n_classes": ks[0], **overrides}).check_feasible(min(ns))
+    out = Path(args.out)
+    if args.overwrite:  # bench scale's own files only
+        (out / POINTS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / "runs", ignore_errors=True)
     print(describe_machine(machine_info()), file=sys.stderr)
     seed = overrides.get("seed", 0)  # simulation and run seed (--seed)
     if overrides.get("cluster"):  # 1 worker against N on the first N and K
@@ -305,7 +333,7 @@ def _scale(args: argparse.Namespace) -> int:
         _emit(args, rep, format_cluster(rep))
         return 0
     rep = run_scale_benchmark(
-        Path(args.out), ns, ks, args.box, seed, overrides, args.base, args.max_iterations
+        out, ns, ks, args.box, seed, overrides, args.base, args.max_iterations
     )
     _emit(args, rep, format_scale(rep))
     return 0

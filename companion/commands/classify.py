@@ -119,7 +119,6 @@ def main(args: argparse.Namespace) -> int:
     params = params_from_namespace(args)
     check_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
     particles = open_particles(args.input, args.project_dir)
-    params.check_feasible(len(particles))
     with stop_on_signals() as stop, limit_threads(args.threads):
         try:
             out = run_classification(

@@ -69,8 +69,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from companion.bench.quality import evaluate, format_figures
     from companion.params import validate_params
+    from companion.preflight import check_run
     from companion.report import jsonable, write_json
-    from companion.run import check_device, run_classification
+    from companion.run import run_classification
     from companion.simulate import load_truth, simulate
     from companion.sources import open_particles
     from companion.threads import limit_threads
@@ -86,8 +87,7 @@ def main(args: argparse.Namespace) -> int:
             **DEMO_SCHEDULE,
         }
     )
-    params.check_feasible(args.n_particles)
-    check_device(params.device)
+    check_run(params, args.n_particles)  # before simulating: the run's one check
     out = Path(args.out)
     check_out_dir(out, overwrite=args.overwrite, resume=False)
     n = args.n_particles
@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     sim = simulate(data, n, box=args.box, psize=psize, snr=DEMO_SNR, seed=args.seed)
     particles = open_particles(data / "particles.star", None)
     with limit_threads(args.threads):
-        run = run_classification(particles, params, out / "classes")
+        run = run_classification(particles, params, out / "classes", checked=True)
     res = run.result
     figures = evaluate(
         res.class_id,

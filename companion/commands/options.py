@@ -45,7 +45,9 @@ class Parser(argparse.ArgumentParser):
     def option_strings(self) -> list[str]:
         return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
 
-    def error(self, message: str) -> NoReturn:
+    def explain(self, message: str) -> str:
+        """argparse's error ``message`` as one line for a user: an unknown option with the
+        closest known one, a wrong choice with the valid ones."""
         m = re.match(r"unrecognized arguments: (\S+)", message)
         if m:
             bad = m.group(1).split("=", 1)[0]
@@ -56,12 +58,18 @@ class Parser(argparse.ArgumentParser):
         m = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
             name, got, choices = m.groups()
-            valid = [c.strip().strip("'") for c in choices.split(",")]
-            message = f"{name} {got!r}: choose one of {', '.join(valid)}"
-            close = difflib.get_close_matches(got, valid, n=1, cutoff=0.6)
-            if close:
-                message += f" — did you mean {close[0]}?"
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+            message = choice_error(name, got, [c.strip().strip("'") for c in choices.split(",")])
+        return message
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {self.explain(message)} (see {self.prog} --help)\n")
+
+
+def choice_error(option: str, got: str, valid: list[str]) -> str:
+    """``--anneal 'of': choose one of on, off — did you mean off?``"""
+    message = f"{option} {got!r}: choose one of {', '.join(valid)}"
+    close = difflib.get_close_matches(got, valid, n=1, cutoff=0.6)
+    return message + (f" — did you mean {close[0]}?" if close else "")
 
 
 class _Once(argparse.Action):
@@ -157,9 +165,12 @@ def add_threads_option(parser: Any) -> None:
 FINISHED_MARK = "summary.json"
 
 
-def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool, option: str = "--out") -> None:
+def check_out_dir(
+    out: str | Path, *, overwrite: bool, resume: bool, option: str = "--out", nonempty: bool = False
+) -> None:
     """Refuse a finished ``out`` unless ``overwrite`` or ``resume``; refuse ``resume`` when
-    there is nothing to continue from."""
+    there is nothing to continue from. ``nonempty``: refuse any directory that holds
+    something unless ``overwrite`` (the benchmarks, whose directories hold many runs)."""
     from companion.outdir import Lock
 
     out = Path(out)
@@ -174,6 +185,11 @@ def check_out_dir(out: str | Path, *, overwrite: bool, resume: bool, option: str
                 "without --continue to start)"
             )
         return
+    if nonempty and not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ParameterError(
+            f"{option} {out}: is not empty — use another {option} or add --overwrite to "
+            "write into it"
+        )
     if out.is_dir() and not overwrite and _finished(out):
         raise ParameterError(
             f"{option} {out}: holds a finished run (summary.json) — use another {option}, "

@@ -229,35 +229,19 @@ def uid(value: str, prefix: str, option: str) -> str:
 def find_source(cs: CryoSPARC, url: str, project_uid: str, job_uid: str,
                 output: str = "particles") -> Source:  # fmt: skip
     """The project, the job and its particle output; checks everything the job will need."""
-    from cryosparc.errors import APIError
-
     puid = uid(project_uid, "P", "--project")
     juid = uid(job_uid, "J", "--job")
-    try:
-        project = _quiet(cs.find_project, puid)
-    except APIError as exc:
-        if exc.code in (403, 404):
-            raise CryoSPARCError(
-                f"project {puid} not found on CryoSPARC at {url} (or not shared with this "
-                f"user: {api_detail(exc)}) — check --project"
-            ) from exc
-        raise CryoSPARCError(
-            f"CryoSPARC at {url} refused project {puid}: {api_detail(exc)}"
-        ) from exc
-    except Exception as exc:
-        _reraise_network(exc, url, f"looking up project {puid}")
-    try:
-        job = _quiet(project.find_job, juid)
-    except APIError as exc:
-        if exc.code in (403, 404):
-            raise CryoSPARCError(
-                f"job {juid} not found in project {puid} ({api_detail(exc)}) — check --job"
-            ) from exc
-        raise CryoSPARCError(
-            f"CryoSPARC at {url} refused job {puid}-{juid}: {api_detail(exc)}"
-        ) from exc
-    except Exception as exc:
-        _reraise_network(exc, url, f"looking up job {puid}-{juid}")
+    project = _look_up(
+        cs.find_project, (puid,), url, f"project {puid}",
+        lambda d: f"project {puid} not found on CryoSPARC at {url} (or not shared with this "
+        f"user: {d}) — check --project",
+        refused=f"CryoSPARC at {url} refused project {puid}",
+    )  # fmt: skip
+    job = _look_up(
+        project.find_job, (juid,), url, f"job {puid}-{juid}",
+        lambda d: f"job {juid} not found in project {puid} ({d}) — check --job",
+        refused=f"CryoSPARC at {url} refused job {puid}-{juid}",
+    )  # fmt: skip
     outputs = job.model.spec.outputs.root
     particle_outputs = [k for k, o in outputs.items() if o.type == "particle"]
     if output not in outputs:
@@ -302,22 +286,31 @@ def find_source(cs: CryoSPARC, url: str, project_uid: str, job_uid: str,
 
 def check_workspace(source: Source, workspace_uid: str) -> str:
     """``--workspace`` checked on the server; returns the normalised uid."""
+    wuid = uid(workspace_uid, "W", "--workspace")
+    _look_up(
+        source.cs.api.workspaces.find_one, (source.project.uid, wuid), source.url,
+        f"workspace {wuid}",
+        lambda d: f"workspace {wuid} not found in project {source.project.uid} ({d}) — check "
+        f"--workspace or leave it out to use the source job's workspace ({source.workspace_uid})",
+        refused=f"CryoSPARC refused workspace {wuid}",
+    )  # fmt: skip
+    return wuid
+
+
+def _look_up(fn: Any, args: tuple[Any, ...], url: str, what: str,
+             not_found: Any, *, refused: str) -> Any:  # fmt: skip
+    """``fn(*args)``; CryoSPARCError ``not_found(detail)`` for a 403/404, ``refused: detail``
+    for another API error, the network problem while looking up ``what``."""
     from cryosparc.errors import APIError
 
-    wuid = uid(workspace_uid, "W", "--workspace")
     try:
-        _quiet(source.cs.api.workspaces.find_one, source.project.uid, wuid)
+        return _quiet(fn, *args)
     except APIError as exc:
         if exc.code in (403, 404):
-            raise CryoSPARCError(
-                f"workspace {wuid} not found in project {source.project.uid} "
-                f"({api_detail(exc)}) — check --workspace or leave it out to use the source "
-                f"job's workspace ({source.workspace_uid})"
-            ) from exc
-        raise CryoSPARCError(f"CryoSPARC refused workspace {wuid}: {api_detail(exc)}") from exc
+            raise CryoSPARCError(not_found(api_detail(exc))) from exc
+        raise CryoSPARCError(f"{refused}: {api_detail(exc)}") from exc
     except Exception as exc:
-        _reraise_network(exc, source.url, f"looking up workspace {wuid}")
-    return wuid
+        _reraise_network(exc, url, f"looking up {what}")
 
 
 def _quiet(fn: Any, *args: Any) -> Any:

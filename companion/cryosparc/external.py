@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from companion.cryosparc.client import (
 )
 from companion.cryosparc.joblog import JobCallbacks, JobLog, failing_job, params_text
 from companion.cryosparc.staging import check_disk, check_project_dir, stage_images
-from companion.errors import InputError, ParameterError
+from companion.errors import InputError
 from companion.host import CRYOSPARC
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
@@ -117,38 +118,30 @@ def classify(
 
     The one place the External job calls the core: ``companion.run.run_classification``
     (classify + gallery/occupancy PNGs + summary.json; no local .cs files, see JOB_SINK).
+    ``particles`` and ``params`` were checked by :func:`_preflight` before the job existed.
     """
     from companion.run import run_classification
 
-    outputs = run_classification(particles, params, out_dir, JOB_SINK, callbacks=callbacks)
+    outputs = run_classification(
+        particles, params, out_dir, JOB_SINK, callbacks=callbacks, checked=True
+    )
     return outputs.result, outputs.paths, outputs.summary
 
 
 # ------------------------------------------------------------------ --select
 
 
-def parse_select(spec: str | None) -> str | list[int] | None:
-    """``None``, ``"auto"`` or sorted 0-based class indices from ``"0,3,7-9"``."""
+def parse_select(spec: str | None, n_classes: int | None = None) -> str | list[int] | None:
+    """``None``, ``"auto"`` or sorted 0-based class indices from ``"0,3,7-9"`` (CryoSPARC
+    numbers classes from 0; :func:`companion.select.parse_class_list`, the RELION job's
+    parser), each checked to exist among ``n_classes`` when given."""
+    from companion.select import parse_class_list
+
     if spec is None or spec.strip() == "":
         return None
-    s = spec.strip().lower()
-    if s == "auto":
+    if spec.strip().lower() == "auto":
         return "auto"
-    out: set[int] = set()
-    try:
-        for part in s.split(","):
-            a, sep, b = part.strip().partition("-")
-            lo = int(a)
-            hi = int(b) if sep else lo
-            if lo < 0 or hi < lo:
-                raise ValueError
-            out.update(range(lo, hi + 1))
-    except ValueError:
-        raise ParameterError(
-            f"--select {spec!r}: give 'auto' or 0-based class indices like 0,3,7-9 "
-            "(CryoSPARC numbers classes from 0)"
-        ) from None
-    return sorted(out)
+    return parse_class_list(spec, n_classes if n_classes is not None else sys.maxsize, base=0)
 
 
 def select_classes(result: Any, spec: str | list[int]) -> np.ndarray:
@@ -201,7 +194,7 @@ def run_external_job(
     req: ExternalJobRequest, *, should_stop: Callable[[], bool] | None = None
 ) -> ExternalJobResult:
     """Classify ``req.project``/``req.job``'s particles as a new External job (module doc)."""
-    selection = parse_select(req.select)
+    selection = parse_select(req.select, req.params.n_classes)  # before anything else
     if req.cache_dir is not None and not Path(req.cache_dir).is_dir():
         raise InputError(f"--cache-dir {req.cache_dir}: not a directory — create it or pick one")
     cs, url = connect(req.url, timeout=req.timeout)
@@ -226,7 +219,7 @@ def run_external_job(
 
 def _preflight(run: _Run) -> None:
     """Load the source particles and check all that can fail before a job exists."""
-    from companion.run import check_device
+    from companion.preflight import check_run
 
     req, source, params = run.req, run.source, run.req.params
     log.info("loading %s (%d particles) from %s", source.label, source.n_particles, run.url)
@@ -241,15 +234,8 @@ def _preflight(run: _Run) -> None:
     if len(run.dset) == 0:
         raise CryoSPARCError(f"{source.label} holds no particles — pick an output that has some")
     run.particles = _load_particles(run.dset, image_root, req.contrast, source.label)
-    params.check_feasible(len(run.particles))
-    check_device(params.device)
+    check_run(params, len(run.particles))  # the run's one check: classify() says checked
     run.particles.pixel_size  # noqa: B018 - raises when pixel sizes differ
-    sel = run.selection
-    if isinstance(sel, list) and sel[-1] >= params.n_classes:
-        raise ParameterError(
-            f"--select {req.select}: class {sel[-1]} does not exist with --n-classes "
-            f"{params.n_classes} (classes 0 to {params.n_classes - 1})"
-        )
     if req.project_dir is not None:
         server_dir = call(lambda: source.project.dir, url=run.url, what="reading the project dir")
         check_project_dir(run.particles, req.project_dir, str(server_dir))

@@ -11,9 +11,11 @@ available to the job draw a warning), ``--pipeline_control DIR`` is
 ignored, and every classifier parameter is ``--<name> <value>`` with RELION-style
 underscores (``--n_classes 50``) or the CLI's dashes (``--n-classes 50``); a parameter
 whose value field is empty arrives as a bare flag (a boolean then means "on", an optional
-value its default). Job options: ``--select auto|1,4,7`` (also write a Subset-selection
-style ``particles.star`` + ``class_averages.star``), ``--keep_iterations``,
-``--relion_version 3.1|4.0|5.0`` (default: from ``default_pipeline.star``).
+value its default); booleans take Yes/No (RELION's word), true/false, on/off or 1/0. The
+options are generated from the parameter model (:func:`build_parser`). Job options:
+``--select auto|1,4,7`` (also write a Subset-selection style ``particles.star`` +
+``class_averages.star``), ``--keep_iterations``, ``--relion_version 3.1|4.0|5.0``
+(default: from ``default_pipeline.star``).
 
 The job directory receives ``run_itNNN_{data,model,optimiser,sampling}.star`` and
 ``run_itNNN_classes.mrcs`` (what Subset selection and relion_class_ranker open), the PNG
@@ -27,28 +29,27 @@ parameters are refused (exit status 2) and a finished job's files are left as th
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from companion.commands.options import Parser
 
 PROG = "companion-relion"
 log = logging.getLogger("companion.relion.external_job")
 
-INPUT_OPTIONS = ("in_parts", "in_mics", "in_movies", "in_coords", "in_3dref", "in_mask")
-VALUE_OPTIONS = (
-    "o",
-    *INPUT_OPTIONS,
-    "j",
-    "pipeline_control",
-    "relion_version",
-    "select",
-)
-FLAG_OPTIONS = ("keep_iterations",)
+OTHER_INPUTS = ("in_mics", "in_movies", "in_coords", "in_3dref", "in_mask")
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "y": True,
+              "0": False, "false": False, "no": False, "off": False, "n": False}  # fmt: skip
+_BARE = object()  # the value of an option given without one (an empty value field)
+_GIVEN = "_relion_given"  # namespace attribute: dest -> the spelling that set it
 
 
 class JobArgsError(Exception):
@@ -69,128 +70,195 @@ class JobArgs:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def _key(token: str) -> str:
-    """'--in_3Dref' -> 'in_3dref', '--n-classes' -> 'n_classes', '----K' -> 'k'."""
-    name = token.lstrip("-").replace("-", "_")
-    return name if name in ("o", "j") else name.lower()
+def _bool(option: str, value: str) -> bool:
+    """RELION's External job passes a parameter's value field as typed: ``Yes``/``No`` (its
+    own word for booleans), ``true``/``false``, ``on``/``off`` or ``1``/``0``."""
+    try:
+        return BOOL_WORDS[value.strip().lower()]
+    except KeyError:
+        raise JobArgsError(f"{option} {value!r}: use yes/no, true/false, on/off or 1/0") from None
 
 
-def split_args(argv: list[str]) -> list[tuple[str, str | None, str]]:
-    """``[(key, value or None for a bare flag, original token)]`` in order."""
-    out: list[tuple[str, str | None, str]] = []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if not tok.startswith("--") or tok.strip("-") == "":
-            raise JobArgsError(f"unexpected argument {tok!r} (options look like --name value)")
-        if "=" in tok:
-            name, value = tok.split("=", 1)
-            out.append((_key(name), value, name))
-            i += 1
-            continue
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if nxt is not None and not nxt.startswith("--"):
-            j = i + 2
-            if _key(tok) == "select":  # RELION does not quote values: "--select 1, 4, 7"
-                while j < len(argv) and not argv[j].startswith("--"):
-                    j += 1
-            out.append((_key(tok), " ".join(argv[i + 1 : j]), tok))
-            i = j
+class _Once(argparse.Action):
+    """Store ``convert(value)``; any option given twice on one line (in either spelling) is
+    an error, as two values for one parameter are a mistake in the job's fields."""
+
+    def __init__(self, *args: Any, info: Any = None, negate: bool = False, **kwargs: Any):
+        self.info, self.negate = info, negate
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        given: dict[str, str] = namespace.__dict__.setdefault(_GIVEN, {})
+        option = option_string or self.dest
+        if self.dest in given:
+            first = given[self.dest]
+            also = f" (also as {first})" if first != option else ""
+            raise JobArgsError(f"{option} is given twice{also}: give it once")
+        given[self.dest] = option
+        setattr(namespace, self.dest, self.convert(option, values))
+
+    def convert(self, option: str, value: Any) -> Any:
+        return value
+
+
+class _Text(_Once):
+    def convert(self, option: str, value: Any) -> Any:
+        if isinstance(value, list):  # --select 1, 4, 7: RELION does not quote values
+            return " ".join(value)
+        return value
+
+
+class _Threads(_Once):
+    def convert(self, option: str, value: Any) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise JobArgsError(
+                f"{option} {value!r}: the number of threads must be a whole number"
+            ) from None
+        if n < 1:
+            raise JobArgsError(f"{option} {n}: the number of threads must be at least 1")
+        return n
+
+
+class _Flag(_Once):
+    """An on/off option: bare means on, else a RELION boolean word; ``--no_X`` means off."""
+
+    def convert(self, option: str, value: Any) -> bool:
+        if self.negate:
+            return False
+        return True if value is _BARE else _bool(option, value)
+
+
+class _Param(_Once):
+    """A classifier parameter's raw text (the params model validates it); a bare flag (an
+    empty value field) means the default of a parameter whose default is "none", else is an
+    error; a choice parameter's value is checked here to suggest the closest choice."""
+
+    def convert(self, option: str, value: Any) -> Any:
+        from companion.commands.options import choice_error
+        from companion.params import field_choices
+
+        default = self.info.default
+        if value is _BARE or (default is None and value.strip().lower() in ("", "none")):
+            if default is None:
+                return None  # empty value: the default
+            raise JobArgsError(f"{option} needs a value (default {default})")
+        choices = field_choices(self.info)
+        if choices is not None and value not in choices:
+            raise JobArgsError(choice_error(option, value, choices))
+        return value
+
+
+class _JobParser(Parser):
+    """RELION's command line: errors raise JobArgsError (the job then writes its exit file)."""
+
+    def option_strings(self) -> list[str]:  # suggestions: not --o or --j for any typo
+        return [s for s in super().option_strings() if len(s) > 3]
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required: --o"):
+            raise JobArgsError("--o External/jobNNN/ is required (RELION passes it)")
+        m = re.match(r"argument (\S+?)(?:/\S+)?: expected (?:one|at least one) argument", message)
+        if m:
+            raise JobArgsError(f"{m.group(1)} needs a value")
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        if m and not m.group(1).startswith("-"):
+            raise JobArgsError(
+                f"unexpected argument {m.group(1)!r} (options look like --name value)"
+            )
+        message = self.explain(message)
+        if message.startswith("unknown option") and "did you mean" not in message:
+            message += f" — {PROG} --help lists the options"
+        raise JobArgsError(message)
+
+
+def build_parser() -> Parser:
+    """RELION's call as an ``ArgumentParser``: job options, then one option per field of
+    :class:`ClassifyParams` (RELION's ``--n_classes`` and the CLI's ``--n-classes``), so a
+    parameter added to the model is accepted here without a change."""
+    from companion.params import ClassifyParams, field_choices, field_help
+
+    parser = _JobParser(
+        prog=PROG,
+        usage=f"{PROG} --o External/jobNNN/ --in_parts STAR [--NAME VALUE ...] [--j N]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    job = parser.add_argument_group("job options (RELION passes --o, --in_*, --j)")
+    job.add_argument("--o", required=True, action=_Text, metavar="External/jobNNN/",
+                     help="the job directory")  # fmt: skip
+    job.add_argument("--in_parts", action=_Text, metavar="STAR",
+                     help="the particles STAR file to classify")  # fmt: skip
+    for name in OTHER_INPUTS:
+        spellings = ["--" + name] + (["--in_3Dref"] if name == "in_3dref" else [])
+        job.add_argument(*spellings, dest=name, action=_Text, metavar="FILE",
+                         help="accepted and ignored (not used by 2D classification)")  # fmt: skip
+    job.add_argument("--j", action=_Threads, metavar="N",
+                     help="threads (RELION's 'Number of threads') [default: 1]")  # fmt: skip
+    job.add_argument("--pipeline_control", nargs="?", action=_Text, metavar="DIR",
+                     help="accepted and ignored")  # fmt: skip
+    job.add_argument("--relion_version", action=_Text, metavar="3.1|4.0|5.0",
+                     help="RELION flavour of the outputs [default: from "
+                     "default_pipeline.star]")  # fmt: skip
+    job.add_argument("--select", nargs="+", action=_Text, metavar="auto|LIST",
+                     help="also write particles.star + class_averages.star of these classes "
+                     "('auto' or 1-based classes like 1,4,7-9)")  # fmt: skip
+    job.add_argument("--keep_iterations", nargs="?", const=_BARE, action=_Flag,
+                     default=False, metavar="yes|no",
+                     help="write the outputs of every iteration, not only the last")  # fmt: skip
+    params = parser.add_argument_group(
+        "classifier parameters (--name value; see companion classify --help)"
+    )
+    for name, info in ClassifyParams.model_fields.items():
+        kebab = name.replace("_", "-")
+        spellings = [f"--{name}"] + ([f"--{kebab}"] if kebab != name else [])
+        common = {"dest": name, "default": argparse.SUPPRESS, "info": info}
+        if info.annotation is bool:
+            params.add_argument(*spellings, nargs="?", const=_BARE, action=_Flag,
+                                metavar="yes|no", help=field_help(info, info.default),
+                                **common)  # fmt: skip
+            negated = [f"--no_{name}"] + ([f"--no-{kebab}"] if kebab != name else [])
+            params.add_argument(*negated, nargs=0, action=_Flag, negate=True,
+                                help=argparse.SUPPRESS, **common)  # fmt: skip
         else:
-            out.append((_key(tok), None, tok))
-            i += 1
-    return out
+            choices = field_choices(info)
+            metavar = name.upper() if choices is None else "|".join(choices)
+            params.add_argument(*spellings, nargs="?", const=_BARE, action=_Param,
+                                metavar=metavar, help=field_help(info, info.default),
+                                **common)  # fmt: skip
+    return parser
 
 
 def parse_job_args(argv: list[str]) -> JobArgs:
-    """Parse RELION's command line; classifier parameters are collected, not validated."""
+    """Parse RELION's command line; classifier parameters are collected, not validated. A
+    label typed with its dashes (RELION adds two more: ``----n_classes``) is accepted."""
     from companion.params import ClassifyParams
 
-    fields = ClassifyParams.model_fields
-    seen: dict[str, str] = {}
-    job = JobArgs(out="")
-    for key, value, token in split_args(argv):
-        base = key.removeprefix("no_")
-        if base != key and base in fields and fields[base].annotation is bool and value is None:
-            key, value = base, "false"  # --no_recenter
-        if key in seen:
-            raise JobArgsError(f"{token} is given twice")
-        seen[key] = token
-        if key in FLAG_OPTIONS:
-            job.keep_iterations = _bool(token, value)
-        elif key in VALUE_OPTIONS:
-            if value is None and key not in ("pipeline_control",):
-                raise JobArgsError(f"{token} needs a value")
-            if key == "o":
-                job.out = value or ""
-            elif key == "in_parts":
-                job.in_parts = value
-            elif key in INPUT_OPTIONS:
-                job.inputs[key] = value or ""
-            elif key == "j":
-                try:
-                    job.threads = int(value or "")
-                except ValueError:
-                    raise JobArgsError(
-                        f"--j {value!r}: the number of threads must be an integer"
-                    ) from None
-            elif key == "relion_version":
-                job.relion_version = value
-            elif key == "select":
-                job.select = value
-        elif key in fields:
-            job.params[key] = _param_value(token, value, fields[key])
-        else:
-            import difflib
-
-            known = [*fields, *VALUE_OPTIONS, *FLAG_OPTIONS]
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            if close:
-                raise JobArgsError(f"unknown option {token} — did you mean --{close[0]}?")
-            raise JobArgsError(
-                f"unknown option {token} — classifier parameters are: "
-                + ", ".join("--" + f for f in fields)
-                + "; job options: --o, --in_parts, --j, --select, --keep_iterations, "
-                "--relion_version"
-            )
-    if not job.out:
-        raise JobArgsError("--o External/jobNNN/ is required (RELION passes it)")
-    return job
-
-
-def _bool(token: str, value: str | None) -> bool:
-    if value is None:
-        return True
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on", "y"):
-        return True
-    if v in ("0", "false", "no", "off", "n"):
-        return False
-    raise JobArgsError(f"{token} {value!r}: use yes/no, true/false, on/off or 1/0")
-
-
-def _param_value(token: str, value: str | None, info: Any) -> Any:
-    """A raw parameter value: bare flags mean True for booleans, the default otherwise."""
-    if info.annotation is bool:
-        return _bool(token, value)
-    if value is None:
-        if info.default is None:
-            return None  # empty value: the default
-        raise JobArgsError(f"{token} needs a value (default {info.default})")
-    if value.strip().lower() in ("none", "") and info.default is None:
-        return None
-    return value
+    argv = ["--" + a.lstrip("-") if a.startswith("---") else a for a in argv]
+    ns = vars(build_parser().parse_args(argv))
+    ns.pop(_GIVEN, None)
+    return JobArgs(
+        out=ns["o"],
+        in_parts=ns["in_parts"],
+        inputs={k: ns[k] for k in OTHER_INPUTS if ns[k] is not None},
+        threads=ns["j"],
+        relion_version=ns["relion_version"],
+        select=ns["select"],
+        keep_iterations=ns["keep_iterations"],
+        params={k: ns[k] for k in ClassifyParams.model_fields if k in ns},
+    )
 
 
 def find_out_dir(argv: list[str]) -> str | None:
     """The --o value even when the rest of the line does not parse (for the exit file)."""
-    for i, tok in enumerate(argv):
-        if _key(tok) == "o" and tok.startswith("--"):
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                return argv[i + 1]
-        if tok.startswith("--o="):
-            return tok.split("=", 1)[1]
-    return None
+    parser = _JobParser(prog=PROG, add_help=False)
+    parser.add_argument("--o")
+    try:
+        ns, _ = argparse.ArgumentParser.parse_known_args(parser, argv)
+    except JobArgsError:
+        return None
+    return ns.o
 
 
 # --- running ---------------------------------------------------------------------------
@@ -259,17 +327,16 @@ def finished_job(job_dir: Path) -> bool:
     )
 
 
-def refuse_continue(job: JobArgs) -> str | None:
-    """Why continuing ``job`` would be refused (bad or changed parameters, no input), else
-    None; checked before any file of the job is touched."""
+def refuse_continue(job: JobArgs, params: Any) -> str | None:
+    """Why continuing ``job`` with the validated ``params`` would be refused (changed
+    parameters, no input), else None; checked before any file of the job is touched."""
     from companion.classify.checkpoint import check_params
     from companion.errors import CompanionError
-    from companion.params import validate_params
 
     if not job.in_parts or not Path(job.in_parts).is_file():
         return f"{job.in_parts or '--in_parts'}: input particles file not found (--in_parts)"
     try:
-        check_params(Path(job.out) / "checkpoint", validate_params(job.params))
+        check_params(Path(job.out) / "checkpoint", params)
     except CompanionError as exc:
         return str(exc)
     return None
@@ -307,12 +374,11 @@ class JobCallbacks:
         pass
 
 
-def run_job(job: JobArgs, project_dir: Path) -> Path:
-    """Classify, write outputs and the node file; returns the job directory."""
+def run_job(job: JobArgs, params: Any, project_dir: Path) -> Path:
+    """Classify with the validated ``params``, write outputs and the node file; returns the
+    job directory."""
     from companion.errors import InputError
-    from companion.params import ClassifyParams, validate_params
     from companion.relion import read_particles
-    from companion.relion.class2d import write_selection
     from companion.relion.pipeline import (
         OUTPUT_NODES,
         AbortWatcher,
@@ -324,7 +390,6 @@ def run_job(job: JobArgs, project_dir: Path) -> Path:
     job_dir = Path(job.out)
     log.info("%s: job directory %s, project %s", PROG, job_dir, project_dir)
     version = detect_version(project_dir, job.relion_version)
-    params: ClassifyParams = validate_params(job.params)
     for key, value in job.inputs.items():
         log.info("--%s %s: not used by 2D classification (ignored)", key, value)
     if not job.in_parts:
@@ -359,6 +424,7 @@ def run_job(job: JobArgs, project_dir: Path) -> Path:
         keep_iterations=job.keep_iterations,
         callbacks=JobCallbacks(abort),
         root="run",
+        select=job.select,  # a bad class list is refused before any work
     )
     result, paths = outputs.result, outputs.paths
     _log_occupancy(result)
@@ -367,18 +433,16 @@ def run_job(job: JobArgs, project_dir: Path) -> Path:
         (paths["optimiser"], "optimiser"),
         (paths["model"], "model"),
     ]
-    if job.select:
-        chosen = parse_select(job.select, result)
-        sel = write_selection(job_dir, particles, result, chosen, paths["classes"])
-        n_sel = int(sum(result.class_sizes[c - 1] for c in chosen))
+    if "selected_particles" in paths:  # Host.write_selection (nothing when no class is kept)
+        sel = outputs.summary["selection"]  # 1-based class numbers
         log.info(
             "selected %d classes (%s), %d particles -> %s, %s",
-            len(chosen), ",".join(map(str, chosen)), n_sel,
-            sel["particles"], sel["class_averages"],
+            len(sel["classes"]), ",".join(map(str, sel["classes"])), sel["n_particles"],
+            paths["selected_particles"], paths["selected_classes"],
         )  # fmt: skip
         nodes += [
-            (sel["particles"], "selected_particles"),
-            (sel["class_averages"], "class_averages"),
+            (paths["selected_particles"], "selected_particles"),
+            (paths["selected_classes"], "class_averages"),
         ]
     for name, path in paths.items():
         log.info("output %-10s %s", name, path)
@@ -409,14 +473,8 @@ def _log_occupancy(result: Any) -> None:
 
 
 def usage() -> str:
-    """The module description plus every classifier parameter with its help text."""
-    from companion.params import ClassifyParams
-
-    lines = [(__doc__ or "").strip(), "", "Classifier parameters (--name value):"]
-    for name, info in ClassifyParams.model_fields.items():
-        default = "" if info.default is None else f" [default: {info.default}]"
-        lines.append(f"  --{name:<22} {info.description or ''}{default}")
-    return "\n".join(lines)
+    """The help text: the module description plus every option (:func:`build_parser`)."""
+    return build_parser().format_help()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,8 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         print(f"{PROG}: error: --o External/jobNNN/ is required", file=sys.stderr)
         return 2
+    from companion.errors import CompanionError
+    from companion.params import validate_params
+
     job: JobArgs | None = None
-    parse_error: JobArgsError | None = None
+    params: Any = None
+    parse_error: Exception | None = None  # reported once the job's exit files are in order
     try:
         job = parse_job_args(argv)
     except JobArgsError as exc:
@@ -439,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     if job is not None:
         warn_threads(job.threads)
     set_threads(job.threads if job else None)  # before NumPy is imported
+    if job is not None:
+        try:
+            params = validate_params(job.params)  # the run's one validation
+        except CompanionError as exc:
+            parse_error = exc
     job_dir = Path(out)
     job_dir.mkdir(parents=True, exist_ok=True)
     from companion.relion.pipeline import (
@@ -450,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if job is not None and finished_job(job_dir):
-        refused = refuse_continue(job)
+        refused = str(parse_error) if parse_error else refuse_continue(job, params)
         if refused is not None:  # a finished job stays finished, its files as they were
             if not (job_dir / EXIT_SUCCESS).exists():  # RELION may have removed it
                 write_exit_file(job_dir, "success")
@@ -466,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if parse_error is not None or job is None:
             raise parse_error or JobArgsError("cannot parse the command line")
-        run_job(job, Path.cwd())
+        run_job(job, params, Path.cwd())
         status, code = "success", 0
     except JobArgsError as exc:
         reason, code = str(exc), 2

@@ -371,8 +371,9 @@ def _write_stacks(
     progress: bool,
 ) -> float:
     """Render and write every micrograph's stack; returns the seconds spent."""
-    import mrcfile
     from tqdm import tqdm
+
+    from companion.io.mrc import write_mrc_stack
 
     t0 = time.perf_counter()
     bounds = np.searchsorted(plan.micrograph, np.arange(len(stacks) + 1))
@@ -388,10 +389,7 @@ def _write_stacks(
         for m, path in enumerate(stacks):
             idx = np.arange(bounds[m], bounds[m + 1])
             images = renderer.micrograph(plan, idx, m, np.random.default_rng(seqs[m]))
-            with mrcfile.new(path, overwrite=True) as mrc:
-                mrc.set_data(images)
-                mrc.set_image_stack()
-                mrc.voxel_size = psize
+            write_mrc_stack(path, images, psize)
             bar.update(len(idx))
     return time.perf_counter() - t0
 

@@ -97,7 +97,7 @@ class StandIn:
 
     def __init__(self, root: Path, *, version: str = "v5.0.3") -> None:
         self.state = State(root=Path(root), version=version)
-        self._faults: dict[str, list[tuple[int, Any]]] = {}
+        self._faults: dict[str, list[tuple[int, Any, int]]] = {}  # (status, detail, due call)
         self._hooks: dict[str, list[tuple[int, Callable[[], None]]]] = {}
         self._delays: dict[str, float] = {}
         self._counts: dict[str, int] = {}
@@ -147,9 +147,18 @@ class StandIn:
 
     # ------------------------------------------------------------ test hooks
     def fail(
-        self, summary: str, status: int = 500, detail: Any = "Internal Server Error", times: int = 1
+        self,
+        summary: str,
+        status: int = 500,
+        detail: Any = "Internal Server Error",
+        times: int = 1,
+        after: int = 0,
     ) -> None:
-        self._faults.setdefault(summary, []).extend([(status, detail)] * times)
+        """Answer the next ``times`` calls of ``summary`` with ``status``, once ``after`` calls
+        (counted from now) have been answered normally: decided when the call arrives, so no
+        race with a client that sends its next call as soon as it has an answer."""
+        due = self._counts.get(summary, 0) + after + 1
+        self._faults.setdefault(summary, []).extend([(status, detail, due)] * times)
 
     def on(self, summary: str, fn: Callable[[], None], after: int = 1) -> None:
         """Run ``fn`` once the ``after``-th call (counted from now) of ``summary`` is answered."""
@@ -168,8 +177,8 @@ class StandIn:
         if self._delays.get(summary):
             time.sleep(self._delays[summary])
         faults = self._faults.get(summary)
-        if faults:
-            status, detail = faults.pop(0)
+        if faults and faults[0][2] <= self._counts[summary]:
+            status, detail, _ = faults.pop(0)
             raise HTTPError(status, detail)
 
     def _after(self, summary: str) -> None:
