@@ -421,6 +421,7 @@ class _Run:
                 duals.append((len(chunk), res.dual))
             shard_s += res.seconds
             hooks.shard_done(len(chunk))
+            del res  # its sums: not alive while the next shard accumulates
         if p.scale_correction == "on" and acc is not None:
             st.scale = normalised_scale(new_scale)
         if duals and p.balance != "off":
