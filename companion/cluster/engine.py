@@ -105,6 +105,8 @@ class DaskEngine:
         ``params.cluster`` and wait for its first worker; one-line ClusterError otherwise."""
         spec = parse_cluster(params.cluster)
         distributed = _import_distributed()
+        if not log.isEnabledFor(logging.DEBUG):  # Dask's own INFO lines: only with -v
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         timeout = float(params.cluster_timeout)
         cluster = None
         try:
