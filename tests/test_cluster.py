@@ -159,3 +159,25 @@ def test_bad_values_and_missing_pieces_are_one_line_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
     with pytest.raises(ClusterError, match=r"pip install 'companion\[cluster\]'"):
         open_engine(params(cluster="local:2"))
+
+
+def test_every_host_takes_the_option():
+    """The CLI, the RELION External job and the CryoSPARC job build their options from
+    ClassifyParams, so --cluster and its options reach the classifier from each."""
+    from companion.commands import classify as classify_cmd
+    from companion.commands import cryosparc as cs_cmd
+    from companion.commands.options import Parser
+    from companion.params import params_from_namespace
+    from companion.relion.external_job import parse_job_args
+
+    job = parse_job_args(["--o", "External/job009/", "--in_parts", "p.star", "--cluster",
+                          "slurm", "--cluster_jobs", "4", "--cluster_queue", "gpu"])  # fmt: skip
+    p = validate_params(job.params)
+    assert (p.cluster, p.cluster_jobs, p.cluster_queue) == ("slurm", 4, "gpu")
+    for add, argv in ((classify_cmd.add_args, ["in.star", "--out", "o"]),
+                      (cs_cmd.add_classify_args, ["--project", "P1", "--job", "J2"])):  # fmt: skip
+        parser = Parser(prog="t")
+        add(parser)
+        ns = parser.parse_args([*argv, "--cluster", "local:3", "--cluster-timeout", "60"])
+        q = params_from_namespace(ns)
+        assert q.cluster == "local:3" and q.cluster_timeout == 60.0

@@ -1,19 +1,22 @@
 """``companion bench scale --cluster local:N``: one worker against N on the same data.
 
 The base set of ``bench scale`` (simulated at ``--box``, tiled to the first ``--n-particles``)
-is classified three times, each in a child process with a fresh work directory: in this
-process without Dask, with ``--cluster local:1`` and with the ``--cluster`` given (for
-``gpus``, an address or ``slurm``: without Dask and with that cluster only). Printed per
-run: wall time (cluster start-up included), the iterations' time, the speedup over one
-worker, and the overhead per iteration — the E-step's wall time minus its shards' compute
-time divided by the workers (scatter, transfers, serialisation, waiting for the slowest
-shard) — and whether the labels are identical to the run without Dask.
+is classified three times, each in a child process with a fresh work directory: in one
+process without Dask, with ``--cluster local:1`` and with ``--cluster local:N``, every
+process (the single one, each worker) with the same BLAS threads, cores // N — so the
+speedup is what N workers add over one at equal threads, and the three runs must give
+bit-identical results. For ``gpus``, an address or ``slurm``: without Dask and with that
+cluster only. Printed per run: wall time (cluster start-up included), the iterations' time,
+the speedup over one worker, the overhead per iteration — the E-step's wall time minus its
+shards' compute time divided by the workers (scatter, transfers, serialisation, waiting
+for the slowest shard) — and whether the labels are identical to the run without Dask.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,8 +32,10 @@ def _child(spec: dict[str, Any]) -> None:
     import numpy as np
 
     from companion.classify import classify
+    from companion.cluster.engine import THREADS_ENV
     from companion.params import validate_params
     from companion.sources import open_particles
+    from companion.threads import limit_threads
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")  # fmt: skip
@@ -39,7 +44,11 @@ def _child(spec: dict[str, Any]) -> None:
     ps = base.subset(np.arange(n) % len(base)) if n != len(base) else base
     params = validate_params({"n_classes": spec["k"], "device": "cpu", **spec["params"]})
     t0 = time.perf_counter()
-    r = classify(ps, params, work_dir=spec["work"])
+    threads = spec.get("threads")
+    if threads:
+        os.environ[THREADS_ENV] = str(threads)  # the workers of local:N
+    with limit_threads(threads):
+        r = classify(ps, params, work_dir=spec["work"])
     secs = time.perf_counter() - t0
     t = r.timings
     print(json.dumps({"seconds": secs, "iterations_s": float(sum(t["iterations_s"])),
@@ -48,9 +57,11 @@ def _child(spec: dict[str, Any]) -> None:
                       "labels": hashlib.sha1(r.class_id.tobytes()).hexdigest()}))  # fmt: skip
 
 
-def _run(star: Path, n: int, k: int, work: Path, params: dict[str, Any]) -> dict[str, Any]:
+def _run(star: Path, n: int, k: int, work: Path, params: dict[str, Any],
+         threads: int | None) -> dict[str, Any]:  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
-    spec = json.dumps({"star": str(star), "n": n, "k": k, "work": str(work), "params": params})
+    spec = json.dumps({"star": str(star), "n": n, "k": k, "work": str(work), "params": params,
+                       "threads": threads})  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "companion.bench.cluster", spec],
                           stdout=subprocess.PIPE)  # fmt: skip
     if proc.returncode != 0:
@@ -77,10 +88,16 @@ def run_cluster_comparison(out: Path, n: int, k: int, box: int, seed: int,
     if spec.kind == "local" and (spec.workers or 1) > 1:
         runs.append(("local:1", {**overrides, "cluster": "local:1"}))
     runs.append((cluster, overrides))
+    threads = None
+    if spec.kind == "local":
+        from companion.threads import available_cores
+
+        threads = max(1, available_cores() // int(spec.workers or 1))
     rows = []
     for label, params in runs:
         print(f"bench scale --cluster: N={n} K={k}, {label} ...", file=sys.stderr)
-        rec = _run(star, n, k, out / "runs" / f"cluster_{len(rows)}", params)
+        rec = _run(star, n, k, out / "runs" / f"cluster_{len(rows)}", params, threads)
+        rec["threads"] = threads
         it = max(rec["iterations"], 1)
         rec["label"] = label
         compute = rec["shard_s"] / max(rec["workers"], 1)
@@ -100,7 +117,9 @@ def run_cluster_comparison(out: Path, n: int, k: int, box: int, seed: int,
 
 
 def format_cluster(rep: dict[str, Any]) -> str:
-    lines = [f"bench scale --cluster (N {rep['n']}, K {rep['k']}, box {rep['box']}, CPU)",
+    thr = rep["runs"][0].get("threads")
+    each = f", {thr} BLAS thread(s) per process" if thr else ""
+    lines = [f"bench scale --cluster (N {rep['n']}, K {rep['k']}, box {rep['box']}, CPU{each})",
              f"{'run':>16} {'workers':>8} {'wall s':>8} {'iter s':>8} {'E-step s':>9} "
              f"{'overhead s/iter':>16}"]  # fmt: skip
     for r in rep["runs"]:

@@ -136,6 +136,8 @@ class _Run:
         self.noise_row, self.group_rows = noise_rows(
             particles.group, particles.optics_group, len(particles.group_names)
         )
+        self.engine: Any = None  # where the E-step shards run (execute opens it)
+        self.run_state: estep.RunState | None = None  # set by setup_estep
 
     # ------------------------------------------------------------------ driver
 
@@ -171,17 +173,7 @@ class _Run:
             st.batch = batch
             if st.iteration:
                 log.info("continuing after iteration %d of %d", st.iteration, self.total)
-        self.run_state = estep.RunState(
-            params=self.params, box=self.particles.box, pixel_size=self.particles.pixel_size,
-            n=self.n, cache_path=str(prep.coeffs.path),
-            ctf=estep.CtfInputs(self.particles.ctf, self.particles.ctf_premultiplied,
-                                self.particles.phase_flipped),
-            group_index=np.asarray(prep.group_index, np.int32), half=st.half, owner=self.owner,
-        )  # fmt: skip
-        self.ctx = estep.Context(self.run_state, self.xp, geom=self.geom, search=self.search,
-                                 projector=self.projector, coeffs=prep.coeffs)  # fmt: skip
-        estep.register(self.ctx)
-        self._pass = 0
+        self.setup_estep(prep, st)
         log.info(
             "E-step batch: %d particles (%s)",
             st.batch,
@@ -202,6 +194,20 @@ class _Run:
         if self.persistent:
             shutil.rmtree(self.ckpt_dir / "cache", ignore_errors=True)
         return result
+
+    def setup_estep(self, prep: Prepared, st: checkpoint.EMState) -> None:
+        """The run's E-step state (estep.RunState) and this process's context for it."""
+        self.run_state = estep.RunState(
+            params=self.params, box=self.particles.box, pixel_size=self.particles.pixel_size,
+            n=self.n, cache_path=str(prep.coeffs.path),
+            ctf=estep.CtfInputs(self.particles.ctf, self.particles.ctf_premultiplied,
+                                self.particles.phase_flipped),
+            group_index=np.asarray(prep.group_index, np.int32), half=st.half, owner=self.owner,
+        )  # fmt: skip
+        self.ctx = estep.Context(self.run_state, self.xp, geom=self.geom, search=self.search,
+                                 projector=self.projector, coeffs=prep.coeffs)  # fmt: skip
+        estep.register(self.ctx)
+        self._pass = 0
 
     def save(self, st: checkpoint.EMState) -> None:
         if self.persistent:
@@ -389,6 +395,10 @@ class _Run:
         keeps (N, K) log posteriors and best poses for the capped assignment."""
         t0 = time.perf_counter()
         p = self.params
+        if self.run_state is None:  # driven without execute() (bench speed)
+            self.setup_estep(prep, st)
+        if self.engine is None:
+            self.engine = estep.InProcess()
         if st.scale is None:  # a checkpoint written before per-particle scales
             st.scale = np.ones(self.n, np.float32)
         its = self.iteration_state(it, st, rrefs, u, sigma2, acc is not None, final_scores)
@@ -420,6 +430,7 @@ class _Run:
                 duals.append((len(chunk), res.dual))
             shard_s += res.seconds
             hooks.shard_done(len(chunk))
+            del res  # its sums: not alive while the next shard accumulates
         if p.scale_correction == "on" and acc is not None:
             st.scale = normalised_scale(new_scale)
         if duals and p.balance != "off":

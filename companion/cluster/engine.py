@@ -30,6 +30,7 @@ INSTALL = "pip install 'companion[cluster]'"
 INSTALL_GPU = "pip install 'companion[cluster-gpu]'"
 DEFAULT_JOBS = 2
 JOBQUEUE_CONFIG = "~/.config/dask/jobqueue.yaml"
+THREADS_ENV = "COMPANION_WORKER_THREADS"
 
 
 def _task(run: RunState, it: IterationState, idx: np.ndarray) -> ShardResult:
@@ -104,6 +105,8 @@ class DaskEngine:
         ``params.cluster`` and wait for its first worker; one-line ClusterError otherwise."""
         spec = parse_cluster(params.cluster)
         distributed = _import_distributed()
+        if not log.isEnabledFor(logging.DEBUG):  # Dask's own INFO lines: only with -v
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         timeout = float(params.cluster_timeout)
         cluster = None
         try:
@@ -145,7 +148,9 @@ class DaskEngine:
             from companion.threads import available_cores
 
             n = int(spec.workers or 1)
-            threads = str(max(1, available_cores() // n))  # BLAS/FFT threads per worker
+            # BLAS/FFT threads per worker: the cores shared out (COMPANION_WORKER_THREADS
+            # overrides it: bench scale --cluster compares worker counts at equal threads)
+            threads = os.environ.get(THREADS_ENV) or str(max(1, available_cores() // n))
             env = {v: threads for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                         "OPENBLAS_NUM_THREADS")}  # fmt: skip
             with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
