@@ -364,6 +364,7 @@ def run_speed_benchmark(
     threads: int | None = None,
     search: str = "fast",
     resolution: float = 6.0,
+    tf32: bool = False,
 ) -> dict[str, Any]:
     """Simulate, time companion on each device (and RELION), return the figures; for each
     device also one steady-state pass at ``resolution`` Å (see :func:`time_steady_state`)."""
@@ -391,6 +392,7 @@ def run_speed_benchmark(
             "iters": iters,
             "search": search,
             "resolution_A": resolution,
+            "tf32": tf32,
         }
         runs = {}
         for device in devices:
@@ -402,6 +404,7 @@ def run_speed_benchmark(
                 seed=seed,
                 search=search,
                 max_resolution=resolution,
+                tf32=tf32,
             )
             counts = sampling_counts(params, box, psize)
             res = time_companion(particles, params, base / f"companion_{device}")
@@ -460,7 +463,12 @@ def format_speed(rep: dict[str, Any]) -> str:
     lines = [
         describe_machine(rep["machine"]),
         f"data: {rep['n']} particles, box {rep['box']} ({rep['psize']:.3f} Å/px), "
-        f"K {rep['classes']}, {rep['iters']} full passes",
+        f"K {rep['classes']}, {rep['iters']} full passes"
+        + (
+            ", --tf32 (coarse GEMMs on TF32 tensor cores; no effect on a CPU)"
+            if rep.get("tf32")
+            else ""
+        ),
     ]
     for device, r in rep["companion"].items():
         c = r["sampling"]

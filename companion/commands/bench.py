@@ -60,7 +60,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_n_particles(sp, 1000)
     sp.add_argument("--box", type=int, default=128, help="box in pixels [default: 128]")
     sp.add_argument("--iters", type=int, default=2, help="full passes [default: 2]")
-    add_params_arguments(sp, ClassifyParams, only=("n_classes", "search"),
+    add_params_arguments(sp, ClassifyParams, only=("n_classes", "search", "tf32"),
                          defaults={"n_classes": 20, "search": "fast"}, aliases=K_ALIAS)  # fmt: skip
     sp.add_argument(
         "--resolution",
@@ -213,6 +213,7 @@ def _speed(args: argparse.Namespace) -> int:
             threads=threads,
             search=args.search,
             resolution=args.resolution,
+            tf32=args.tf32,
         )
     _emit(args, rep, format_speed(rep))
     return 0
