@@ -47,6 +47,7 @@ from companion.classify.backend import (
 )
 from companion.classify.callbacks import IterationInfo, call, stop_requested
 from companion.classify.ctf import ctf_terms
+from companion.classify.feed import feed_for
 from companion.classify.groups import noise_rows
 from companion.classify.init import initial_references, lowpass_shell, seed_owner
 from companion.classify.mstep import Accumulator, reconstruct, shell_power
@@ -392,11 +393,13 @@ class _Run:
             st.scale = np.ones(self.n, np.float32)
         new_scale = st.scale.copy()
         b = st.batch
+        xs = feed_for(self, prep.coeffs, xp).batches(idx, b)  # feed.py: read ahead / resident
         for s in range(0, len(idx), b):
             if stop_requested(self.callbacks):
+                xs.close()
                 raise Aborted(self._abort_msg(it - 1))
             chunk = idx[s : s + b]
-            x = to_device(np.asarray(prep.coeffs[chunk]), xp)
+            x = next(xs)  # the coefficients of chunk on the device
             cy, c2, v, cm = ctf_terms(self.particles, chunk, geom, xp)
             if p.scale_correction == "on":  # the model of particle i is scale_i · C · ref
                 a = to_device(st.scale[chunk], xp)[:, None]
