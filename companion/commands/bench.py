@@ -190,6 +190,8 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
 
 
 def _speed(args: argparse.Namespace) -> int:
+    from pydantic import TypeAdapter
+
     from companion.bench.speed import describe_machine, format_speed, machine_info
     from companion.run import check_device
 
@@ -213,7 +215,7 @@ def _speed(args: argparse.Namespace) -> int:
             threads=threads,
             search=args.search,
             resolution=args.resolution,
-            tf32=args.tf32,
+            tf32=TypeAdapter(bool).validate_python(getattr(args, "tf32", False)),
         )
     _emit(args, rep, format_speed(rep))
     return 0
