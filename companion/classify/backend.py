@@ -253,9 +253,11 @@ def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
     """``target[index[i]] += rows[i]`` for a 2-D float ``target`` (duplicates summed).
 
     Deterministic on both backends: rows are sorted by target (stable), each run of equal
-    targets is summed in that order (NumPy: ``add.reduceat``; CuPy: a CSR product), and the
-    per-target sums are added with unique indices — no atomics, so the result does not
-    depend on thread scheduling. One device sync (the number of distinct targets).
+    targets is summed in that order by a CSR product (SciPy / cuSPARSE), and the per-target
+    sums are added with unique indices — no atomics, so the result does not depend on
+    thread scheduling. One device sync (the number of distinct targets). (On NumPy the CSR
+    product reads the rows in place: ~20x faster than ``add.reduceat`` over ``rows[order]``,
+    measured on (8000, 4806) float32 rows.)
     """
     xp = get_array_module(target)
     n = int(index.shape[0])
@@ -267,7 +269,11 @@ def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
     new[1:] = idx[1:] != idx[:-1]
     starts = xp.flatnonzero(new)  # the sync
     if not is_cupy(xp):
-        sums = np.add.reduceat(rows[order], starts, axis=0)
+        import scipy.sparse as sp
+
+        indptr = np.concatenate([starts, [n]])
+        seg = sp.csr_matrix((np.ones(n, rows.dtype), order, indptr), shape=(len(starts), n))
+        sums = np.asarray(seg @ rows)
     else:
         m = int(starts.shape[0])
         indptr = xp.concatenate([starts, xp.asarray([n], dtype=starts.dtype)])
