@@ -39,10 +39,13 @@ def problem(xp, seed: int, k: int = 5, n: int = 23, psi_step: float = 20.0):
 @pytest.mark.parametrize("marginal", [False, True])
 @pytest.mark.parametrize("tile", [None, 20_000])  # default tiles; tiny ones: many blocks
 @pytest.mark.parametrize("psi_step", [20.0, 90.0])  # 90°: the fine window is every rotation
-def test_blocked_search_equals_the_reference(xp, monkeypatch, seed, marginal, tile, psi_step):
+@pytest.mark.parametrize("group_min", [1, 10**9])  # CPU: every pair in window GEMMs / none
+def test_blocked_search_equals_the_reference(xp, monkeypatch, seed, marginal, tile, psi_step,
+                                             group_min):  # fmt: skip
     if tile is not None:
         monkeypatch.setattr(sc, "CPU_TILE_BYTES", tile)
         monkeypatch.setattr(sc, "GPU_TILE_BYTES", tile)
+    monkeypatch.setattr(sc, "GROUP_MIN", group_min)
     xc, c2s, refs, search = problem(xp, seed, psi_step=psi_step)
     u = 3.0
     new = sc.score(xc, c2s, refs, search, u, marginal)

@@ -387,16 +387,24 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
     return out
 
 
+#: on the CPU, refined pairs that share a class and a rotation window (at least this many)
+#: are scored as one GEMM against that window's shifted reference rows (J·n_d columns)
+#: instead of one product per pair
+GROUP_MIN = 8
+
+
 def _fine_pass(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, marginal: bool,
                budget: int | None, bi: Any, ki: Any, rot_sel: Any, t0: Any, cand: Any,
                rc_pair: Any) -> tuple:  # fmt: skip
     """Full-resolution scores of the (P) significant pairs around their coarse best pose.
 
-    The pairs are processed grouped by reference (class, then coarse rotation), in chunks
-    small enough that a chunk's reference rows are read from memory once and its products
-    stay in the cache; the quadratic term is computed for the scored rotations only, from
-    the rows the chunk already holds (not as a (B, K·R) GEMM at full F). Results are in the
-    pairs' own order.
+    The pairs are processed grouped by reference (class, then coarse rotation), so each
+    reference row is read from memory once. On the CPU a group of ≥ ``GROUP_MIN`` pairs with
+    the same rotation window is one GEMM: the particles at their coarse shifts (g, 2F) × the
+    window's rows times each local phase ramp (2F, J·n_d). Other pairs go in cache-sized
+    chunks: each pair's J rows times the conjugate particle, × the local ramps (2F, n_d).
+    The quadratic term is computed for the scored rotations only (not as a (B, K·R) GEMM
+    at full F). Results are in the pairs' own order.
     """
     xp = get_array_module(xc)
     k, r, f = refs.A.shape
@@ -404,25 +412,38 @@ def _fine_pass(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, m
     j = int(rot_sel.shape[1])
     nd = int(search.local_dev.shape[0])
     phases = search.phases[:, :f]
-    fine = xp.empty(n_pairs, xp.float32)
-    jbest = xp.empty(n_pairs, xp.int32)
-    dbest = xp.empty(n_pairs, xp.int32)
-    s1_all = su_all = local_w = None
-    if marginal:
-        s1_all = xp.empty(n_pairs, xp.float32)
-        su_all = xp.empty(n_pairs, xp.float32)
-        local_w = xp.empty((n_pairs, j, nd), xp.float32)
+    res = _FineResults(xp, n_pairs, j, nd, marginal, u)
     if n_pairs == 0:
-        return fine, jbest, dbest, s1_all, su_all, local_w
-    order = xp.argsort(ki.astype(xp.int64) * r + rc_pair, kind="stable")
-    # ½·C²/sigma², interleaved like the float32 view of a complex row: (B, 2F)
-    c2h = xp.repeat(c2s[:, :f] * np.float32(0.5), 2, axis=1)
-    per = j * f * 8 * 3 + j * nd * 4 * 3 + f * 8 * 2
-    chunk = max(1, min(n_pairs, _tile_bytes(xp, budget) // per))
+        return res.out()
+    keys = ki.astype(xp.int64) * r + rc_pair
+    order = xp.argsort(keys, kind="stable")
     a_rows = refs.A.reshape(k * r, f)
+    c2half = c2s[:, :f] * np.float32(0.5)
+    rest = order
+    if not is_cupy(xp):
+        ks = keys[order]
+        starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+        ends = np.r_[starts[1:], n_pairs]
+        big = (ends - starts) >= GROUP_MIN
+        plus = np.conj(search.local_adj[:, : 2 * f].view(np.complex64))  # (n_d, F) e^{+2πi k·d}
+        for s, e in zip(starts[big].tolist(), ends[big].tolist(), strict=True):
+            o = order[s:e]
+            a = a_rows[ki[o[0]] * r + rot_sel[o[0]]]  # (J, F): the window's rows, read once
+            w = a[:, None, :] * plus[None]  # (J, n_d, F)
+            q = xc[bi[o], :f] * phases[t0[o]]  # (g, F) particles at their coarse shifts
+            ll = (f32view(q) @ f32view(w).reshape(j * nd, 2 * f).T).reshape(e - s, j, nd)
+            quad = c2half[bi[o]] @ (a.real**2 + a.imag**2).T  # (g, J)
+            ll -= quad[:, :, None]
+            res.add(o, ll, cand)
+        rest = order[np.repeat(~big, ends - starts)]
+    # ½·C²/sigma², interleaved like the float32 view of a complex row: (B, 2F)
+    c2h = xp.repeat(c2half, 2, axis=1)
+    per = j * f * 8 * 3 + j * nd * 4 * 3 + f * 8 * 2
+    chunk = max(1, _tile_bytes(xp, budget) // per)
     cross = search.local_cross[: 2 * f]
-    for s in range(0, n_pairs, chunk):
-        o = order[s : s + chunk]
+    n_rest = int(rest.shape[0])
+    for s in range(0, n_rest, chunk):
+        o = rest[s : s + chunk]
         n = int(o.shape[0])
         pb = bi[o]
         q = xc[pb, :f] * phases[t0[o]]  # particle at its coarse best shift (n, F)
@@ -433,18 +454,43 @@ def _fine_pass(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, m
         z *= xp.conj(q)[:, None, :]
         ll = (f32view(z).reshape(n * j, 2 * f) @ cross).reshape(n, j, nd)
         ll -= quad
+        res.add(o, ll, cand)
+    return res.out()
+
+
+class _FineResults:
+    """The fine pass's per-pair outputs, filled chunk by chunk (``add``)."""
+
+    def __init__(self, xp: Any, n_pairs: int, j: int, nd: int, marginal: bool, u: float) -> None:
+        self.xp, self.nd, self.marginal, self.u = xp, nd, marginal, u
+        self.fine = xp.empty(n_pairs, xp.float32)
+        self.jbest = xp.empty(n_pairs, xp.int32)
+        self.dbest = xp.empty(n_pairs, xp.int32)
+        self.s1 = self.su = self.local_w = None
+        if marginal:
+            self.s1 = xp.empty(n_pairs, xp.float32)
+            self.su = xp.empty(n_pairs, xp.float32)
+            self.local_w = xp.empty((n_pairs, j, nd), xp.float32)
+
+    def add(self, o: Any, ll: Any, cand: Any) -> None:
+        """Scores ``ll`` (n, J, n_d) of the pairs ``o``: poses outside the search disc
+        excluded, best pose, and (marginal) the normalised pose weights."""
+        xp, nd = self.xp, self.nd
+        n, j = ll.shape[0], ll.shape[1]
         ll = xp.where((cand[o] < 0)[:, None, :], NEG, ll)
         flat = ll.reshape(n, j * nd)
         arg = flat.argmax(axis=1)
         bst = xp.take_along_axis(flat, arg[:, None], axis=1)[:, 0]
-        fine[o] = bst
-        jbest[o] = (arg // nd).astype(xp.int32)
-        dbest[o] = (arg % nd).astype(xp.int32)
-        if marginal:
-            s1, su = _lse_parts(ll, bst[:, None, None], (1, 2), u, keep=True)
-            local_w[o] = ll
-            s1_all[o], su_all[o] = s1, su
-    return fine, jbest, dbest, s1_all, su_all, local_w
+        self.fine[o] = bst
+        self.jbest[o] = (arg // nd).astype(xp.int32)
+        self.dbest[o] = (arg % nd).astype(xp.int32)
+        if self.marginal:
+            s1, su = _lse_parts(ll, bst[:, None, None], (1, 2), self.u, keep=True)
+            self.local_w[o] = ll
+            self.s1[o], self.su[o] = s1, su
+
+    def out(self) -> tuple:
+        return self.fine, self.jbest, self.dbest, self.s1, self.su, self.local_w
 
 
 def score(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, marginal: bool,
