@@ -156,6 +156,14 @@ class ClassifyParams(BaseModel):
             "every psi and shift at full resolution (several times slower)."
         ),
     )
+    tf32: bool = Field(
+        False,
+        description=(
+            "GPU only: let the coarse-pass GEMMs use TF32 tensor cores (faster on A100/H100, "
+            "~3 significant digits in the products); the fine pass and the M-step stay float32. "
+            "No effect on the CPU."
+        ),
+    )
     batch_size: int | None = Field(
         None,
         ge=1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -252,9 +253,11 @@ def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
     """``target[index[i]] += rows[i]`` for a 2-D float ``target`` (duplicates summed).
 
     Deterministic on both backends: rows are sorted by target (stable), each run of equal
-    targets is summed in that order (NumPy: ``add.reduceat``; CuPy: a CSR product), and the
-    per-target sums are added with unique indices — no atomics, so the result does not
-    depend on thread scheduling. One device sync (the number of distinct targets).
+    targets is summed in that order by a CSR product (SciPy / cuSPARSE), and the per-target
+    sums are added with unique indices — no atomics, so the result does not depend on
+    thread scheduling. One device sync (the number of distinct targets). (On NumPy the CSR
+    product reads the rows in place: ~20x faster than ``add.reduceat`` over ``rows[order]``,
+    measured on (8000, 4806) float32 rows.)
     """
     xp = get_array_module(target)
     n = int(index.shape[0])
@@ -266,7 +269,11 @@ def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
     new[1:] = idx[1:] != idx[:-1]
     starts = xp.flatnonzero(new)  # the sync
     if not is_cupy(xp):
-        sums = np.add.reduceat(rows[order], starts, axis=0)
+        import scipy.sparse as sp
+
+        indptr = np.concatenate([starts, [n]])
+        seg = sp.csr_matrix((np.ones(n, rows.dtype), order, indptr), shape=(len(starts), n))
+        sums = np.asarray(seg @ rows)
     else:
         m = int(starts.shape[0])
         indptr = xp.concatenate([starts, xp.asarray([n], dtype=starts.dtype)])
@@ -303,6 +310,42 @@ def device_errors(what: str = "classification") -> Iterator[None]:
                 "fewer classes, or a coarser --max-resolution"
             ) from None
         raise
+
+
+_TF32_NOTED: set[str] = set()
+
+
+@contextlib.contextmanager
+def matmul_precision(xp: Any, tf32: bool) -> Iterator[None]:
+    """Inside the block, float32/complex64 matmuls of CuPy may use TF32 tensor cores
+    (``--tf32``; cuBLAS's fast TF32 compute type, ~10 mantissa bits in the products, float32
+    accumulation). A no-op without ``tf32``; on NumPy (and CuPy builds without the setting)
+    a no-op that says so once."""
+    if not tf32:
+        yield
+        return
+    core = getattr(xp, "_core", None) if is_cupy(xp) else None
+    if core is None or not hasattr(core, "set_compute_type"):
+        name = getattr(xp, "__name__", "numpy")
+        if name not in _TF32_NOTED:
+            _TF32_NOTED.add(name)
+            logging.getLogger(__name__).info(
+                "--tf32: no effect on %s (TF32 is a CUDA tensor-core mode)", name
+            )
+        yield
+        return
+    try:
+        from cupy._core import _routines_linalg as linalg
+
+        tf32_type = int(linalg.COMPUTE_TYPE_TF32)
+    except (ImportError, AttributeError):
+        tf32_type = 7  # cupy/_core/_routines_linalg.pxd: COMPUTE_TYPE_TF32
+    old = core.get_compute_type(xp.float32)
+    core.set_compute_type(xp.float32, tf32_type)
+    try:
+        yield
+    finally:
+        core.set_compute_type(xp.float32, old)
 
 
 def logsumexp(a: Any) -> Any:

@@ -121,7 +121,8 @@ class _Run:
             particles.box, particles.pixel_size, params.max_resolution, params.particle_diameter
         )
         self.search = Search.create(self.geom, params.psi_step, params.max_shift,
-                                    params.shift_step, params.search, xp)  # fmt: skip
+                                    params.shift_step, params.search, xp,
+                                    tf32=params.tf32)  # fmt: skip
         self.r = self.search.n_rot
         self.projector = fo.Projector(self.geom, self.r, xp=xp)
         self.mask = fo.soft_mask(self.geom.work_box, self.geom.mask_radius, xp=xp)

@@ -36,6 +36,7 @@ from companion.classify import diskcache
 from companion.classify import fourier as fo
 from companion.classify.backend import logsumexp, select_device, to_device, to_host
 from companion.classify.ctf import ctf_terms
+from companion.classify.feed import Batches, feed_for
 from companion.classify.mstep import Accumulator
 from companion.classify.score import RotatedRefs, Search, broadcast_classes, score
 from companion.params import ClassifyParams
@@ -137,7 +138,8 @@ class Context:
         self.geom = geom or fo.Geometry.create(run.box, run.pixel_size, p.max_resolution,
                                                p.particle_diameter)  # fmt: skip
         self.search = search or Search.create(self.geom, p.psi_step, p.max_shift,
-                                              p.shift_step, p.search, self.xp)  # fmt: skip
+                                              p.shift_step, p.search, self.xp,
+                                              tf32=p.tf32)  # fmt: skip
         self.r = self.search.n_rot
         self.k = p.n_classes
         self.n = run.n
@@ -159,6 +161,15 @@ class Context:
                 shape = (self.run.n, self.geom.n_coef)
                 self.coeffs = diskcache.open_rows(Path(self.run.cache_path), shape, np.complex64)
         return np.asarray(self.coeffs[idx])
+
+    def batches(self, idx: np.ndarray, batch: int) -> Batches:
+        """The device coefficients of ``idx`` in batches (feed.py: read ahead on the CPU,
+        resident or pinned double buffers on a GPU)."""
+        with _LOCK:
+            if self.coeffs is None:
+                shape = (self.run.n, self.geom.n_coef)
+                self.coeffs = diskcache.open_rows(Path(self.run.cache_path), shape, np.complex64)
+            return feed_for(self, self.coeffs, self.xp).batches(idx, batch)
 
     def set_rotated(self, key: str, rrefs: RotatedRefs) -> None:
         """Use ``rrefs`` (already rotated by the caller) for pass ``key``."""
@@ -228,58 +239,60 @@ def estep_shard(run: RunState, it: IterationState, idx: np.ndarray, *,
     stats: dict[str, Any] = {"n": 0, "pmax": 0.0, "loglik": 0.0, "gflop": 0.0,
                              "fine_pairs": 0, "hard": np.zeros(k, np.int64),
                              "soft": xp.zeros(k, xp.float64)}  # fmt: skip
-    for s in range(0, len(idx), it.batch):
-        if hooks is not None:
-            hooks.before_batch()
-        chunk = idx[s : s + it.batch]
-        x = to_device(ctx.rows(chunk), xp)
-        cy, c2, v, cm = ctf_terms(run.ctf, chunk, geom, xp)
-        if it.scale is not None:  # the model of particle i is scale_i · C · ref
-            a = to_device(it.scale[chunk], xp)[:, None]
-            cy, c2, cm = cy * a, c2 * (a * a), cm * a
-        g = to_device(run.group_index[chunk], xp)
-        is2 = inv_s2[g][:, shell_d]
-        if scale_d is not None:  # RELION --scale: the model is scale · CTF · reference
-            sg = scale_d[g][:, None]
-            cy, c2, cm = cy * sg, c2 * (sg * sg), cm * sg
-        xc = (x * (cy * is2)).astype(xp.complex64)
-        c2s = c2 * is2
-        if seeding is not None:  # first iteration: align against the dealt class only
-            own = to_device(run.owner[chunk], xp)
-            sc1 = score(xc, c2s, seeding, search, it.u, ctx.marginal, it.budget)
-            sc = broadcast_classes(sc1, own, k)
-            post = xp.zeros((len(chunk), k), xp.float32)
-            post[xp.arange(len(chunk)), own] = 1.0
-        else:
-            sc = score(xc, c2s, rrefs, search, it.u, ctx.marginal, it.budget)
-            if it.balanced:
-                caps = float(it.cap) * len(chunk) / run.n
-                post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,
-                                                     return_dual=True)  # fmt: skip
-                post = post.astype(xp.float32)
+    with ctx.batches(idx, it.batch) as xs:
+        for s in range(0, len(idx), it.batch):
+            if hooks is not None:
+                hooks.before_batch()
+            chunk = idx[s : s + it.batch]
+            x = next(xs)  # the coefficients of chunk on the device
+            cy, c2, v, cm = ctf_terms(run.ctf, chunk, geom, xp)
+            if it.scale is not None:  # the model of particle i is scale_i · C · ref
+                a = to_device(it.scale[chunk], xp)[:, None]
+                cy, c2, cm = cy * a, c2 * (a * a), cm * a
+            g = to_device(run.group_index[chunk], xp)
+            is2 = inv_s2[g][:, shell_d]
+            if scale_d is not None:  # RELION --scale: the model is scale · CTF · reference
+                sg = scale_d[g][:, None]
+                cy, c2, cm = cy * sg, c2 * (sg * sg), cm * sg
+            xc = (x * (cy * is2)).astype(xp.complex64)
+            c2s = c2 * is2
+            if seeding is not None:  # first iteration: align against the dealt class only
+                own = to_device(run.owner[chunk], xp)
+                sc1 = score(xc, c2s, seeding, search, it.u, ctx.marginal, it.budget)
+                sc = broadcast_classes(sc1, own, k)
+                post = xp.zeros((len(chunk), k), xp.float32)
+                post[xp.arange(len(chunk)), own] = 1.0
             else:
-                post = softmax(sc.ev_u + log_prior_d[None])
-        out = output.particle_outputs(ctx, sc, post, x, v, is2, log_prior_d, c2s=c2s, refs=rrefs)
-        if it.final_scores:
-            lp = sc.ev_u - logsumexp(sc.ev_u)[:, None]
-            lps.append(to_host(lp).astype(np.float32))
-            poses.append(to_host(sc.rot * search.n_shift + sc.shift).astype(np.int32))
-        if acc is not None:
-            fit = acc.add(sc, post, search, rrefs, x=x, xc=xc, c2s=c2s, cm=cm, v=v,
-                          half=to_device(run.half[chunk], xp), group=g, is2=is2,
-                          pose_mode="max" if seeding is not None else p.pose_mode)  # fmt: skip
-            if it.scale is not None and seeding is None:
-                fits.append(np.asarray(fit, np.float32))
-        outs.append(out)
-        stats["n"] += len(chunk)
-        stats["pmax"] += float(out["max_prob"].sum())
-        stats["loglik"] += float(out["loglik"].astype(np.float64).sum())
-        stats["hard"] += np.bincount(out["class_id"], minlength=k)
-        stats["soft"] += post.sum(axis=0)  # stays on the device
-        stats["gflop"] += sc.flops / 1e9
-        stats["fine_pairs"] += sc.n_fine
-        if hooks is not None:
-            hooks.after_batch(len(chunk))
+                sc = score(xc, c2s, rrefs, search, it.u, ctx.marginal, it.budget)
+                if it.balanced:
+                    caps = float(it.cap) * len(chunk) / run.n
+                    post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,
+                                                         return_dual=True)  # fmt: skip
+                    post = post.astype(xp.float32)
+                else:
+                    post = softmax(sc.ev_u + log_prior_d[None])
+            out = output.particle_outputs(ctx, sc, post, x, v, is2, log_prior_d,
+                                          c2s=c2s, refs=rrefs)  # fmt: skip
+            if it.final_scores:
+                lp = sc.ev_u - logsumexp(sc.ev_u)[:, None]
+                lps.append(to_host(lp).astype(np.float32))
+                poses.append(to_host(sc.rot * search.n_shift + sc.shift).astype(np.int32))
+            if acc is not None:
+                fit = acc.add(sc, post, search, rrefs, x=x, xc=xc, c2s=c2s, cm=cm, v=v,
+                              half=to_device(run.half[chunk], xp), group=g, is2=is2,
+                              pose_mode="max" if seeding is not None else p.pose_mode)  # fmt: skip
+                if it.scale is not None and seeding is None:
+                    fits.append(np.asarray(fit, np.float32))
+            outs.append(out)
+            stats["n"] += len(chunk)
+            stats["pmax"] += float(out["max_prob"].sum())
+            stats["loglik"] += float(out["loglik"].astype(np.float64).sum())
+            stats["hard"] += np.bincount(out["class_id"], minlength=k)
+            stats["soft"] += post.sum(axis=0)  # stays on the device
+            stats["gflop"] += sc.flops / 1e9
+            stats["fine_pairs"] += sc.n_fine
+            if hooks is not None:
+                hooks.after_batch(len(chunk))
     stats["soft"] = to_host(stats["soft"]).astype(np.float64)
     return ShardResult(
         idx=np.asarray(idx),

@@ -27,13 +27,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from companion.classify import fourier as fo
-from companion.classify.backend import batch_size, get_array_module, synchronize, to_device
+from companion.classify.backend import (
+    get_array_module,
+    is_cupy,
+    matmul_precision,
+    synchronize,
+    to_device,
+)
 
 FINE_ROT = 2  # fine rotations on each side of the best coarse one (coarse step = 2 fine)
 FINE_SHIFT = 2  # fine shift steps on each side of the best coarse shift (coarse step = 2)
@@ -81,6 +87,8 @@ class Search:
     lookup_n: int = 0
     shifts_dev: Any = None  # ``shifts`` and ``local`` on the device (uploaded once)
     local_dev: Any = None
+    tf32: bool = False  # TF32 tensor-core matmuls for the coarse GEMMs (CuPy only)
+    _coarse_ph: dict = field(default_factory=dict)  # fc -> (Tc, fc) coarse phase ramps
 
     @property
     def n_shift(self) -> int:
@@ -88,13 +96,13 @@ class Search:
 
     @classmethod
     def create(cls, geom: fo.Geometry, psi_step: float, max_shift: float, shift_step: float,
-               mode: str, xp: Any) -> Search:  # fmt: skip
+               mode: str, xp: Any, tf32: bool = False) -> Search:  # fmt: skip
         n_rot = max(1, int(round(360.0 / psi_step)))
         radius = max_shift * geom.work_box
         shifts = fo.shift_grid(radius, shift_step)
         t_px = shifts * shift_step
         phases = fo.phase_ramps(t_px, geom, xp=xp)
-        s = cls(mode, n_rot, shifts, float(shift_step), float(radius), phases)
+        s = cls(mode, n_rot, shifts, float(shift_step), float(radius), phases, tf32=bool(tf32))
         if mode == "fast":
             s._init_fast(geom, xp)
         return s
@@ -126,6 +134,14 @@ class Search:
     def coarse_shell(shell: int) -> int:
         """Resolution limit (shell) of the coarse pass for a fine limit ``shell``."""
         return max(int(math.ceil(shell / 2)), min(shell, 10))
+
+    def coarse_phases(self, fc: int) -> Any:
+        """Phase ramps of the coarse shifts at the first ``fc`` coefficients (Tc, fc),
+        gathered once per resolution limit."""
+        if fc not in self._coarse_ph:
+            ph = self.phases[self.coarse_shift_idx, :fc]
+            self._coarse_ph[fc] = get_array_module(ph).ascontiguousarray(ph)
+        return self._coarse_ph[fc]
 
     def shift_index(self, xy: Any) -> Any:
         """Index in ``shifts`` of grid points (..., 2) (−1 outside the search disc)."""
@@ -241,6 +257,67 @@ def score_exhaustive(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: fl
     return out
 
 
+#: bytes of one coarse block's score tile (particles × shifts × classes × rotations) and of
+#: one fine chunk's gathered reference rows on the CPU: small enough to stay in the cache
+#: while the GEMM writes the tile and the subtraction and the max/argmax read it back
+CPU_TILE_BYTES = 4 << 20
+#: the same on a GPU (where the tile lives in device memory, the bound is the batch budget)
+GPU_TILE_BYTES = 256 << 20
+
+
+def _tile_bytes(xp: Any, budget: int | None) -> int:
+    cap = GPU_TILE_BYTES if is_cupy(xp) else CPU_TILE_BYTES
+    return int(min(cap, budget)) if budget else cap
+
+
+def coarse_best(xc: Any, c2s: Any, refs: RotatedRefs, search: Search,
+                budget: int | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
+    """The coarse pass: for every particle and class the best coarse score and its pose.
+
+    Blocked over particles and classes: each block's (b·Tc, k·Rc) score tile is one GEMM,
+    the quadratic term (B, K·Rc) is subtracted in place and the tile reduced to its
+    max/argmax over (shift, rotation) before the next block, so the (B·Tc, K·Rc) tensor of
+    the whole batch is never held. Returns ``best`` (B, K) float32, the coarse shift (index
+    into ``search.coarse_shift_idx``) and the coarse rotation (index into the coarse
+    rotations), both int32. Ties go to the lowest rotation, then the lowest shift.
+    """
+    xp = get_array_module(xc)
+    b = xc.shape[0]
+    fc = refs.fc
+    k = refs.A.shape[0]
+    rc = refs.coarse.shape[0] // k
+    cidx = search.coarse_shift_idx
+    tc = int(cidx.shape[0])
+    ph = search.coarse_phases(fc)  # (Tc, Fc)
+    quad = (c2s[:, :fc] @ refs.coarse_power.T) * np.float32(0.5)  # (B, K*Rc)
+    best = xp.empty((b, k), xp.float32)
+    tbest = xp.empty((b, k), xp.int32)
+    rbest = xp.empty((b, k), xp.int32)
+    tile = _tile_bytes(xp, budget)
+    # classes per block: all K when the tile of enough particles for ~256 GEMM rows fits
+    n_min = -(-256 // tc)
+    kb = max(1, min(k, tile // (4 * n_min * tc * rc)))
+    pb = max(1, min(b, tile // (4 * tc * kb * rc), tile // (8 * tc * fc)))
+    with matmul_precision(xp, search.tf32):
+        for s in range(0, b, pb):
+            e = min(b, s + pb)
+            n = e - s
+            y = f32view(xc[s:e, None, :fc] * ph[None]).reshape(n * tc, 2 * fc)
+            for k0 in range(0, k, kb):
+                k1 = min(k, k0 + kb)
+                m = k1 - k0
+                ll = (y @ refs.coarse[k0 * rc : k1 * rc].T).reshape(n, tc, m * rc)
+                ll -= quad[s:e, None, k0 * rc : k1 * rc]
+                ll = ll.reshape(n, tc, m, rc)
+                a1 = ll.argmax(axis=3)  # (n, Tc, m) best rotation per shift
+                m1 = xp.take_along_axis(ll, a1[..., None], axis=3)[..., 0]
+                t1 = m1.argmax(axis=1)  # (n, m)
+                best[s:e, k0:k1] = xp.take_along_axis(m1, t1[:, None, :], axis=1)[:, 0, :]
+                tbest[s:e, k0:k1] = t1
+                rbest[s:e, k0:k1] = xp.take_along_axis(a1, t1[:, None, :], axis=1)[:, 0, :]
+    return best, tbest, rbest
+
+
 def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
                marginal: bool, budget: int | None = None) -> BatchScores:  # fmt: skip
     xp = get_array_module(xc)
@@ -250,24 +327,13 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
     cidx = search.coarse_shift_idx
     tc = int(cidx.shape[0])
     rc = refs.coarse.shape[0] // k
-    phases = search.phases[:, :f]
     if TIMINGS is not None:
         synchronize(xp)
     t_lap = time.perf_counter()
     # ---- coarse pass: every class, 2x rotation and shift steps, half resolution
-    yc = xc[:, None, :fc] * search.phases[cidx, :fc][None]  # (B, Tc, Fc)
-    llc = f32view(yc).reshape(b * tc, 2 * fc) @ refs.coarse.T  # (B*Tc, K*Rc)
-    llc = llc.reshape(b, tc, k * rc)
-    llc -= ((c2s[:, :fc] @ refs.coarse_power.T) * np.float32(0.5))[:, None, :]
-    llc = llc.reshape(b, tc, k, rc)
-    m1 = llc.max(axis=3)
-    a1 = llc.argmax(axis=3)
-    tcb = m1.argmax(axis=1)  # (B, K)
-    best_c = xp.take_along_axis(m1, tcb[:, None, :], axis=1)[:, 0, :]
-    rcb = xp.take_along_axis(a1, tcb[:, None, :], axis=1)[:, 0, :]
-    del llc, m1, a1, yc
-    flops = 4.0 * b * tc * k * rc * fc
-    t_lap = _lap(xp, "coarse", t_lap, flops + 2.0 * b * fc * k * rc)
+    best_c, tcb, rcb = coarse_best(xc, c2s, refs, search, budget)
+    flops = 4.0 * b * tc * k * rc * fc + 2.0 * b * fc * k * rc
+    t_lap = _lap(xp, "coarse", t_lap, flops)
     # ---- significant (particle, class) pairs: coarse score near the particle's best
     gap = best_c.max(axis=1, keepdims=True) - best_c  # (B, K) >= 0
     sig = gap <= np.float32(COARSE_MARGIN * u)
@@ -276,51 +342,22 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
     # ---- fine pass around the best coarse pose of each significant pair
     offs = search.rot_offsets
     j = int(offs.shape[0])
+    rc_pair = rcb[bi, ki]
     if j >= r:
-        rot_sel = xp.broadcast_to(xp.arange(r)[None, :], (n_pairs, r))
+        rot_sel = xp.broadcast_to(xp.arange(r, dtype=xp.int32)[None, :], (n_pairs, r))
         j = r
     else:
-        rot_sel = (2 * rcb[bi, ki][:, None] + offs[None, :]) % r  # (P, J)
+        rot_sel = ((2 * rc_pair[:, None] + offs[None, :]) % r).astype(xp.int32)  # (P, J)
     t0 = cidx[tcb[bi, ki]]  # (P,) index into shifts
     shifts, local = search.shifts_dev, search.local_dev
     nd = local.shape[0]
     cand = search.shift_index(shifts[t0][:, None, :] + local[None])  # (P, n_d)
-    quad = (c2s[:, :f] @ refs.power.T) * np.float32(0.5)  # (B, K*R)
-    flops += 2.0 * b * f * k * r
-    quad_sel = quad[bi[:, None], ki[:, None] * r + rot_sel]  # (P, J)
-    fine = xp.empty(n_pairs, xp.float32)
-    jbest = xp.empty(n_pairs, xp.int64)
-    dbest = xp.empty(n_pairs, xp.int64)
-    if marginal:
-        s1_all = xp.empty(n_pairs, xp.float32)
-        su_all = xp.empty(n_pairs, xp.float32)
-        local_w = xp.empty((n_pairs, j, nd), xp.float32)
-    chunk = batch_size(j * f * 8 * 3 + j * nd * 4 * 3 + f * 8 * 2, xp, budget=budget,
-                       most=max(n_pairs, 1))  # fmt: skip
-    a_rows = refs.A.reshape(k * r, f)
-    for s in range(0, n_pairs, chunk):
-        e = min(n_pairs, s + chunk)
-        n = e - s
-        q = xc[bi[s:e], :f] * phases[t0[s:e]]  # particle at its coarse best shift (n, F)
-        z = xp.take(a_rows, (ki[s:e, None] * r + rot_sel[s:e]).reshape(-1), axis=0)
-        z = z.reshape(n, j, f)
-        z *= xp.conj(q)[:, None, :]
-        ll = (f32view(z).reshape(n * j, 2 * f) @ search.local_cross[: 2 * f]).reshape(n, j, nd)
-        ll -= quad_sel[s:e, :, None]
-        ll = xp.where((cand[s:e] < 0)[:, None, :], NEG, ll)
-        flat = ll.reshape(n, j * nd)
-        arg = flat.argmax(axis=1)
-        bst = xp.take_along_axis(flat, arg[:, None], axis=1)[:, 0]
-        fine[s:e] = bst
-        jbest[s:e] = arg // nd
-        dbest[s:e] = arg % nd
-        if marginal:
-            s1, su = _lse_parts(ll, bst[:, None, None], (1, 2), u, keep=True)
-            local_w[s:e] = ll
-            s1_all[s:e], su_all[s:e] = s1, su
-        del z, q, ll
-    flops += 4.0 * n_pairs * j * f * nd
-    _lap(xp, "fine", t_lap, 4.0 * n_pairs * j * f * nd + 2.0 * b * f * k * r)
+    fine, jbest, dbest, s1_all, su_all, local_w = _fine_pass(
+        xc, c2s, refs, search, u, marginal, budget, bi, ki, rot_sel, t0, cand, rc_pair
+    )
+    fine_flop = 4.0 * n_pairs * j * f * nd + 2.0 * n_pairs * j * 2 * f
+    flops += fine_flop
+    _lap(xp, "fine", t_lap, fine_flop)
     # insignificant pairs: coarse pose, score extrapolated from the coarse gap (never used
     # for weights — their posterior is negligible — but ordered, for capped assignment)
     ratio = np.float32(f / max(fc, 1))
@@ -330,7 +367,7 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
     best = top[:, None] - gap * ratio
     best[bi, ki] = fine
     rot = (2 * rcb) % r
-    shift = cidx[tcb]
+    shift = cidx[tcb].astype(xp.int32)
     rot[bi, ki] = xp.take_along_axis(rot_sel, jbest[:, None], axis=1)[:, 0]
     shift[bi, ki] = xp.take_along_axis(cand, dbest[:, None], axis=1)[:, 0]
     out = BatchScores(best, best / np.float32(u), best, rot.astype(xp.int32),
@@ -348,6 +385,112 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
         out.local_t0 = t0
         out.pairs = (bi, ki)
     return out
+
+
+#: on the CPU, refined pairs that share a class and a rotation window (at least this many)
+#: are scored as one GEMM against that window's shifted reference rows (J·n_d columns)
+#: instead of one product per pair
+GROUP_MIN = 8
+
+
+def _fine_pass(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, marginal: bool,
+               budget: int | None, bi: Any, ki: Any, rot_sel: Any, t0: Any, cand: Any,
+               rc_pair: Any) -> tuple:  # fmt: skip
+    """Full-resolution scores of the (P) significant pairs around their coarse best pose.
+
+    The pairs are processed grouped by reference (class, then coarse rotation), so each
+    reference row is read from memory once. On the CPU a group of ≥ ``GROUP_MIN`` pairs with
+    the same rotation window is one GEMM: the particles at their coarse shifts (g, 2F) × the
+    window's rows times each local phase ramp (2F, J·n_d). Other pairs go in cache-sized
+    chunks: each pair's J rows times the conjugate particle, × the local ramps (2F, n_d).
+    The quadratic term is computed for the scored rotations only (not as a (B, K·R) GEMM
+    at full F). Results are in the pairs' own order.
+    """
+    xp = get_array_module(xc)
+    k, r, f = refs.A.shape
+    n_pairs = int(bi.shape[0])
+    j = int(rot_sel.shape[1])
+    nd = int(search.local_dev.shape[0])
+    phases = search.phases[:, :f]
+    res = _FineResults(xp, n_pairs, j, nd, marginal, u)
+    if n_pairs == 0:
+        return res.out()
+    keys = ki.astype(xp.int64) * r + rc_pair
+    order = xp.argsort(keys, kind="stable")
+    a_rows = refs.A.reshape(k * r, f)
+    c2half = c2s[:, :f] * np.float32(0.5)
+    rest = order
+    if not is_cupy(xp):
+        ks = keys[order]
+        starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+        ends = np.r_[starts[1:], n_pairs]
+        big = (ends - starts) >= GROUP_MIN
+        plus = np.conj(search.local_adj[:, : 2 * f].view(np.complex64))  # (n_d, F) e^{+2πi k·d}
+        for s, e in zip(starts[big].tolist(), ends[big].tolist(), strict=True):
+            o = order[s:e]
+            a = a_rows[ki[o[0]] * r + rot_sel[o[0]]]  # (J, F): the window's rows, read once
+            w = a[:, None, :] * plus[None]  # (J, n_d, F)
+            q = xc[bi[o], :f] * phases[t0[o]]  # (g, F) particles at their coarse shifts
+            ll = (f32view(q) @ f32view(w).reshape(j * nd, 2 * f).T).reshape(e - s, j, nd)
+            quad = c2half[bi[o]] @ (a.real**2 + a.imag**2).T  # (g, J)
+            ll -= quad[:, :, None]
+            res.add(o, ll, cand)
+        rest = order[np.repeat(~big, ends - starts)]
+    # ½·C²/sigma², interleaved like the float32 view of a complex row: (B, 2F)
+    c2h = xp.repeat(c2half, 2, axis=1)
+    per = j * f * 8 * 3 + j * nd * 4 * 3 + f * 8 * 2
+    chunk = max(1, _tile_bytes(xp, budget) // per)
+    cross = search.local_cross[: 2 * f]
+    n_rest = int(rest.shape[0])
+    for s in range(0, n_rest, chunk):
+        o = rest[s : s + chunk]
+        n = int(o.shape[0])
+        pb = bi[o]
+        q = xc[pb, :f] * phases[t0[o]]  # particle at its coarse best shift (n, F)
+        z = xp.take(a_rows, (ki[o][:, None] * r + rot_sel[o]).reshape(-1), axis=0)
+        zf = f32view(z).reshape(n, j, 2 * f)
+        quad = xp.matmul(zf * zf, c2h[pb][:, :, None])  # (n, J, 1): ½ Σ C²/σ² |A|²
+        z = z.reshape(n, j, f)
+        z *= xp.conj(q)[:, None, :]
+        ll = (f32view(z).reshape(n * j, 2 * f) @ cross).reshape(n, j, nd)
+        ll -= quad
+        res.add(o, ll, cand)
+    return res.out()
+
+
+class _FineResults:
+    """The fine pass's per-pair outputs, filled chunk by chunk (``add``)."""
+
+    def __init__(self, xp: Any, n_pairs: int, j: int, nd: int, marginal: bool, u: float) -> None:
+        self.xp, self.nd, self.marginal, self.u = xp, nd, marginal, u
+        self.fine = xp.empty(n_pairs, xp.float32)
+        self.jbest = xp.empty(n_pairs, xp.int32)
+        self.dbest = xp.empty(n_pairs, xp.int32)
+        self.s1 = self.su = self.local_w = None
+        if marginal:
+            self.s1 = xp.empty(n_pairs, xp.float32)
+            self.su = xp.empty(n_pairs, xp.float32)
+            self.local_w = xp.empty((n_pairs, j, nd), xp.float32)
+
+    def add(self, o: Any, ll: Any, cand: Any) -> None:
+        """Scores ``ll`` (n, J, n_d) of the pairs ``o``: poses outside the search disc
+        excluded, best pose, and (marginal) the normalised pose weights."""
+        xp, nd = self.xp, self.nd
+        n, j = ll.shape[0], ll.shape[1]
+        ll = xp.where((cand[o] < 0)[:, None, :], NEG, ll)
+        flat = ll.reshape(n, j * nd)
+        arg = flat.argmax(axis=1)
+        bst = xp.take_along_axis(flat, arg[:, None], axis=1)[:, 0]
+        self.fine[o] = bst
+        self.jbest[o] = (arg // nd).astype(xp.int32)
+        self.dbest[o] = (arg % nd).astype(xp.int32)
+        if self.marginal:
+            s1, su = _lse_parts(ll, bst[:, None, None], (1, 2), self.u, keep=True)
+            self.local_w[o] = ll
+            self.s1[o], self.su[o] = s1, su
+
+    def out(self) -> tuple:
+        return self.fine, self.jbest, self.dbest, self.s1, self.su, self.local_w
 
 
 def score(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, marginal: bool,

@@ -63,7 +63,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_n_particles(sp, 1000)
     sp.add_argument("--box", type=int, default=128, help="box in pixels [default: 128]")
     sp.add_argument("--iters", type=int, default=2, help="full passes [default: 2]")
-    add_params_arguments(sp, ClassifyParams, only=("n_classes", "search"),
+    add_params_arguments(sp, ClassifyParams, only=("n_classes", "search", "tf32"),
                          defaults={"n_classes": 20, "search": "fast"}, aliases=K_ALIAS)  # fmt: skip
     sp.add_argument(
         "--resolution",
@@ -216,6 +216,8 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
 
 
 def _speed(args: argparse.Namespace) -> int:
+    from pydantic import TypeAdapter
+
     from companion.bench.speed import describe_machine, format_speed, machine_info
     from companion.run import check_device
 
@@ -239,6 +241,7 @@ def _speed(args: argparse.Namespace) -> int:
             threads=threads,
             search=args.search,
             resolution=args.resolution,
+            tf32=TypeAdapter(bool).validate_python(getattr(args, "tf32", False)),
         )
     _emit(args, rep, format_speed(rep))
     return 0

@@ -1,0 +1,92 @@
+"""The blocked coarse pass and the grouped fine pass against the implementation they
+replaced (tests/score_reference.py): the same poses, the same refined pairs and scores
+within float32 rounding, whatever the block sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from score_reference import score_fast_reference
+
+from companion.classify import fourier as fo
+from companion.classify import score as sc
+from companion.classify.backend import to_host
+
+
+def problem(xp, seed: int, k: int = 5, n: int = 23, psi_step: float = 20.0):
+    """Particles that are noisy rotated/shifted copies of random-ish references (so the
+    refined pairs are a mix of near and far classes), with CTF-like weights."""
+    g = fo.Geometry.create(32, 4.0, 8.0, None)
+    search = sc.Search.create(g, psi_step, 0.12, 1.0, "fast", xp)
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(k, g.work_box, g.work_box)).astype(np.float32)
+    proj = fo.Projector(g, search.n_rot, xp=xp)
+    a = proj.project(xp.asarray(base))
+    cls = rng.integers(0, k, n)
+    rot = rng.integers(0, search.n_rot, n)
+    t = rng.integers(0, search.n_shift, n)
+    x = a[xp.asarray(cls), xp.asarray(rot)] * xp.conj(search.phases[xp.asarray(t)])
+    noise = rng.normal(size=(n, g.n_coef)) + 1j * rng.normal(size=(n, g.n_coef))
+    x = x + xp.asarray((3.0 * noise).astype(np.complex64))
+    c2s = xp.asarray(rng.uniform(0.2, 2.0, size=(n, g.n_coef)).astype(np.float32))
+    shell = g.s_max
+    refs = sc.RotatedRefs.create(a, search, g.prefix(shell),
+                                 g.prefix(sc.Search.coarse_shell(shell)))  # fmt: skip
+    return (x * c2s).astype(np.complex64), c2s, refs, search
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("marginal", [False, True])
+@pytest.mark.parametrize("tile", [None, 20_000])  # default tiles; tiny ones: many blocks
+@pytest.mark.parametrize("psi_step", [20.0, 90.0])  # 90°: the fine window is every rotation
+@pytest.mark.parametrize("group_min", [1, 10**9])  # CPU: every pair in window GEMMs / none
+def test_blocked_search_equals_the_reference(xp, monkeypatch, seed, marginal, tile, psi_step,
+                                             group_min):  # fmt: skip
+    if tile is not None:
+        monkeypatch.setattr(sc, "CPU_TILE_BYTES", tile)
+        monkeypatch.setattr(sc, "GPU_TILE_BYTES", tile)
+    monkeypatch.setattr(sc, "GROUP_MIN", group_min)
+    xc, c2s, refs, search = problem(xp, seed, psi_step=psi_step)
+    u = 3.0
+    new = sc.score(xc, c2s, refs, search, u, marginal)
+    old = score_fast_reference(xc, c2s, refs, search, u, marginal)
+    assert 0 < new.n_fine == old.n_fine < xc.shape[0] * refs.A.shape[0]  # some refined
+    np.testing.assert_array_equal(to_host(new.rot), to_host(old.rot))
+    np.testing.assert_array_equal(to_host(new.shift), to_host(old.shift))
+    assert new.rot.dtype == np.int32 and new.shift.dtype == np.int32
+    scale = float(np.abs(to_host(old.best)).max())
+    for name in ("best", "ev_u", "ev_1"):
+        np.testing.assert_allclose(to_host(getattr(new, name)), to_host(getattr(old, name)),
+                                   rtol=1e-5, atol=1e-6 * scale)  # fmt: skip
+    if marginal:
+        for a, b in zip(new.pairs, old.pairs, strict=True):
+            np.testing.assert_array_equal(to_host(a), to_host(b))
+        np.testing.assert_array_equal(to_host(new.local_rot), to_host(old.local_rot))
+        np.testing.assert_array_equal(to_host(new.local_t0), to_host(old.local_t0))
+        np.testing.assert_allclose(to_host(new.local_w), to_host(old.local_w), atol=2e-5)
+
+
+def test_coarse_blocks_equal_one_block(monkeypatch):
+    """The coarse max/argmax does not depend on how particles and classes are blocked."""
+    xc, c2s, refs, search = problem(np, 3, k=7, n=31)
+    one = sc.coarse_best(xc, c2s, refs, search)
+    monkeypatch.setattr(sc, "CPU_TILE_BYTES", 5_000)
+    many = sc.coarse_best(xc, c2s, refs, search)
+    np.testing.assert_array_equal(one[1], many[1])
+    np.testing.assert_array_equal(one[2], many[2])
+    np.testing.assert_allclose(one[0], many[0], rtol=1e-5, atol=1e-3)
+    assert one[1].dtype == np.int32 and one[2].dtype == np.int32
+
+
+def test_tf32_is_a_noop_on_numpy(caplog, monkeypatch):
+    from companion.classify import backend
+
+    monkeypatch.setattr(backend, "_TF32_NOTED", set())
+    xc, c2s, refs, search = problem(np, 4)
+    plain = sc.score(xc, c2s, refs, search, 2.0, False)
+    search.tf32 = True
+    with caplog.at_level("INFO"):
+        fast = sc.score(xc, c2s, refs, search, 2.0, False)
+        sc.score(xc, c2s, refs, search, 2.0, False)
+    np.testing.assert_array_equal(fast.best, plain.best)
+    assert sum("--tf32: no effect" in r.getMessage() for r in caplog.records) == 1  # once
