@@ -11,6 +11,7 @@ started are removed again, so nothing half-written is left behind.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -316,7 +317,9 @@ def run_classification(
     n = len(particles)
     sink = sink if sink is not None else host_named(particles.host)
     if classifier is None:
-        from companion.classify import classify as classifier
+        from companion.classify import classify
+
+        classifier = functools.partial(classify, checked=True)  # checked above, once
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_path = out_dir / SUMMARY

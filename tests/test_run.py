@@ -59,7 +59,7 @@ class FakeHost:
 def fakes(monkeypatch):
     state = {"calls": 0, "result": fake_result(n=60, k=5, box=32), "sink": FakeSink()}
 
-    def classify(particles, params, *, work_dir, resume, callbacks):
+    def classify(particles, params, *, work_dir, resume, callbacks, checked=False):
         state["calls"] += 1
         state["resume"] = resume
         (Path(work_dir) / "checkpoint").mkdir(exist_ok=True)
@@ -257,7 +257,7 @@ def test_intermediate_writes_only_particles_seen(tmp_path, fakes, monkeypatch):
     fakes["sink"] = sink
     real = fakes["result"]
 
-    def classify(particles, params, *, work_dir, resume, callbacks):
+    def classify(particles, params, *, work_dir, resume, callbacks, checked=False):
         callbacks.intermediate(1, partial)
         return real
 

@@ -76,15 +76,19 @@ def open_engine(params: ClassifyParams) -> Any:
 
 
 def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path | str | None = None,
-             resume: bool = False, callbacks: Any = None) -> ClassResult:  # fmt: skip
+             resume: bool = False, callbacks: Any = None,
+             checked: bool = False) -> ClassResult:  # fmt: skip
     """Classify ``particles`` in 2D; see :class:`ClassResult` for what comes back.
 
     ``work_dir``: checkpoints go to ``work_dir/checkpoint/`` (preprocessed particles to its
     ``cache/``, removed at the end); without it a temporary directory is used and nothing
     can be resumed. ``resume``: continue from the last finished iteration (the parameters
     must be the same). ``callbacks``: a :class:`Callbacks` (or any object with some of its
-    methods). ``params`` against N (cap, K): :func:`companion.preflight.preflight`, before.
+    methods). ``checked``: the caller already checked ``params`` against N (cap, K) with
+    :func:`companion.preflight.check_run`; otherwise it is checked here.
     """
+    if not checked:
+        params.check_feasible(len(particles))
     if schedule.n_iterations(params) == 0:
         raise ParameterError(
             "--online-iters 0 and --full-iters 0: no iterations to run — set at least one"
