@@ -25,8 +25,10 @@ Search modes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -411,12 +413,39 @@ def _fine_pass(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, m
     n_pairs = int(bi.shape[0])
     j = int(rot_sel.shape[1])
     nd = int(search.local_dev.shape[0])
-    phases = search.phases[:, :f]
     res = _FineResults(xp, n_pairs, j, nd, marginal, u)
     if n_pairs == 0:
         return res.out()
     keys = ki.astype(xp.int64) * r + rc_pair
     order = xp.argsort(keys, kind="stable")
+    with _one_blas_thread(xp):
+        return _fine_loops(xc, c2s, refs, search, budget, bi, ki, rot_sel, t0, cand, res,
+                           order, keys)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _one_blas_thread(xp: Any) -> Iterator[None]:
+    """On the CPU, the fine pass's many small GEMMs on one BLAS thread: measured on the
+    shared 2-core VM, two OpenBLAS threads made them 3–20× slower in wall time (each small
+    product waits for the second thread), one thread was as fast in CPU time."""
+    if is_cupy(xp):
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _fine_loops(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, budget: int | None,
+                bi: Any, ki: Any, rot_sel: Any, t0: Any, cand: Any, res: _FineResults,
+                order: Any, keys: Any) -> tuple:  # fmt: skip
+    xp = get_array_module(xc)
+    k, r, f = refs.A.shape
+    n_pairs = int(bi.shape[0])
+    j = int(rot_sel.shape[1])
+    nd = int(search.local_dev.shape[0])
+    phases = search.phases[:, :f]
     a_rows = refs.A.reshape(k * r, f)
     c2half = c2s[:, :f] * np.float32(0.5)
     rest = order
