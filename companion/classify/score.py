@@ -33,7 +33,13 @@ from typing import Any
 import numpy as np
 
 from companion.classify import fourier as fo
-from companion.classify.backend import batch_size, get_array_module, synchronize, to_device
+from companion.classify.backend import (
+    batch_size,
+    get_array_module,
+    synchronize,
+    to_device,
+    work_budget,
+)
 
 FINE_ROT = 2  # fine rotations on each side of the best coarse one (coarse step = 2 fine)
 FINE_SHIFT = 2  # fine shift steps on each side of the best coarse shift (coarse step = 2)
@@ -295,6 +301,10 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
         s1_all = xp.empty(n_pairs, xp.float32)
         su_all = xp.empty(n_pairs, xp.float32)
         local_w = xp.empty((n_pairs, j, nd), xp.float32)
+    # the fine pass's chunks take at most what the freed coarse arrays held (yc, llc, m1,
+    # a1), so the E-step batch sized for the coarse pass (em.batch_size) bounds it too
+    freed = b * tc * (fc * 8 + k * rc * 4 + k * 12)
+    budget = min(work_budget(xp) if budget is None else budget, freed)
     chunk = batch_size(j * f * 8 * 3 + j * nd * 4 * 3 + f * 8 * 2, xp, budget=budget,
                        most=max(n_pairs, 1))  # fmt: skip
     a_rows = refs.A.reshape(k * r, f)
