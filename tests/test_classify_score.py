@@ -178,3 +178,40 @@ def test_batch_size_and_devices():
     with pytest.raises(DeviceError, match="--device gpu"):
         select_device("gpu")
     assert select_device("auto") is np
+
+
+def test_fine_pass_memory_stays_within_the_coarse_pass():
+    """The E-step batch is sized for the coarse pass; the fine pass's chunks take no more
+    than the coarse arrays it frees, whatever budget score() is handed (a larger budget on
+    top of the batch's would break --memory-limit), and chunking does not change scores."""
+    import tracemalloc
+
+    g = fo.Geometry.create(64, 3.0, 6.0, None)
+    search = sc.Search.create(g, 6.0, 0.1, 1.0, "fast", np)
+    k, b = 20, 32
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(k, search.n_rot, g.n_coef)) + 1j * rng.normal(
+        size=(k, search.n_rot, g.n_coef)
+    )
+    refs = sc.RotatedRefs.create(a.astype(np.complex64), search, g.n_coef,
+                                 g.prefix(sc.Search.coarse_shell(g.s_max)))  # fmt: skip
+    xc = (rng.normal(size=(b, g.n_coef)) + 1j * rng.normal(size=(b, g.n_coef))).astype(np.complex64)
+    c2s = rng.uniform(0.2, 2.0, size=(b, g.n_coef)).astype(np.float32)
+    tc, rc = int(search.coarse_shift_idx.shape[0]), refs.coarse.shape[0] // k
+    coarse = b * tc * (refs.fc * 8 + k * rc * 4 + k * 12)  # yc, llc, m1, a1
+
+    def run(budget):
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        out = sc.score(xc, c2s, refs, search, 1e4, True, budget)  # u large: all pairs refined
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        return out, peak
+
+    small, peak_small = run(coarse)
+    big, peak_big = run(1 << 30)
+    assert big.n_fine == b * k
+    # the unchunked fine pass needs several times the coarse arrays: a 1 GiB budget must not
+    assert peak_big <= 1.1 * peak_small
+    np.testing.assert_allclose(big.ev_u, small.ev_u, rtol=1e-5, atol=1e-2)
+    np.testing.assert_array_equal(big.rot, small.rot)
