@@ -126,9 +126,9 @@ def _child(spec: dict[str, Any]) -> None:
 
     class Hooks:
         iterations = 0
-        in_preprocess = False
         last_record = last_report = time.perf_counter()
-        stage_start: tuple[float, int] = (time.perf_counter(), 0)
+        current = ""  # the progress stage being reported ("preprocess", "iteration 3/22")
+        stage_start: tuple[float, int] = (0.0, 0)
 
         def on_iteration(self, info: Any) -> None:
             self.iterations += 1
@@ -143,25 +143,26 @@ def _child(spec: dict[str, Any]) -> None:
 
         def progress(self, done: int, total: int, stage: str) -> None:
             now = time.perf_counter()
+            if stage != self.current:
+                self.current, self.stage_start = stage, (now, done)
             if stage == "preprocess":
-                if not self.in_preprocess:
-                    self.in_preprocess, self.stage_start = True, (now, done)
                 if done >= total or now - self.last_record >= RECORD_EVERY_S:
                     clock.mark("preprocess")
                     self.last_record = now
-                if done >= total:
-                    self.in_preprocess = False
-                    if cache.is_file():
-                        clock.acc["cache_bytes"] = cache.stat().st_blocks * 512
-                        clock.mark("preprocess")
+                if done >= total and cache.is_file():
+                    clock.acc["cache_bytes"] = cache.stat().st_blocks * 512
+                    clock.mark("preprocess")
             elif clock.acc["cache_bytes"] == 0 and cache.is_file():  # preprocessed earlier
                 clock.acc["cache_bytes"] = cache.stat().st_blocks * 512
             if now - self.last_report >= REPORT_EVERY_S:
                 self.last_report = now
-                t0, d0 = self.stage_start if stage == "preprocess" else (now, done)
+                t0, d0 = self.stage_start
                 rate = (done - d0) / max(now - t0, 1e-9)
                 eta = f", ETA of this stage {(total - done) / rate / 60:.0f} min" if rate else ""
-                print(f"bench scale: N={n} K={k}: {stage} {done}/{total}{eta}", file=sys.stderr)
+                # CPU seconds since the last record: within an iteration, that iteration's
+                cpu = clock.since_mark()[1]
+                print(f"bench scale: N={n} K={k}: {stage} {done}/{total}{eta} "
+                      f"({cpu:.0f} s CPU since the last record)", file=sys.stderr)  # fmt: skip
 
     hooks = Hooks()
     with limit_threads(spec.get("threads")):
