@@ -1,56 +1,58 @@
-"""Lazy, memory-mapped image access for a ParticleSet, grouped by stack file.
+"""Lazy image access for a ParticleSet, grouped by stack file.
 
 Projects often hold thousands of per-micrograph stacks: open files are kept in a small
-LRU cache of memory maps, and every read sorts the requested particles by (stack, index)
-so each file is touched once per batch.
+LRU cache, and every read sorts the requested particles by (stack, index) so each file is
+touched once per batch. Images are read with ``pread`` (a :class:`RowFile` past the MRC
+header), not memory-mapped: mapped pages count in the process's resident set, so reading a
+1M-particle stack through a map shows as its whole size in RSS, while pages read through
+the file are page cache, which the kernel reclaims.
 """
 
 from __future__ import annotations
 
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import mrcfile
 import numpy as np
 
 from companion.errors import InputError
 
 if TYPE_CHECKING:
+    from companion.classify.diskcache import RowFile
     from companion.particles import ParticleSet
 
 MAX_OPEN_STACKS = 64
 HEADER_BYTES = 1024
-# MRC modes that hold real-valued images, and their bytes per pixel
+# MRC modes that hold real-valued images, their bytes per pixel and types (as mrcfile reads)
 IMAGE_MODES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
+MODE_DTYPES = {0: "i1", 1: "i2", 2: "f4", 6: "u2", 12: "f2"}
 REEXTRACT = "re-extract the particles or restore the stack from a backup"
 
 
 class StackCache:
-    """LRU cache of open read-only MRC memory maps."""
+    """LRU cache of open read-only MRC stacks."""
 
     def __init__(self, max_open: int = MAX_OPEN_STACKS) -> None:
         self.max_open = max_open
-        self._open: OrderedDict[Path, mrcfile.mrcmemmap.MrcMemmap] = OrderedDict()
+        self._open: OrderedDict[Path, RowFile] = OrderedDict()
         self._lock = threading.Lock()
 
-    def data(self, path: Path) -> np.ndarray:
-        """The image data of ``path`` as a 3D array (n, ny, nx), memory-mapped."""
+    def data(self, path: Path) -> RowFile:
+        """The images of ``path``: ``data[idx]`` reads images ``idx`` (n, ny, nx)."""
         with self._lock:
-            mrc = self._open.get(path)
-            if mrc is not None:
+            rows = self._open.get(path)
+            if rows is not None:
                 self._open.move_to_end(path)
             else:
-                mrc = _open_mmap(path)
-                self._open[path] = mrc
+                rows = _open_stack(path)
+                self._open[path] = rows
                 while len(self._open) > self.max_open:
                     _, old = self._open.popitem(last=False)
                     old.close()
-        data = mrc.data
-        return data[np.newaxis] if data.ndim == 2 else data
+        return rows
 
     def close(self) -> None:
         with self._lock:
@@ -65,6 +67,12 @@ def stack_shape(path: Path) -> tuple[int, int, int]:
     InputError (naming the file) for a missing file, a header with an impossible mode or
     size, or a file shorter than its header says (truncated copy, disk full while writing).
     """
+    return stack_layout(path)[:3]
+
+
+def stack_layout(path: Path) -> tuple[int, int, int, np.dtype, int]:
+    """``(n_images, ny, nx, dtype, data offset)`` of the MRC stack ``path`` (checked as
+    :func:`stack_shape` says)."""
     try:
         with open(path, "rb") as f:
             head = f.read(HEADER_BYTES)
@@ -100,21 +108,18 @@ def stack_shape(path: Path) -> tuple[int, int, int]:
             f"{path}: {size} bytes but its header describes {nz} images of {nx}x{ny} px "
             f"({need} bytes) — the stack is truncated; {REEXTRACT}"
         )
-    return nz, ny, nx
+    dtype = np.dtype(MODE_DTYPES[mode]).newbyteorder(order)
+    return nz, ny, nx, dtype, HEADER_BYTES + nsymbt
 
 
-def _open_mmap(path: Path) -> mrcfile.mrcmemmap.MrcMemmap:
-    stack_shape(path)  # a one-line error for a missing, corrupt or truncated stack
+def _open_stack(path: Path) -> RowFile:
+    from companion.classify.diskcache import RowFile  # here: companion.classify imports us
+
+    nz, ny, nx, dtype, offset = stack_layout(path)  # a one-line error for a bad stack
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # permissive mode warns; failures are checked below
-            mrc = mrcfile.mmap(path, mode="r", permissive=True)
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable MRC stack ({exc}) — {REEXTRACT}") from None
-    if mrc.data is None:
-        mrc.close()
-        raise InputError(f"{path}: the image data cannot be read — {REEXTRACT}")
-    return mrc
+        return RowFile(path, (nz, ny, nx), dtype, writable=False, offset=offset)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the image stack ({exc.strerror})") from None
 
 
 _CACHE = StackCache()
@@ -152,8 +157,7 @@ def read_images(
                 f"{data.shape[2]}x{data.shape[1]} px but the particle file says box {box} — "
                 "re-extract or fix the optics table"
             )
-        # sorted, unique-friendly fancy indexing on a memmap reads only those images
-        out[group] = data[img_idx]
+        out[group] = data[img_idx]  # reads only those images
     if normalise_contrast:
         c = particles.contrast[idx]
         if not np.all(c == 1.0):

@@ -178,3 +178,80 @@ def test_batch_size_and_devices():
     with pytest.raises(DeviceError, match="--device gpu"):
         select_device("gpu")
     assert select_device("auto") is np
+
+
+def test_fine_pass_memory_stays_within_the_coarse_pass():
+    """The E-step batch is sized for the coarse pass; the fine pass's chunks take no more
+    than the coarse arrays it frees, whatever budget score() is handed (a larger budget on
+    top of the batch's would break --memory-limit), and chunking does not change scores."""
+    import tracemalloc
+
+    g = fo.Geometry.create(64, 3.0, 6.0, None)
+    search = sc.Search.create(g, 6.0, 0.1, 1.0, "fast", np)
+    k, b = 20, 32
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(k, search.n_rot, g.n_coef)) + 1j * rng.normal(
+        size=(k, search.n_rot, g.n_coef)
+    )
+    refs = sc.RotatedRefs.create(a.astype(np.complex64), search, g.n_coef,
+                                 g.prefix(sc.Search.coarse_shell(g.s_max)))  # fmt: skip
+    xc = (rng.normal(size=(b, g.n_coef)) + 1j * rng.normal(size=(b, g.n_coef))).astype(np.complex64)
+    c2s = rng.uniform(0.2, 2.0, size=(b, g.n_coef)).astype(np.float32)
+    tc, rc = int(search.coarse_shift_idx.shape[0]), refs.coarse.shape[0] // k
+    coarse = b * tc * (refs.fc * 8 + k * rc * 4 + k * 12)  # yc, llc, m1, a1
+
+    def run(budget):
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        out = sc.score(xc, c2s, refs, search, 1e4, True, budget)  # u large: all pairs refined
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        return out, peak
+
+    small, peak_small = run(coarse)
+    big, peak_big = run(1 << 30)
+    assert big.n_fine == b * k
+    # the unchunked fine pass needs several times the coarse arrays: a 1 GiB budget must not
+    assert peak_big <= 1.1 * peak_small
+    np.testing.assert_allclose(big.ev_u, small.ev_u, rtol=1e-5, atol=1e-2)
+    np.testing.assert_array_equal(big.rot, small.rot)
+
+
+@pytest.mark.parametrize("pose_mode", ["max", "marginal"])
+def test_accumulating_flat_posteriors_stays_within_the_budget(pose_mode):
+    """With flat posteriors every (particle, class) pair is accumulated: B·K rows of 3F
+    floats, which the per-particle E-step batch does not cover; they are added in chunks
+    that fit half the work budget (and give the sums of one unchunked pass)."""
+    import tracemalloc
+
+    from companion.classify import backend
+
+    g = fo.Geometry.create(64, 3.0, 6.0, None)
+    search = sc.Search.create(g, 6.0, 0.1, 1.0, "fast", np)
+    k, b, f = 16, 128, g.n_coef
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(k, search.n_rot, f)) + 1j * rng.normal(size=(k, search.n_rot, f))
+    refs = sc.RotatedRefs.create(a.astype(np.complex64), search, f,
+                                 g.prefix(sc.Search.coarse_shell(g.s_max)))  # fmt: skip
+    x = (rng.normal(size=(b, f)) + 1j * rng.normal(size=(b, f))).astype(np.complex64)
+    c2s = rng.uniform(0.2, 2.0, size=(b, f)).astype(np.float32)
+    half, group = np.arange(b) % 2, np.zeros(b, np.int64)
+    s = sc.score(x * c2s, c2s, refs, search, 1e4, pose_mode == "marginal", 1 << 30)
+    post = np.full((b, k), 1.0 / k, np.float32)  # flat: no pair is pruned
+
+    def add(limit):
+        acc = Accumulator(k, search.n_rot, g, 1, np)
+        with backend.memory_limit(limit):
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            acc.add(s, post, search, refs, x=x, xc=x * c2s, c2s=c2s, cm=c2s, v=c2s,
+                    half=half, group=group, pose_mode=pose_mode)  # fmt: skip
+            peak = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.stop()
+        return acc.stats, peak
+
+    unchunked = b * k * f * 48  # ~200 MiB of pair rows at once
+    stats_small, peak_small = add(96 << 20)  # work budget 48 MiB: pair chunks of 24 MiB
+    stats_big, _ = add(64 << 30)
+    assert peak_small < 64 << 20 < unchunked
+    np.testing.assert_allclose(stats_small, stats_big, rtol=1e-4, atol=1e-3)

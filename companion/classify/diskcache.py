@@ -30,11 +30,14 @@ def _size(n: float) -> str:
 
 class RowFile:
     """A (rows, ...) array in a file, indexed by row: ``f[idx]`` reads, ``f[idx] = a`` writes
-    (``idx``: an int array or a slice); ``np.asarray(f)`` reads it all."""
+    (``idx``: an int array or a slice); ``np.asarray(f)`` reads it all. ``offset``: bytes
+    before the first row (a file header)."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any, writable: bool) -> None:
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any, writable: bool,
+                 offset: int = 0) -> None:  # fmt: skip
         self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
         self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self.offset = int(offset)
         self._fd = os.open(self.path, os.O_RDWR if writable else os.O_RDONLY)
 
     def __len__(self) -> int:
@@ -55,7 +58,8 @@ class RowFile:
         flat = buf.reshape(len(r), -1).view(np.uint8).reshape(len(r), self.row_bytes)
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
             want = (b - a) * self.row_bytes
-            got = os.preadv(self._fd, [memoryview(flat[a:b]).cast("B")], int(r[a]) * self.row_bytes)
+            at = self.offset + int(r[a]) * self.row_bytes
+            got = os.preadv(self._fd, [memoryview(flat[a:b]).cast("B")], at)
             if got != want:
                 raise OSError(errno.EIO, f"{self.path}: short read (truncated cache)")
         out = np.empty_like(buf)
@@ -69,7 +73,7 @@ class RowFile:
         flat = vals.reshape(len(r), -1).view(np.uint8).reshape(len(r), self.row_bytes)
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
             data = memoryview(np.ascontiguousarray(flat[a:b])).cast("B")
-            off, done = int(r[a]) * self.row_bytes, 0
+            off, done = self.offset + int(r[a]) * self.row_bytes, 0
             while done < len(data):
                 done += os.pwrite(self._fd, data[done:], off + done)
 

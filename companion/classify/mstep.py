@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from companion.classify import fourier as fo
-from companion.classify.backend import get_array_module, scatter_add_rows, to_device, to_host
+from companion.classify.backend import (
+    batch_size,
+    get_array_module,
+    scatter_add_rows,
+    to_device,
+    to_host,
+    work_budget,
+)
 from companion.classify.score import BatchScores, RotatedRefs, Search, f32view
 
 PRUNE = 1e-2
@@ -94,12 +101,22 @@ class Accumulator:
                  half: Any) -> None:  # fmt: skip
         xp = self.xp
         keep = post >= PRUNE * post.max(axis=1, keepdims=True)
-        bi, ki = xp.nonzero(keep)
-        w = post[bi, ki].astype(xp.float32)
-        rows = xc[bi] * search.phases[sc.shift[bi, ki]]
-        rows *= w[:, None]
-        target = ki * self.r + sc.rot[bi, ki]
-        self._add_rows(target, rows, c2s[bi] * w[:, None], half[bi])
+        pbi, pki = xp.nonzero(keep)
+        for s in self._chunks(int(pbi.shape[0]), xc.shape[1]):
+            bi, ki = pbi[s], pki[s]
+            w = post[bi, ki].astype(xp.float32)
+            rows = xc[bi] * search.phases[sc.shift[bi, ki]]
+            rows *= w[:, None]
+            target = ki * self.r + sc.rot[bi, ki]
+            self._add_rows(target, rows, c2s[bi] * w[:, None], half[bi])
+
+    def _chunks(self, n: int, f: int) -> list[slice]:
+        """Chunks of ``n`` (particle, class) rows whose temporaries (~48 bytes per
+        coefficient: shifted rows, weights, the concatenated and sorted copies) fit half
+        the work budget: with flat posteriors a batch has up to B·K rows, which the E-step
+        batch (sized per particle) does not cover."""
+        step = batch_size(48 * f, self.xp, budget=work_budget(self.xp) // 2, most=max(n, 1))
+        return [slice(s, s + step) for s in range(0, n, step)]
 
     def _add_dense(self, sc: BatchScores, post: Any, search: Search, xc: Any, c2s: Any,
                    half: Any) -> None:  # fmt: skip
@@ -123,14 +140,16 @@ class Accumulator:
         wz = sc.local_w * post[pb, pk][:, None, None].astype(xp.float32)  # (P, J, n_d)
         wr = wz.sum(axis=2)  # (P, J)
         peak = post.max(axis=1)[pb]  # (P,)
-        pi, ji = xp.nonzero(wr >= PRUNE * peak[:, None])
-        bi = pb[pi]
-        p = wz[pi, ji] @ search.local_adj  # (n, 2F): Σ_d w exp(-2πi f·d)
-        p = p.view(xp.complex64)
-        rows = xc[bi] * search.phases[sc.local_t0[pi]]
-        rows *= p
-        target = pk[pi] * self.r + sc.local_rot[pi, ji]
-        self._add_rows(target, rows, c2s[bi] * wr[pi, ji][:, None], half[bi])
+        ppi, pji = xp.nonzero(wr >= PRUNE * peak[:, None])
+        for s in self._chunks(int(ppi.shape[0]), xc.shape[1]):
+            pi, ji = ppi[s], pji[s]
+            bi = pb[pi]
+            p = wz[pi, ji] @ search.local_adj  # (n, 2F): Σ_d w exp(-2πi f·d)
+            p = p.view(xp.complex64)
+            rows = xc[bi] * search.phases[sc.local_t0[pi]]
+            rows *= p
+            target = pk[pi] * self.r + sc.local_rot[pi, ji]
+            self._add_rows(target, rows, c2s[bi] * wr[pi, ji][:, None], half[bi])
 
     def _add_noise(self, sc: BatchScores, top: Any, search: Search, refs: RotatedRefs,
                    x: Any, cm: Any, v: Any, group: Any, is2: Any = None

@@ -15,9 +15,10 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
            particles, one row per mode.
   select   --select auto on simulated data with junk, 3 seeds: good particles kept, junk
            in the selection, and the class-level floor (junk inside junk-minority classes).
-  scale    wall time, peak RSS, cache disk use and throughput at N = 10k, 100k, 1M (box
-           64) and K 50, 200; fitted exponents of time vs N and K; resumable (rerun the same
-           command), prints an ETA. With --cluster local:N: the first N and K without
+  scale    wall time and CPU seconds (per stage: preprocessing, online iterations, full
+           passes), peak RSS, cache disk use and throughput at N = 10k, 100k, 1M (box 64)
+           and K 50, 200; fitted exponents of CPU time vs N and K; resumable (rerun the
+           same command), prints ETAs. With --cluster local:N: the first N and K without
            Dask, on 1 worker and on N workers (wall time, speedup, overhead per iteration).
   assign   the balanced-mode solvers (soft Sinkhorn E-step, final capped labels) on an
            N × K score matrix with an attractor built in: seconds, extra memory, cap kept,
@@ -46,7 +47,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from companion.commands.options import add_n_particles, check_out_dir
+from companion.commands.options import add_n_particles, add_threads_option, check_out_dir
 from companion.params import ClassifyParams, add_params_arguments
 
 K_ALIAS = {"n_classes": ("--classes",)}  # the old spelling in demo and bench
@@ -135,7 +136,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     _overwrite(lp)
     lp.set_defaults(_bench=_select)
     sc = sub.add_parser(
-        "scale", help="time, peak RSS and cache size vs N and K (resumable)", formatter_class=fmt
+        "scale",
+        help="wall and CPU time, peak RSS and cache size vs N and K (resumable)",
+        formatter_class=fmt,
     )
     sc.add_argument("--n-particles", default="10000,100000,1000000", metavar="LIST",
                     help="particle counts [default: 10000,100000,1000000]")  # fmt: skip
@@ -165,6 +168,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "are then not those of the full schedule)",
     )
     sc.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
+    add_threads_option(sc)
     add_params_arguments(sc, ClassifyParams, only=[f for f in ClassifyParams.model_fields
                                                   if f != "n_classes"])  # fmt: skip
     sc.set_defaults(_bench=_scale)
@@ -336,7 +340,7 @@ def _scale(args: argparse.Namespace) -> int:
         _emit(args, rep, format_cluster(rep))
         return 0
     rep = run_scale_benchmark(
-        out, ns, ks, args.box, seed, overrides, args.base, args.max_iterations
+        out, ns, ks, args.box, seed, overrides, args.base, args.max_iterations, args.threads
     )
     _emit(args, rep, format_scale(rep))
     return 0
