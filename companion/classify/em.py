@@ -65,14 +65,16 @@ INCR_SHELLS = 10  # E-step resolution limit = current resolution + this (RELION'
 
 
 def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path | str | None = None,
-             resume: bool = False, callbacks: Any = None) -> ClassResult:  # fmt: skip
+             resume: bool = False, callbacks: Any = None,
+             allowed: Any = None) -> ClassResult:  # fmt: skip
     """Classify ``particles`` in 2D; see :class:`ClassResult` for what comes back.
 
     ``work_dir``: checkpoints go to ``work_dir/checkpoint/`` (preprocessed particles to its
     ``cache/``, removed at the end); without it a temporary directory is used and nothing
     can be resumed. ``resume``: continue from the last finished iteration (the parameters
     must be the same). ``callbacks``: a :class:`Callbacks` (or any object with some of its
-    methods).
+    methods). ``allowed``: a :class:`companion.subclassify.Allowed` (sub-classification:
+    each particle may only go to its parent's sub-classes).
     """
     params.check_feasible(len(particles))
     if schedule.n_iterations(params) == 0:
@@ -88,7 +90,9 @@ def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path |
             limit / (1 << 30),
             "" if params.memory_limit else " (half the available memory; --memory-limit)",
         )
-        return _Run(particles, params, xp, ckpt_dir, persistent, callbacks).execute(resume)
+        run = _Run(particles, params, xp, ckpt_dir, persistent, callbacks)
+        run.use_allowed(allowed)  # --subclassify: a no-op without a mask
+        return run.execute(resume)
 
 
 @contextlib.contextmanager
@@ -126,6 +130,14 @@ class _Run:
         self.noise_row, self.group_rows = noise_rows(
             particles.group, particles.optics_group, len(particles.group_names)
         )
+
+    allowed: Any = None  # --subclassify (companion.subclassify.Allowed), else None
+
+    def use_allowed(self, allowed: Any) -> None:
+        """Sub-classification: the seeding is dealt within each parent's sub-classes."""
+        self.allowed = allowed
+        if allowed is not None:
+            self.owner = allowed.seed_owner(self.params.seed)
 
     # ------------------------------------------------------------------ driver
 
@@ -188,6 +200,8 @@ class _Run:
     def initial_state(self, prep: Prepared) -> checkpoint.EMState:
         k, n, f = self.k, self.n, self.geom.n_coef
         refs = initial_references(self.particles, prep, k, self.xp)
+        if self.allowed is not None:  # --subclassify: each sub-class starts from its parent
+            refs = self.allowed.initial_refs(self.geom, self.xp)
         n_s = self.geom.s_max + 1
         tau2 = shell_power(fo.to_kept(to_device(refs, self.xp), self.geom), self.geom)
         g = prep.sigma2_init.shape[0]
@@ -415,6 +429,8 @@ class _Run:
                 post[xp.arange(len(chunk)), own] = 1.0
             else:
                 sc = score(xc, c2s, rrefs, self.search, u, self.marginal, budget)
+                if self.allowed is not None:  # --subclassify: other parents' classes: -inf
+                    self.allowed.mask(sc, chunk, xp)
                 if balanced:
                     caps = float(cap) * len(chunk) / self.n
                     post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,

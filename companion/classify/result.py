@@ -116,6 +116,15 @@ class ClassResult:
     scale: np.ndarray | None = None  # float32 (N,) per-particle scale; 1 when not estimated
     history: list[dict[str, Any]] = field(default_factory=list)
     group_scale: np.ndarray = field(default_factory=lambda: np.ones(0, np.float32))
+    # --subclassify (companion/subclassify.py): int64 (K,) 0-based main-run class of each
+    # class (itself for a class that was not split); ``lineage`` the split's record
+    parent_class: np.ndarray | None = None
+    lineage: dict[str, Any] | None = None
+    # --stability R (companion/stability.py): float32 (N,) fraction of the other runs in which
+    # the particle landed in the matching class; float32 (K,) its class's mean
+    stability: np.ndarray | None = None
+    class_stability: np.ndarray | None = None
+    stability_info: dict[str, Any] | None = None
 
     @property
     def n_classes(self) -> int:

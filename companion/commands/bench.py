@@ -18,6 +18,9 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
   scale    wall time, peak RSS, cache disk use and throughput at N = 10k, 100k, 1M (box
            64) and K 50, 200; fitted exponents of time vs N and K; resumable (rerun the same
            command), prints an ETA.
+  subclassify  flexible-domain state purity and "domain fell off" recall without and with
+           --subclassify (one main run each), the extra wall/CPU time, and the AUC of
+           --stability for good particles vs junk.
   assign   the balanced-mode solvers (soft Sinkhorn E-step, final capped labels) on an
            N × K score matrix with an attractor built in: seconds, extra memory, cap kept,
            particles moved, score given up for the cap.
@@ -32,6 +35,7 @@ Examples:
   companion bench select                             # 3 seeds × 2,000 particles, K 16
   companion bench scale --n-particles 2000,8000 --n-classes 10,40 --out /tmp/bs
   companion bench assign                             # N 1,000,000, K 200, CPU
+  companion bench subclassify --noise white coloured  # 4,000 particles, box 48, K 24 50
   companion bench assign --device both --n-particles 200000 --n-classes 500
 """
 
@@ -129,6 +133,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     bench_select.add_args(lp)
     lp.set_defaults(_bench=_select)
+    from companion.bench import subclassify as bench_subclassify
+
+    sb = sub.add_parser(
+        "subclassify", help="--subclassify purity / fell-off recall / time; --stability AUC",
+        formatter_class=fmt,
+    )  # fmt: skip
+    bench_subclassify.add_args(sb)
+    sb.set_defaults(_bench=_subclassify)
     sc = sub.add_parser(
         "scale", help="time, peak RSS and cache size vs N and K (resumable)", formatter_class=fmt
     )
@@ -269,6 +281,14 @@ def _select(args: argparse.Namespace) -> int:
     rep = run_select_benchmark(args)
     _emit(args, rep, format_select(rep))
     return 0
+
+
+def _subclassify(args: argparse.Namespace) -> int:
+    from companion.bench.speed import describe_machine, machine_info
+    from companion.bench.subclassify import main as run
+
+    print(describe_machine(machine_info()), file=sys.stderr)
+    return run(args)
 
 
 def _ints(text: str, what: str) -> list[int]:

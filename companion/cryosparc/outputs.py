@@ -36,7 +36,8 @@ def write_class2d_outputs(
     out = Path(out_dir)
     psize = particles.pixel_size
     uids = particle_uids_for(particles)
-    parts = Dataset([("uid", uids), *cv.alignments2d_fields(particles, result).items()])
+    parts = Dataset([("uid", uids), *cv.alignments2d_fields(particles, result).items(),
+                     *cv.companion_fields(result).items()])  # fmt: skip
     templates = Dataset(
         [
             ("uid", template_uids(uids, result.n_classes)),
@@ -87,7 +88,7 @@ def write_selected_particles(
     (bool per class), what CryoSPARC's Select 2D saves as particles_selected."""
     path = Path(out_dir) / SELECTED_NAME
     rows = np.flatnonzero(np.asarray(keep, dtype=bool)[np.asarray(result.class_id)])
-    fields = cv.alignments2d_fields(particles, result)
+    fields = cv.alignments2d_fields(particles, result) | cv.companion_fields(result)
     ds = Dataset([("uid", particle_uids_for(particles)[rows]),
                   *((k, v[rows]) for k, v in fields.items())])  # fmt: skip
     with atomic_path(path) as tmp:
