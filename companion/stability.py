@@ -79,8 +79,8 @@ def run_stability(particles: ParticleSet, params: ClassifyParams, main: ClassRes
     seeds, secs = [int(params.seed)], []
     for r in range(1, r_total):
         seed = int(params.seed) + SEED_STEP * r
-        p = params.model_copy(update={"seed": seed, "stability": 0, "subclassify": False,
-                                      "subclassify_above": None, "subclassify_k": None})  # fmt: skip
+        off = {"stability": 0, "subclassify": False, "subclassify_above": None}
+        p = params.model_copy(update={"seed": seed, **off, "subclassify_k": None})
         log.info("--stability: run %d of %d (seed %d)", r + 1, r_total, seed)
         t0 = time.perf_counter()
         wd = None if work_dir is None else Path(work_dir) / f"stability_run{r + 1}"

@@ -15,10 +15,11 @@ Merging back (:func:`merge_test`): two sub-classes of one parent are merged when
 averages are not significantly less correlated than two independent averages of one and the
 same signal would be. Each class's half-set FRC gives its spectral SNR per shell,
 ``SNR = 2 FRC / (1 − FRC)``; for one shared signal the expected FRC between the two averages
-is ``sqrt(SNR_a SNR_b / ((1 + SNR_a)(1 + SNR_b)))``. With ``n_s`` coefficients in shell s the
-FRC's noise is about ``1 / sqrt(n_s)``, so over the shells where the expected FRC is above
-0.1, ``z = Σ_s (expected_s − observed_s) sqrt(n_s) / sqrt(#shells)``; ``z < MERGE_Z`` (3)
-merges. (Half-set FRCs inside the alignment limit are optimistic, which makes the test split
+is ``sqrt(SNR_a SNR_b / ((1 + SNR_a)(1 + SNR_b)))``. Per shell s with ``n_s`` complex
+coefficients, ``z_s = (atanh(expected_s) − atanh(observed_s)) · sqrt((2 n_s − 3) / 2)``
+(Fisher's z; the expected value is itself estimated, hence half the usual weight); over the
+shells where both half-set FRCs exceed SIGNAL_FRC (0.143) and chance (3 / sqrt(2 n_s)),
+``z = Σ z_s / sqrt(#shells)``; ``z < MERGE_Z`` (3) merges. (Half-set FRCs inside the alignment limit are optimistic, which makes the test split
 rather than merge when in doubt.) A parent whose sub-classes all merge into one keeps its
 main-run class unchanged.
 
@@ -46,6 +47,7 @@ from companion.particles import ParticleSet
 log = logging.getLogger("companion.subclassify")
 
 MERGE_Z = 3.0  # z-score above which two sub-classes count as different
+SIGNAL_FRC = 0.143  # shells where both half-set FRCs exceed this (and chance) are tested
 MIN_PER_SUBCLASS = 20  # no sub-class is planned with fewer particles than this
 CAP_SLACK = 1.25  # sub-class cap = ceil(slack × the largest planned N_c / k_c)
 
@@ -196,16 +198,21 @@ def merge_test(a: np.ndarray, b: np.ndarray, frc_a: np.ndarray, frc_b: np.ndarra
     signal (nothing to tell them apart)."""
     box = a.shape[-1]
     n_s = box // 2 + 1
-    obs = cross_frc(a, b, radius)
+    obs = np.clip(cross_frc(a, b, radius), -0.999, 0.999)
     fa = np.clip(np.asarray(frc_a, np.float64)[:n_s], 0.0, 0.999)
     fb = np.clip(np.asarray(frc_b, np.float64)[:n_s], 0.0, 0.999)
     sa, sb = 2 * fa / (1 - fa), 2 * fb / (1 - fb)
-    exp = np.sqrt(sa * sb / ((1 + sa) * (1 + sb)))
+    exp = np.clip(np.sqrt(sa * sb / ((1 + sa) * (1 + sb))), 0.0, 0.999)
     counts = np.bincount(_shells(box).ravel(), minlength=n_s)[:n_s]
-    use = (exp > 0.1) & (np.arange(n_s) >= 1)
+    # shells with signal: both half-set FRCs above SIGNAL_FRC and chance (3 / sqrt(2 n_s))
+    floor = np.maximum(SIGNAL_FRC, 3.0 / np.sqrt(np.maximum(2 * counts, 1)))
+    use = (np.minimum(fa, fb) > floor) & (np.arange(n_s) >= 1)
     if not use.any():
         return 0.0
-    z = ((exp - obs)[use] * np.sqrt(counts[use])).sum() / math.sqrt(int(use.sum()))
+    # Fisher z per shell; the expected value is itself estimated (from half-sets): twice the
+    # variance of one correlation over the shell's 2 n_s real values
+    zs = (np.arctanh(exp) - np.arctanh(obs)) * np.sqrt(np.maximum(2 * counts - 3, 1) / 2.0)
+    z = zs[use].sum() / math.sqrt(int(use.sum()))
     return float(z)
 
 
@@ -280,8 +287,8 @@ def subclassify(particles: ParticleSet, params: ClassifyParams, result: ClassRes
     sp = sub_params(params, len(idx), plan, sizes, result.cap)
     log.info("--subclassify: %d classes (%s particles) into %d sub-classes in one run (cap %s)",
              len(parents), len(idx), sp.n_classes, sp.max_per_class)  # fmt: skip
-    sub = classifier(particles.subset(idx), sp, callbacks=callbacks, allowed=allowed,
-                     work_dir=None if work_dir is None else Path(work_dir) / "subclassify")  # fmt: skip
+    wd = None if work_dir is None else Path(work_dir) / "subclassify"
+    sub = classifier(particles.subset(idx), sp, work_dir=wd, callbacks=callbacks, allowed=allowed)
     sub_sizes = np.asarray(sub.class_sizes, np.int64)
     radius = None
     if params.particle_diameter:
@@ -387,9 +394,11 @@ def lineage_summary(result: ClassResult) -> dict[str, Any] | None:
         "parent_class": (np.asarray(result.parent_class) + 1).tolist(),
         "split": lin.get("split", {}),
         "kept_whole": lin.get("kept_whole", []),
-        "merge_test": {"z_merge": MERGE_Z, "pairs": [
-            t | {"a": t["a"] + 1, "b": t["b"] + 1} for t in lin.get("tested", [])
-        ], "numbering": "sub-run classes, 1-based"},  # fmt: skip
+        "merge_test": {
+            "z_merge": MERGE_Z,
+            "pairs": [t | {"a": t["a"] + 1, "b": t["b"] + 1} for t in lin.get("tested", [])],
+            "numbering": "sub-run classes, 1-based",
+        },  # fmt: skip
         "sub_run": lin.get("sub_run"),
         "seconds": lin.get("seconds", 0.0),
     }

@@ -49,13 +49,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="seeds [default: 0]")
     add_noise_args(p)
     p.add_argument("--stability", type=int, default=3, metavar="R",
-                   help="runs for the stability AUC at the first K (0: skip) [default: 3]")  # fmt: skip
+                   help="runs for the stability AUC at the first K (0: skip) [3]")  # fmt: skip
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--out", metavar="DIR", default=None, help="keep data and runs here")
     p.add_argument("--table", metavar="PATH", default=DEFAULT_TABLE,
                    help=f"write the rows as JSON here [default: ./{DEFAULT_TABLE}]")  # fmt: skip
     p.add_argument("--set", dest="set_params", metavar="NAME=VALUE", action="append",
-                   default=[], help="a classification parameter for every run (repeatable)")  # fmt: skip
+                   default=[], help="a classification parameter (repeatable)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
 
 

@@ -25,8 +25,14 @@ STATE_FILE = "state.npz"
 FORMAT = 1
 # parameters that may change between a run and its continuation
 # (the batch size is saved in the state, so --memory-limit does not change the result)
-RESUMABLE_CHANGES = ("device", "memory_limit", "subclassify", "subclassify_above",
-                     "subclassify_k", "stability")  # the last four: after the run
+RESUMABLE_CHANGES = (
+    "device",
+    "memory_limit",
+    "subclassify",
+    "subclassify_above",
+    "subclassify_k",
+    "stability",
+)  # the last four: after the run
 
 
 @dataclass
