@@ -296,3 +296,23 @@ def test_summary_and_gallery_carry_lineage_and_stability(tmp_path):
                         result.resolution_A, parents=result.parent_class,
                         stability=result.class_stability)  # fmt: skip
     assert Path(png).stat().st_size > 1000
+
+
+def test_masked_classify_runs_on_the_strict_backend(monkeypatch, tmp_path):
+    import strict_xp
+    from classify_data import make_particles
+
+    from companion.classify import classify
+    from companion.classify import em as em_mod
+
+    particles = make_particles(tmp_path, n=120, n_classes=2, box=32, snr=1.0, seed=2).particles
+    pp = np.arange(120) % 2
+    cp = np.array([0, 0, 1, 1])
+    al = Allowed(pp, cp, np.zeros((2, 32, 32), np.float32) + 0.1)
+    kw = dict(n_classes=4, max_resolution=8.0, online_iters=2, batch_per_class=30, full_iters=1,
+              balance="cap", max_per_class=40, seed=1)  # fmt: skip
+    ref = classify(particles, ClassifyParams(device="cpu", **kw), allowed=al)
+    monkeypatch.setattr(em_mod, "select_device", lambda name: strict_xp.module)
+    res = classify(particles, ClassifyParams(device="gpu", **kw), allowed=al)
+    np.testing.assert_array_equal(res.class_id, ref.class_id)
+    assert np.all(cp[res.class_id] == pp)
