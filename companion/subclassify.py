@@ -19,8 +19,9 @@ is ``sqrt(SNR_a SNR_b / ((1 + SNR_a)(1 + SNR_b)))``. Per shell s with ``n_s`` co
 coefficients, ``z_s = (atanh(expected_s) − atanh(observed_s)) · sqrt((2 n_s − 3) / 2)``
 (Fisher's z; the expected value is itself estimated, hence half the usual weight); over the
 shells where both half-set FRCs exceed SIGNAL_FRC (0.143) and chance (3 / sqrt(2 n_s)),
-``z = Σ z_s / sqrt(#shells)``; ``z < MERGE_Z`` (3) merges. (Half-set FRCs inside the alignment limit are optimistic, which makes the test split
-rather than merge when in doubt.) A parent whose sub-classes all merge into one keeps its
+``z = Σ z_s / sqrt(#shells)``; ``z < MERGE_Z`` (3) merges. (Half-set FRCs inside the
+alignment limit are optimistic, which makes the test split rather than merge when in
+doubt.) A parent whose sub-classes all merge into one keeps its
 main-run class unchanged.
 
 The result is one flat set of classes — each main class in order, a split one replaced by

@@ -65,7 +65,7 @@ def test_mask_sets_other_parents_classes_to_minus_inf():
 
 def _noisy_pair(signal_a, signal_b, noise, rng):
     """Two half-set pairs: (average a, average b, half-set FRC of a, of b)."""
-    halves = [[s + noise * rng.normal(size=s.shape) for _ in range(2)] for s in (signal_a, signal_b)]
+    halves = [[s + noise * rng.normal(size=s.shape) for _ in "ab"] for s in (signal_a, signal_b)]
     frc = [cross_frc(h[0], h[1]) for h in halves]
     avg = [0.5 * (h[0] + h[1]) for h in halves]
     return avg[0], avg[1], frc[0], frc[1]
@@ -266,11 +266,10 @@ def test_relion_columns_written_and_read_back(tmp_path, monkeypatch):
 
 def test_cryosparc_fields_written_and_read_back(tmp_path):
     from cryosparc.dataset import Dataset
+    from test_relion_class2d import make_project
 
     from companion.cryosparc import write_class2d_outputs
     from companion.relion import read_particles
-
-    from test_relion_class2d import make_project
 
     proj = tmp_path / "project"
     proj.mkdir()
