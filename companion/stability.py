@@ -14,6 +14,7 @@ the mean over its own particles.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -85,6 +86,8 @@ def run_stability(particles: ParticleSet, params: ClassifyParams, main: ClassRes
         t0 = time.perf_counter()
         wd = None if work_dir is None else Path(work_dir) / f"stability_run{r + 1}"
         res = classifier(particles, p, work_dir=wd, callbacks=callbacks)
+        if wd is not None:  # its checkpoint is of no further use
+            shutil.rmtree(wd, ignore_errors=True)
         secs.append(time.perf_counter() - t0)
         runs.append(np.asarray(res.class_id, np.int64))
         seeds.append(seed)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -290,6 +291,8 @@ def subclassify(particles: ParticleSet, params: ClassifyParams, result: ClassRes
              len(parents), len(idx), sp.n_classes, sp.max_per_class)  # fmt: skip
     wd = None if work_dir is None else Path(work_dir) / "subclassify"
     sub = classifier(particles.subset(idx), sp, work_dir=wd, callbacks=callbacks, allowed=allowed)
+    if wd is not None:  # its checkpoint is of no further use
+        shutil.rmtree(wd, ignore_errors=True)
     sub_sizes = np.asarray(sub.class_sizes, np.int64)
     radius = None
     if params.particle_diameter:
