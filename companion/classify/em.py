@@ -199,9 +199,10 @@ class _Run:
 
     def initial_state(self, prep: Prepared) -> checkpoint.EMState:
         k, n, f = self.k, self.n, self.geom.n_coef
-        refs = initial_references(self.particles, prep, k, self.xp)
         if self.allowed is not None:  # --subclassify: each sub-class starts from its parent
             refs = self.allowed.initial_refs(self.geom, self.xp)
+        else:
+            refs = initial_references(self.particles, prep, k, self.xp)
         n_s = self.geom.s_max + 1
         tau2 = shell_power(fo.to_kept(to_device(refs, self.xp), self.geom), self.geom)
         g = prep.sigma2_init.shape[0]
