@@ -315,3 +315,20 @@ def test_masked_classify_runs_on_the_strict_backend(monkeypatch, tmp_path):
     res = classify(particles, ClassifyParams(device="gpu", **kw), allowed=al)
     np.testing.assert_array_equal(res.class_id, ref.class_id)
     assert np.all(cp[res.class_id] == pp)
+
+
+def test_run_stability_with_a_seed_independent_classifier_is_one():
+    main = make_fake_result(90, 5, 24, seed=0)
+    perm = np.array([3, 0, 4, 1, 2])
+    seeds = []
+
+    def same_partners(particles, params, *, work_dir=None, callbacks=None):
+        seeds.append(params.seed)
+        return dataclasses.replace(main, class_id=perm[main.class_id].astype(np.int32))
+
+    from companion.stability import run_stability
+
+    params = ClassifyParams(n_classes=5, stability=4, seed=2)
+    stab, rec = run_stability(FakeParticles(90), params, main, classifier=same_partners)
+    assert np.all(stab == 1.0) and rec["agreement"] == [1.0, 1.0, 1.0]
+    assert len(set(seeds)) == 3 and 2 not in seeds  # R-1 more runs, each its own seed
