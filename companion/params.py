@@ -196,6 +196,39 @@ class ClassifyParams(BaseModel):
             "run_itNNN_data.star, a 'posteriors' slot in particles.cs); 0 = none."
         ),
     )
+    subclassify: bool = Field(
+        False,
+        description=(
+            "After the main run, classify every big class again on its own particles, with "
+            "the alignment redone inside the class (all big classes in ONE balanced run, each "
+            "particle allowed only into its own class's sub-classes); sub-classes not "
+            "significantly different from a sibling are merged back. The outputs hold one flat "
+            "set of classes and each class's parent (companionParentClass, "
+            "lineage/parent_class)."
+        ),
+    )
+    subclassify_above: int | None = Field(
+        None,
+        ge=1,
+        description="With --subclassify: split classes holding more than this many particles. "
+        "Default: 2 × the mean class size.",
+    )
+    subclassify_k: int | None = Field(
+        None,
+        ge=2,
+        le=100,
+        description="With --subclassify: sub-classes per split class. Default: enough that each "
+        "holds about the mean class size.",
+    )
+    stability: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Per-particle stability: run R classifications in all (this one and R-1 "
+        "more with other seeds, one after the other), match their classes (Hungarian, on "
+        "co-membership) and give each particle the fraction of the other runs in which it "
+        "landed in the matching class (companionStability, stability/fraction); 0 or 1 = off.",
+    )
     seed: int = Field(0, ge=0, description="Random seed; a run is reproducible on one backend.")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Compute device: 'gpu' needs CuPy and a CUDA GPU; 'auto' picks one."
@@ -263,6 +296,8 @@ class ClassifyParams(BaseModel):
                 f"--max-per-class {self.max_per_class} is only used with --balance cap: add "
                 "--balance cap (or drop --max-per-class)"
             )
+        if not self.subclassify and (self.subclassify_above or self.subclassify_k):
+            raise ValueError("--subclassify-above / --subclassify-k need --subclassify")
         if self.balance != "off" and self.class_priors == "estimated":
             raise ValueError(
                 "--class-priors estimated cannot be combined with --balance, which holds the "

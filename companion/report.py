@@ -60,11 +60,16 @@ def write_gallery(
     max_classes: int = 400,
     scores: np.ndarray | None = None,
     selected: np.ndarray | None = None,
+    parents: np.ndarray | None = None,
+    stability: np.ndarray | None = None,
 ) -> Path:
     """PNG grid of class averages, largest class first, each labelled with its 1-based
     class number, size, resolution and (given ``scores``) class score (the CryoSPARC/RELION
     display order and labels). Empty classes are drawn as blank tiles marked "empty";
-    classes ``selected`` (bool per class) get a green frame, the others a grey one."""
+    classes ``selected`` (bool per class) get a green frame, the others a grey one. With
+    ``parents`` (--subclassify: 0-based main-run class per class) the sub-classes of a split
+    class are drawn together, labelled "c ← parent" with an orange frame; with ``stability``
+    (per class, --stability) each label adds it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -73,6 +78,12 @@ def write_gallery(
     res = np.asarray(resolution_A, dtype=np.float64)
     k = averages.shape[0]
     order = np.lexsort((np.arange(k), -sizes))[:max_classes]
+    split = None
+    if parents is not None:  # sub-classes next to each other, families by total size
+        parents = np.asarray(parents, np.int64)
+        fam = np.bincount(parents, weights=sizes, minlength=int(parents.max()) + 1)
+        split = np.bincount(parents, minlength=fam.size)[parents] > 1
+        order = np.lexsort((-sizes, parents, -fam[parents]))[:max_classes]
     n = len(order)
     cols = max(1, min(n, int(math.ceil(math.sqrt(n * 1.6)))))
     rows = max(1, int(math.ceil(n / cols)))
@@ -99,6 +110,13 @@ def write_gallery(
         second = _fmt_res(res[c])
         if scores is not None:
             second += f", score {float(scores[c]):.2f}"
+        if stability is not None and np.isfinite(stability[c]):
+            second += f", stab {float(stability[c]):.2f}"
+        if split is not None and split[c]:
+            label = f"{c + 1} ← {int(parents[c]) + 1}: {int(sizes[c])}"
+            for spine in ax.spines.values():
+                spine.set_edgecolor("#dd7722")
+                spine.set_linewidth(1.5)
         if selected is not None:
             colour = "#22aa44" if selected[c] else "#999999"
             for spine in ax.spines.values():
@@ -193,6 +211,8 @@ def build_summary(
     ``params`` (the resolved parameters) is used when the result does not carry them;
     ``selection`` ({"spec", "classes": bool per class}) records a ``--select``."""
     from companion.select import class_features, class_scores
+    from companion.stability import stability_summary
+    from companion.subclassify import lineage_summary
 
     scores = class_scores(result)
     sel = None
@@ -249,5 +269,7 @@ def build_summary(
             "device": result.device,
             "timings": all_timings,
             "history": result.history,
+            "subclassify": lineage_summary(result),
+            "stability": stability_summary(result),
         }
     )

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -284,6 +285,33 @@ def _all_or_nothing(out_dir: Path) -> Iterator[None]:
         raise
 
 
+def after_main_run(particles: ParticleSet, params: ClassifyParams, result: ClassResult,
+                   out_dir: Path, classifier: Callable[..., ClassResult],
+                   hooks: Any = None) -> ClassResult:  # fmt: skip
+    """What follows the main classification, before anything is written: ``--stability R``
+    (R-1 more runs, :mod:`companion.stability`) and ``--subclassify``
+    (:mod:`companion.subclassify`); ``result`` unchanged without them."""
+    if not params.subclassify and params.stability < 2:
+        return result
+    stop = SimpleNamespace(should_stop=hooks.should_stop if hooks is not None else lambda: False)
+    stab = None
+    if params.stability >= 2:
+        from companion.stability import run_stability
+
+        stab = run_stability(particles, params, result, out_dir, classifier=classifier,
+                             callbacks=stop)  # fmt: skip
+    if params.subclassify:
+        from companion.subclassify import subclassify
+
+        result = subclassify(particles, params, result, out_dir, classifier=classifier,
+                             callbacks=stop)  # fmt: skip
+    if stab is not None:
+        from companion.stability import with_stability
+
+        result = with_stability(result, *stab)
+    return result
+
+
 @exclusive  # one run per out_dir: lock, leftovers cleaned, write errors as one line
 def run_classification(
     particles: ParticleSet,
@@ -369,6 +397,8 @@ def run_classification(
                           callbacks=hooks.build())  # fmt: skip
     t_classify = time.perf_counter() - t0
     check_cap(result, n, cap)
+    result = after_main_run(particles, params, result, out_dir, classifier, hooks)
+    check_cap(result, n, cap)
 
     t0 = time.perf_counter()
     with _all_or_nothing(out_dir):
@@ -391,6 +421,8 @@ def run_classification(
             title=title,
             scores=scores,
             selected=keep,
+            parents=result.parent_class,
+            stability=result.class_stability,
         )
         paths["occupancy"] = write_occupancy(
             out_dir / OCCUPANCY, result.class_sizes, cap=result.cap, history=result.history

@@ -27,8 +27,10 @@ FORMAT = 1
 # (the batch size is saved in the state, so --memory-limit does not change the result)
 # (--posteriors changes only what is written: the per-particle arrays follow it, see put)
 # (--cluster and its options: where the E-step runs does not change the result)
+# (--subclassify*, --stability: they run after the main run)
 RESUMABLE_CHANGES = ("device", "memory_limit", "posteriors", "cluster", "cluster_jobs",
-                     "cluster_queue", "cluster_walltime", "cluster_timeout")  # fmt: skip
+                     "cluster_queue", "cluster_walltime", "cluster_timeout", "subclassify",
+                     "subclassify_above", "subclassify_k", "stability")  # fmt: skip
 
 
 @dataclass

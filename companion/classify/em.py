@@ -77,7 +77,7 @@ def open_engine(params: ClassifyParams) -> Any:
 
 def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path | str | None = None,
              resume: bool = False, callbacks: Any = None,
-             checked: bool = False) -> ClassResult:  # fmt: skip
+             checked: bool = False, allowed: Any = None) -> ClassResult:  # fmt: skip
     """Classify ``particles`` in 2D; see :class:`ClassResult` for what comes back.
 
     ``work_dir``: checkpoints go to ``work_dir/checkpoint/`` (preprocessed particles to its
@@ -85,7 +85,9 @@ def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path |
     can be resumed. ``resume``: continue from the last finished iteration (the parameters
     must be the same). ``callbacks``: a :class:`Callbacks` (or any object with some of its
     methods). ``checked``: the caller already checked ``params`` against N (cap, K) with
-    :func:`companion.preflight.check_run`; otherwise it is checked here.
+    :func:`companion.preflight.check_run`; otherwise it is checked here. ``allowed``: a
+    :class:`companion.subclassify.Allowed` (sub-classification: each particle may only go
+    to its parent's sub-classes).
     """
     if not checked:
         params.check_feasible(len(particles))
@@ -102,7 +104,9 @@ def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path |
             limit / (1 << 30),
             "" if params.memory_limit else " (half the available memory; --memory-limit)",
         )
-        return _Run(particles, params, xp, ckpt_dir, persistent, callbacks).execute(resume)
+        run = _Run(particles, params, xp, ckpt_dir, persistent, callbacks)
+        run.use_allowed(allowed)  # --subclassify: a no-op without a mask
+        return run.execute(resume)
 
 
 @contextlib.contextmanager
@@ -143,6 +147,14 @@ class _Run:
         )
         self.engine: Any = None  # where the E-step shards run (execute opens it)
         self.run_state: estep.RunState | None = None  # set by setup_estep
+
+    allowed: Any = None  # --subclassify (companion.subclassify.Allowed), else None
+
+    def use_allowed(self, allowed: Any) -> None:
+        """Sub-classification: the seeding is dealt within each parent's sub-classes."""
+        self.allowed = allowed
+        if allowed is not None:
+            self.owner = allowed.seed_owner(self.params.seed)
 
     # ------------------------------------------------------------------ driver
 
@@ -208,6 +220,7 @@ class _Run:
             ctf=estep.CtfInputs(self.particles.ctf, self.particles.ctf_premultiplied,
                                 self.particles.phase_flipped),
             group_index=np.asarray(prep.group_index, np.int32), half=st.half, owner=self.owner,
+            allowed=self.allowed,
         )  # fmt: skip
         self.ctx = estep.Context(self.run_state, self.xp, geom=self.geom, search=self.search,
                                  projector=self.projector, coeffs=prep.coeffs)  # fmt: skip
@@ -226,7 +239,10 @@ class _Run:
 
     def initial_state(self, prep: Prepared) -> checkpoint.EMState:
         k, n, f = self.k, self.n, self.geom.n_coef
-        refs = initial_references(self.particles, prep, k, self.xp)
+        if self.allowed is not None:  # --subclassify: each sub-class starts from its parent
+            refs = self.allowed.initial_refs(self.geom, self.xp)
+        else:
+            refs = initial_references(self.particles, prep, k, self.xp)
         n_s = self.geom.s_max + 1
         tau2 = shell_power(fo.to_kept(to_device(refs, self.xp), self.geom), self.geom)
         g = prep.sigma2_init.shape[0]

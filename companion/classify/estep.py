@@ -76,6 +76,7 @@ class RunState:
     group_index: np.ndarray  # int32[N] noise row of each particle
     half: np.ndarray  # uint8[N]
     owner: np.ndarray  # int64[N] the class each particle is aligned to when seeding
+    allowed: Any = None  # --subclassify: companion.subclassify.Allowed (class mask), or None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -264,6 +265,8 @@ def estep_shard(run: RunState, it: IterationState, idx: np.ndarray, *,
                 post[xp.arange(len(chunk)), own] = 1.0
             else:
                 sc = score(xc, c2s, rrefs, search, it.u, ctx.marginal, it.budget)
+                if run.allowed is not None:  # --subclassify: other parents' classes: -inf
+                    run.allowed.mask(sc, chunk, xp)
                 if it.balanced:
                     caps = float(it.cap) * len(chunk) / run.n
                     post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,

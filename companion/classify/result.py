@@ -16,7 +16,7 @@ import numpy as np
 PER_PARTICLE = (
     "class_id", "psi_deg", "shift_px", "max_prob", "class_prob", "loglik", "n_significant",
     "norm_correction", "half_set", "class_ess", "scale", "post_class", "post_prob",
-    "post_loglik", "image_pow", "cross_cor", "slice_pow",
+    "post_loglik", "image_pow", "cross_cor", "slice_pow", "stability",
 )  # fmt: skip
 
 
@@ -139,6 +139,15 @@ class ClassResult:
     image_pow: np.ndarray | None = None
     cross_cor: np.ndarray | None = None
     slice_pow: np.ndarray | None = None
+    # --subclassify (companion/subclassify.py): int64 (K,) 0-based main-run class of each
+    # class (itself for a class that was not split); ``lineage`` the split's record
+    parent_class: np.ndarray | None = None
+    lineage: dict[str, Any] | None = None
+    # --stability R (companion/stability.py): float32 (N,) fraction of the other runs in which
+    # the particle landed in the matching class; float32 (K,) its class's mean
+    stability: np.ndarray | None = None
+    class_stability: np.ndarray | None = None
+    stability_info: dict[str, Any] | None = None
 
     def take(self, idx: Any) -> ClassResult:
         """The result for the particles ``idx`` (indices or a bool mask, in the new order):

@@ -20,6 +20,9 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
            and K 50, 200; fitted exponents of CPU time vs N and K; resumable (rerun the
            same command), prints ETAs. With --cluster local:N: the first N and K without
            Dask, on 1 worker and on N workers (wall time, speedup, overhead per iteration).
+  subclassify  flexible-domain state purity and "domain fell off" recall without and with
+           --subclassify (one main run each), the extra wall/CPU time, and the AUC of
+           --stability for good particles vs junk.
   assign   the balanced-mode solvers (soft Sinkhorn E-step, final capped labels) on an
            N × K score matrix with an attractor built in: seconds, extra memory, cap kept,
            particles moved, score given up for the cap.
@@ -35,6 +38,7 @@ Examples:
   companion bench scale --n-particles 2000,8000 --n-classes 10,40 --out /tmp/bs
   companion bench scale --cluster local:2 --n-particles 4000 --n-classes 20 --out /tmp/bc
   companion bench assign                             # N 1,000,000, K 200, CPU
+  companion bench subclassify --noise white coloured  # 4,000 particles, box 48, K 24 50
   companion bench assign --device both --n-particles 200000 --n-classes 500
 """
 
@@ -135,6 +139,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     bench_select.add_args(lp)
     _overwrite(lp)
     lp.set_defaults(_bench=_select)
+    from companion.bench import subclassify as bench_subclassify
+
+    sb = sub.add_parser(
+        "subclassify", help="--subclassify purity / fell-off recall / time; --stability AUC",
+        formatter_class=fmt,
+    )  # fmt: skip
+    bench_subclassify.add_args(sb)
+    sb.set_defaults(_bench=_subclassify)
     sc = sub.add_parser(
         "scale",
         help="wall and CPU time, peak RSS and cache size vs N and K (resumable)",
@@ -302,6 +314,14 @@ def _select(args: argparse.Namespace) -> int:
     rep = run_select_benchmark(args)
     _emit(args, rep, format_select(rep))
     return 0
+
+
+def _subclassify(args: argparse.Namespace) -> int:
+    from companion.bench.speed import describe_machine, machine_info
+    from companion.bench.subclassify import main as run
+
+    print(describe_machine(machine_info()), file=sys.stderr)
+    return run(args)
 
 
 def _ints(text: str, what: str) -> list[int]:

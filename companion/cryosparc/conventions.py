@@ -369,6 +369,20 @@ def posterior_fields(result: ClassResult) -> dict[str, np.ndarray]:
         for (pattern, dtype), arr in zip(POSTERIOR_FIELDS, values, strict=True):
             name = f"{POSTERIOR_SLOT}/{pattern.format(r + 1)}"
             out[name] = np.ascontiguousarray(arr[:, r].astype(dtype))
+PARENT_CLASS_FIELD = "lineage/parent_class"
+STABILITY_FIELD = "stability/fraction"
+
+
+def companion_fields(result: ClassResult) -> dict[str, np.ndarray]:
+    """companion's own per-particle fields (slots ``lineage``, ``stability``): the 0-based
+    main-run class of the particle's class (--subclassify) and its stability (--stability)."""
+    out: dict[str, np.ndarray] = {}
+    labels = np.asarray(result.class_id, dtype=np.int64)
+    if result.parent_class is not None:
+        parent = np.asarray(result.parent_class, dtype=np.int64)[np.maximum(labels, 0)]
+        out[PARENT_CLASS_FIELD] = parent.astype(np.uint32)
+    if result.stability is not None:
+        out[STABILITY_FIELD] = np.asarray(result.stability, dtype=np.float32)
     return out
 
 

@@ -62,8 +62,9 @@ def write_class2d_outputs(
 
 def particle_fields(particles: ParticleSet, result: ClassResult) -> dict[str, np.ndarray]:
     """Every field of ``particles.cs`` but uid: ``alignments2D/*``, then ``posteriors/*``
-    (with --posteriors)."""
-    return {**cv.alignments2d_fields(particles, result), **cv.posterior_fields(result)}
+    (with --posteriors), ``lineage/*`` (--subclassify) and ``stability/*`` (--stability)."""
+    return {**cv.alignments2d_fields(particles, result), **cv.posterior_fields(result),
+            **cv.companion_fields(result)}  # fmt: skip
 
 
 def project_path(path: Path, project_dir: str | Path) -> str:

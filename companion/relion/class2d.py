@@ -169,6 +169,24 @@ def data_columns(
         cols["rlnGroupName"] = pd.Categorical.from_codes(
             groups.number - 1, categories=pd.Index(groups.names, dtype=object)
         )
+    cols.update(companion_columns(result))
+    return cols
+
+
+PARENT_CLASS = "companionParentClass"  # not an rln label (RELION 3.1/4/5 ignore it)
+STABILITY = "companionStability"
+
+
+def companion_columns(result: ClassResult) -> dict[str, np.ndarray]:
+    """companion's own per-particle columns: the main-run class of the particle's class
+    (--subclassify, 1-based) and its stability (--stability); RELION ignores both."""
+    cols: dict[str, np.ndarray] = {}
+    labels = np.asarray(result.class_id, dtype=np.int64)
+    if result.parent_class is not None:
+        parent = np.asarray(result.parent_class, dtype=np.int64)
+        cols[PARENT_CLASS] = np.where(labels >= 0, parent[np.maximum(labels, 0)] + 1, 0)
+    if result.stability is not None:
+        cols[STABILITY] = np.asarray(result.stability, dtype=np.float64)
     return cols
 
 

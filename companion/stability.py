@@ -1,0 +1,123 @@
+"""``--stability R``: how reproducible each particle's class is over R independent runs.
+
+The main run and R-1 more (seeds ``seed + 1009 r``), run one after the other on the same
+device (each preprocesses its own copy: the cache is per run directory). Each extra run's
+classes are matched to the main run's by the Hungarian algorithm on co-membership (the
+contingency table of the two labelings, :func:`match_classes`), and each particle's stability
+is the fraction of the extra runs in which it landed in the class matched to its own
+(:func:`particle_stability`): 1 when every run put it with the same partners. A class's
+stability is the mean over its particles. With ``--subclassify`` the figure is that of the
+main-run classification (the sub-classes are a refinement of it); each flat class reports
+the mean over its own particles.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from companion.classify.result import ClassResult
+from companion.params import ClassifyParams
+from companion.particles import ParticleSet
+
+log = logging.getLogger("companion.stability")
+
+SEED_STEP = 1009
+
+
+def match_classes(ref: np.ndarray, other: np.ndarray, k_ref: int, k_other: int) -> np.ndarray:
+    """``m`` (k_other,): the class of ``ref`` matched to each class of ``other`` (-1 when
+    unmatched), maximising the particles both put together (Hungarian assignment on the
+    contingency table)."""
+    from scipy.optimize import linear_sum_assignment
+
+    ref, other = np.asarray(ref, np.int64), np.asarray(other, np.int64)
+    table = np.bincount(other * k_ref + ref, minlength=k_other * k_ref).reshape(k_other, k_ref)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    m = np.full(k_other, -1, np.int64)
+    m[rows] = cols
+    return m
+
+
+def particle_stability(runs: list[np.ndarray], n_classes: list[int] | None = None) -> np.ndarray:
+    """float32 (N,): per particle, the fraction of ``runs[1:]`` whose matched class is the
+    particle's class in ``runs[0]`` (1.0 for fewer than two runs)."""
+    ref = np.asarray(runs[0], np.int64)
+    if len(runs) < 2:
+        return np.ones(len(ref), np.float32)
+    ks = n_classes or [int(np.asarray(r).max()) + 1 for r in runs]
+    hits = np.zeros(len(ref), np.float64)
+    for r, k in zip(runs[1:], ks[1:], strict=True):
+        m = match_classes(ref, r, ks[0], k)
+        hits += m[np.asarray(r, np.int64)] == ref
+    return (hits / (len(runs) - 1)).astype(np.float32)
+
+
+def class_means(values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """float32 (K,): mean of ``values`` over each class's particles (nan when empty)."""
+    labels = np.asarray(labels, np.int64)
+    s = np.bincount(labels, np.asarray(values, np.float64), k)
+    c = np.bincount(labels, minlength=k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(c > 0, s / np.maximum(c, 1), np.nan).astype(np.float32)
+
+
+def run_stability(particles: ParticleSet, params: ClassifyParams, main: ClassResult,
+                  work_dir: Path | None = None, *, classifier: Any = None,
+                  callbacks: Any = None) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    """R-1 more runs of ``params`` with other seeds; returns the per-particle stability of
+    the ``main`` labels and a record (seeds, seconds, agreement per run)."""
+    if classifier is None:
+        from companion.classify import classify as classifier
+    r_total = int(params.stability)
+    runs = [np.asarray(main.class_id, np.int64)]
+    seeds, secs = [int(params.seed)], []
+    for r in range(1, r_total):
+        seed = int(params.seed) + SEED_STEP * r
+        off = {"stability": 0, "subclassify": False, "subclassify_above": None}
+        p = params.model_copy(update={"seed": seed, **off, "subclassify_k": None})
+        log.info("--stability: run %d of %d (seed %d)", r + 1, r_total, seed)
+        t0 = time.perf_counter()
+        wd = None if work_dir is None else Path(work_dir) / f"stability_run{r + 1}"
+        res = classifier(particles, p, work_dir=wd, callbacks=callbacks)
+        if wd is not None:  # its checkpoint is of no further use
+            shutil.rmtree(wd, ignore_errors=True)
+        secs.append(time.perf_counter() - t0)
+        runs.append(np.asarray(res.class_id, np.int64))
+        seeds.append(seed)
+    k = main.n_classes
+    stab = particle_stability(runs, [k] * len(runs))
+    agree = [float(np.mean(match_classes(runs[0], r, k, k)[r] == runs[0])) for r in runs[1:]]
+    return stab, {"runs": r_total, "seeds": seeds, "seconds": secs, "agreement": agree}
+
+
+def with_stability(result: ClassResult, stab: np.ndarray, record: dict[str, Any]) -> ClassResult:
+    """``result`` carrying the per-particle stability, its per-class means and the record."""
+    cls = class_means(stab, result.class_id, result.n_classes)
+    timings = dict(result.timings) | {"stability_s": float(sum(record["seconds"]))}
+    return replace(result, stability=np.asarray(stab, np.float32), class_stability=cls,
+                   stability_info=record, timings=timings)  # fmt: skip
+
+
+def stability_summary(result: ClassResult) -> dict[str, Any] | None:
+    """The ``stability`` entry of summary.json, or None."""
+    if result.stability is None:
+        return None
+    rec = result.stability_info or {}
+    cls = np.asarray(result.class_stability, np.float64)
+    return {
+        "definition": "fraction of the other runs in which the particle landed in the class "
+        "matched (Hungarian, co-membership) to its main-run class",
+        "runs": rec.get("runs"),
+        "seeds": rec.get("seeds"),
+        "seconds_extra_runs": rec.get("seconds"),
+        "agreement_per_run": rec.get("agreement"),
+        "mean": float(np.mean(result.stability)),
+        "class_stability": [None if not np.isfinite(v) else round(float(v), 4) for v in cls],
+    }
