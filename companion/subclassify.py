@@ -369,8 +369,11 @@ def _flatten(main: ClassResult, sub: ClassResult, idx: np.ndarray, parents: np.n
         if s_ is not None:
             out[f][rows] = np.asarray(s_)[moved]
     if new_of_rep and main.post_prob is not None:  # split classes: main-run numbers are stale
-        log.warning("--subclassify split classes: the top-%d class posteriors "
-                    "(--posteriors) are left out of the outputs", main.post_prob.shape[1])
+        log.warning(
+            "--subclassify split classes: the top-%d class posteriors "
+            "(--posteriors) are left out of the outputs",
+            main.post_prob.shape[1],
+        )
         out.update({f: None for f in POSTERIOR_FIELDS})
     if scale is not None and sub.scale is not None:
         scale[rows] = np.asarray(sub.scale)[moved]
