@@ -146,6 +146,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         formatter_class=fmt,
     )  # fmt: skip
     bench_subclassify.add_args(sb)
+    _overwrite(sb)
     sb.set_defaults(_bench=_subclassify)
     sc = sub.add_parser(
         "scale",

@@ -369,6 +369,7 @@ def posterior_fields(result: ClassResult) -> dict[str, np.ndarray]:
         for (pattern, dtype), arr in zip(POSTERIOR_FIELDS, values, strict=True):
             name = f"{POSTERIOR_SLOT}/{pattern.format(r + 1)}"
             out[name] = np.ascontiguousarray(arr[:, r].astype(dtype))
+    return out
 
 
 PARENT_CLASS_FIELD = "lineage/parent_class"
