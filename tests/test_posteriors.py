@@ -306,8 +306,8 @@ def test_select_cs(runs, tmp_path, capsys):
         ("star0", ["--margin", "0.2"], "companionPosterior1"),
         ("star0", ["--classes", "auto"], ""),  # falls back to the written class scores
         ("star", [], "nothing to select by"),
-        ("star", ["--classes", "0"], "between 1 and 3"),
-        ("cs", ["--classes", "3"], "between 0 and 2"),
+        ("star", ["--classes", "0"], "classes 1 to 3"),
+        ("cs", ["--classes", "3"], "classes 0 to 2"),
         ("star", ["--margin", "1.5"], "between 0 and 1"),
     ],
 )
