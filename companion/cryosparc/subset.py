@@ -22,8 +22,6 @@ from companion.errors import InputError
 from companion.io.atomic import atomic_path
 from companion.pick import ClassifiedView
 
-STABILITY = "stability/fraction"  # the stability helper's field (--stability)
-
 
 def find_particles_cs(path: Path) -> Path:
     """``path`` itself (a .cs file) or ``particles.cs`` in the directory ``path``."""
@@ -82,13 +80,13 @@ def read_view(path: Path) -> tuple[ClassifiedView, dict]:
         class_id=class_id,
         class_prob=_field(dset, fields, "alignments2D/class_posterior"),
         post_prob=np.stack(ranked, axis=1) if ranked else None,
-        stability=_field(dset, fields, STABILITY),
+        stability=_field(dset, fields, cv.STABILITY_FIELD),
         class_score=scores,
         averages=averages,
         columns={
             "posteriors": f"{cv.POSTERIOR_SLOT}/prob_1… fields",
             "assigned": "alignments2D/class_posterior field",
-            "stability": f"{STABILITY} field",
+            "stability": f"{cv.STABILITY_FIELD} field",
             "score": f"class_score in {cs.parent / 'summary.json'}",
         },
     )

@@ -14,10 +14,9 @@ import pandas as pd
 
 from companion.errors import InputError
 from companion.pick import ClassifiedView
-from companion.relion.class2d import ASSIGNED_POSTERIOR, POSTERIOR_LABELS
+from companion.relion.class2d import ASSIGNED_POSTERIOR, POSTERIOR_LABELS, STABILITY
 from companion.relion.star import parse_star, write_star
 
-STABILITY = "companionStability"  # the stability helper's label (--stability)
 SELECTED_NAME = "particles.star"
 _DATA = re.compile(r"^(?P<root>.+)_it(?P<it>\d{3,})_data\.star$")
 
