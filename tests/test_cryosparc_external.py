@@ -556,8 +556,8 @@ def test_select_parsing():
     from fake_result import set_particle_and_junk_averages
 
     result = set_particle_and_junk_averages(fake_result(9, 3, 8), junk=[2])
-    assert ext.select_classes(result, "auto").tolist() == [True, True, False]
-    assert ext.select_classes(result, [2]).tolist() == [False, False, True]
+    assert ext.select_classes(result, "auto").classes.tolist() == [True, True, False]
+    assert ext.select_classes(result, [2]).classes.tolist() == [False, False, True]
 
 
 def test_help_has_examples_and_no_password_option():

@@ -71,6 +71,12 @@ class EMState:
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     scale: np.ndarray | None = None  # float32 (N,) per-particle scale (None: all 1)
+    # float32 (N,): loglik minus that of the empty model (see ClassResult.loglik_gain)
+    loglik_gain: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.loglik_gain is None:  # a fresh state, or a checkpoint written without it
+            self.loglik_gain = np.zeros(len(self.class_id), np.float32)
 
 
 def comparable_params(params: ClassifyParams) -> dict[str, Any]:

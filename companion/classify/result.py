@@ -29,6 +29,11 @@ class ClassResult:
         norm_correction: float32 (rlnNormCorrection; 1 unless estimated).
         half_set: uint8, 0 or 1 (random half used for the per-class FRC).
         class_ess: float32, effective number of classes (exp of the posterior's entropy).
+        loglik_gain: float32, ``loglik`` minus the log-likelihood of the same image under
+            the empty model (noise only): ``loglik + ½ Σ |x|² / σ²``. How much better the
+            particle is explained by the classes than by no particle at all — about
+            +½‖CTF·A‖²/σ² for a particle, −½‖CTF·A‖²/σ² (plus the best noise match) for
+            pure noise. None for results made without it.
 
     Per class (length K):
         averages: float32[K, box, box] at the ORIGINAL box and pixel size (Fourier-padded
@@ -116,6 +121,7 @@ class ClassResult:
     scale: np.ndarray | None = None  # float32 (N,) per-particle scale; 1 when not estimated
     history: list[dict[str, Any]] = field(default_factory=list)
     group_scale: np.ndarray = field(default_factory=lambda: np.ones(0, np.float32))
+    loglik_gain: np.ndarray | None = None
 
     @property
     def n_classes(self) -> int:

@@ -312,7 +312,6 @@ def run_job(job: JobArgs, project_dir: Path) -> Path:
     from companion.errors import InputError
     from companion.params import ClassifyParams, validate_params
     from companion.relion import read_particles
-    from companion.relion.class2d import write_selection
     from companion.relion.pipeline import (
         OUTPUT_NODES,
         AbortWatcher,
@@ -359,6 +358,7 @@ def run_job(job: JobArgs, project_dir: Path) -> Path:
         keep_iterations=job.keep_iterations,
         callbacks=JobCallbacks(abort),
         root="run",
+        select=job.select or None,  # companion.select.select_particles, as for every host
     )
     result, paths = outputs.result, outputs.paths
     _log_occupancy(result)
@@ -367,18 +367,18 @@ def run_job(job: JobArgs, project_dir: Path) -> Path:
         (paths["optimiser"], "optimiser"),
         (paths["model"], "model"),
     ]
-    if job.select:
-        chosen = parse_select(job.select, result)
-        sel = write_selection(job_dir, particles, result, chosen, paths["classes"])
-        n_sel = int(sum(result.class_sizes[c - 1] for c in chosen))
+    chosen = outputs.summary.get("selection")
+    if chosen and "selected_particles" in paths:
         log.info(
-            "selected %d classes (%s), %d particles -> %s, %s",
-            len(chosen), ",".join(map(str, chosen)), n_sel,
-            sel["particles"], sel["class_averages"],
+            "selected %d classes (%s), %d particles (%d outliers of these classes left out) "
+            "-> %s, %s",
+            len(chosen["classes"]), ",".join(map(str, chosen["classes"])),
+            chosen["n_particles"], chosen["removed_total"],
+            paths["selected_particles"], paths["selected_classes"],
         )  # fmt: skip
         nodes += [
-            (sel["particles"], "selected_particles"),
-            (sel["class_averages"], "class_averages"),
+            (paths["selected_particles"], "selected_particles"),
+            (paths["selected_classes"], "class_averages"),
         ]
     for name, path in paths.items():
         log.info("output %-10s %s", name, path)
