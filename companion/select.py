@@ -58,6 +58,7 @@ PARTICLE_Z_MAX = 3.5  # robust z beyond which a particle of a kept class is left
 MIN_MEMBERS = 20  # smaller classes are kept whole (too few members for a median and a MAD)
 LOWRES_A = 20.0  # lowres_power: shells from 1 up to this resolution (Å)
 MAD_SD = 1.4826  # MAD → standard deviation for a normal distribution
+MIN_GROUP = 50  # lowres_power: smaller groups use the reference of all particles
 GAIN_FLOOR = 1.0  # loglik_gain (nats) below which an image holds no evidence of a particle
 
 
@@ -214,10 +215,11 @@ class Selection:
         }
 
 
-def lowres_power(particles: Any, batch_size: int = 1024) -> np.ndarray:
+def lowres_power(particles: Any, batch_size: int = 1024, per_group: bool = True) -> np.ndarray:
     """float64 (N,): log of each image's power in shells 1 .. box·psize/``LOWRES_A``, each
-    shell divided by its median over all particles (see the module doc). Reads the images
-    once, ``batch_size`` at a time."""
+    shell divided by its median over the particle's group (micrograph; over all particles
+    for groups below ``MIN_GROUP``; see the module doc). Reads the images once,
+    ``batch_size`` at a time."""
     n, box = len(particles), int(particles.box)
     s_hi = max(2, int(box * float(np.median(particles.psize)) / LOWRES_A))
     ky = np.fft.fftfreq(box, 1.0 / box)[:, None]
@@ -233,8 +235,13 @@ def lowres_power(particles: Any, batch_size: int = 1024) -> np.ndarray:
     for idx, imgs in particles.iter_batches(batch_size):
         f = np.fft.rfft2(imgs)[:, inside]
         power[idx] = (f.real**2 + f.imag**2) @ onehot
-    ref = np.maximum(np.median(power, axis=0), 1e-30)
-    return np.log(np.maximum((power / ref).mean(axis=1), 1e-30))
+    ref = np.broadcast_to(np.median(power, axis=0), power.shape).copy()
+    if per_group:  # ice and CTF (so the ice noise) differ per micrograph: a reference each
+        group = np.asarray(particles.group, np.int64)
+        for g in np.flatnonzero(np.bincount(group) >= MIN_GROUP):
+            m = group == g
+            ref[m] = np.median(power[m], axis=0)
+    return np.log(np.maximum((power / np.maximum(ref, 1e-30)).mean(axis=1), 1e-30))
 
 
 def particle_features(result: Any, particles: Any = None) -> ParticleFeatures:
