@@ -27,14 +27,16 @@ when it is an outlier (robust z beyond ``PARTICLE_Z_MAX``: median and 1.4826 × 
 class's members) by either of
 
 - ``lowres_power`` (high side): log of the image's low-resolution power (shells 1 up to
-  ``LOWRES_A`` Å), each shell divided by that shell's median over all particles (so that
-  coloured noise is whitened). Rotation- and shift-invariant: no alignment needed. Gold
-  edges and contamination put 3-30x the particles' power there; particles of one class
-  spread by ±0.2-0.5 in log.
+  ``LOWRES_A`` Å), each shell divided by that shell's median over the particle's micrograph group
+  (all particles for groups under ``MIN_GROUP``), so that coloured noise is whitened.
+  Rotation- and shift-invariant: no alignment needed. Gold edges and contamination put
+  3-30x the particles' power there; particles of one class spread by ±0.2-0.5 in log.
 - ``loglik_gain`` (low side): log of ``ClassResult.loglik_gain`` (floored at
   ``GAIN_FLOOR`` nats), the log-likelihood over that of the empty model — how much better
   the image is explained by the classes than by noise alone. Particles of a class: 20-70
-  nats (box 64, SNR 0.08), pure noise 2-5; the log makes the spread (defocus, SNR) a ratio.
+  nats (box 64, SNR 0.08, white noise), pure noise 2-8; the log makes the spread (defocus,
+  SNR) a ratio. On coloured noise (half of it CTF-modulated ice) the two overlap (~14 vs
+  ~10 nats) and pure noise is not found per particle (README, 'Class scores').
 
 A ``--select`` LIST keeps its classes whole (the user chose them).
 """
