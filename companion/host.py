@@ -62,9 +62,13 @@ class Host:
         result: ClassResult,
         keep: Any,
         paths: dict[str, Path],
+        *,
+        chosen: Any = None,
     ) -> dict[str, Path]:
         """Write the particles of the classes ``keep`` (bool per class) as the host's own
-        class selection would; ``{name: path}`` (nothing when no class is kept)."""
+        class selection would — only those of ``chosen`` (bool per particle, e.g.
+        ``Selection.particles``) when given; ``{name: path}`` (nothing when no class is
+        kept)."""
         import logging
 
         if not keep.any():
@@ -73,7 +77,8 @@ class Host:
             )
             return {}
         module, func = self.selector.split(":")
-        out = getattr(import_module(module), func)(out_dir, particles, result, keep, paths)
+        out = getattr(import_module(module), func)(out_dir, particles, result, keep, paths,
+                                                   chosen=chosen)  # fmt: skip
         return {key: Path(p) for key, p in out.items()}
 
     def iteration_dir(self, out_dir: Path, iteration: int) -> Path:

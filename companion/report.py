@@ -209,14 +209,17 @@ def build_summary(
     """The run summary: file paths, class sizes, resolutions and scores, cap, params, timings.
 
     ``params`` (the resolved parameters) is used when the result does not carry them;
-    ``selection`` ({"spec", "classes": bool per class}) records a ``--select``."""
+    ``selection`` records a ``--select``: :meth:`companion.select.Selection.report`, or
+    ``{"spec", "classes": bool per class}`` for whole classes."""
     from companion.select import class_features, class_scores
     from companion.stability import stability_summary
     from companion.subclassify import lineage_summary
 
     scores = class_scores(result)
     sel = None
-    if selection is not None:
+    if selection is not None and "n_particles" in selection:
+        sel = dict(selection)
+    elif selection is not None:
         keep = np.asarray(selection["classes"], dtype=bool)
         chosen = keep[np.asarray(result.class_id)]
         sel = {

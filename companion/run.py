@@ -33,7 +33,7 @@ from companion.outdir import exclusive
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 from companion.report import build_summary, write_gallery, write_json, write_occupancy
-from companion.select import class_scores, parse_class_list, selected_classes
+from companion.select import class_scores, parse_class_list, select_particles
 
 log = logging.getLogger("companion.run")
 
@@ -404,10 +404,13 @@ def run_classification(
     with _all_or_nothing(out_dir):
         paths = sink.write_result(out_dir, root, particles, result, result.iteration)
         scores = class_scores(result)
-        keep = None
-        if select is not None:
-            keep = selected_classes(result, select, base=sink.class_base)
-            paths.update(sink.write_selection(out_dir, particles, result, keep, paths))
+        keep = selection = None
+        if select is not None:  # the one rule of every host (companion.select)
+            selection = select_particles(result, select, particles=particles,
+                                         base=sink.class_base)  # fmt: skip
+            keep = selection.classes
+            paths.update(sink.write_selection(out_dir, particles, result, keep, paths,
+                                              chosen=selection.particles))  # fmt: skip
         p = result.params or params.resolved()
         title = (
             f"{particles.source_path.name}: {n} particles, K {result.n_classes}, anneal "
@@ -436,7 +439,7 @@ def run_classification(
             source=particles.source_path,
             host=sink.name,
             params=params.resolved(),
-            selection=None if keep is None else {"spec": select, "classes": keep},
+            selection=None if selection is None else selection.report(),
             timings={
                 "classify_s": t_classify,
                 "write_s": t_write,

@@ -18,6 +18,27 @@ The score is the product of one soft step per feature (each in [0, 1], 0.5 at it
 so any single junk trait pulls a class down. ``select_auto`` keeps the non-empty classes
 scoring at least ``SELECT_THRESHOLD``; hosts only convert class numbers (RELION 1-based,
 CryoSPARC 0-based).
+
+Junk that the classifier put into a particle class (a particle next to a gold edge, a
+contamination blob, pure noise) cannot be removed by any choice of whole classes, so
+:func:`select_particles` — what every host's ``--select auto`` writes — adds a per-particle
+stage: within each kept class of at least ``MIN_MEMBERS`` particles, a particle is left out
+when it is an outlier (robust z beyond ``PARTICLE_Z_MAX``: median and 1.4826 × MAD over the
+class's members) by either of
+
+- ``lowres_power`` (high side): log of the image's low-resolution power (shells 1 up to
+  ``LOWRES_A`` Å), each shell divided by that shell's median over the particle's micrograph group
+  (all particles for groups under ``MIN_GROUP``), so that coloured noise is whitened.
+  Rotation- and shift-invariant: no alignment needed. Gold edges and contamination put
+  3-30x the particles' power there; particles of one class spread by ±0.2-0.5 in log.
+- ``loglik_gain`` (low side): log of ``ClassResult.loglik_gain`` (floored at
+  ``GAIN_FLOOR`` nats), the log-likelihood over that of the empty model — how much better
+  the image is explained by the classes than by noise alone. Particles of a class: 20-70
+  nats (box 64, SNR 0.08, white noise), pure noise 2-8; the log makes the spread (defocus,
+  SNR) a ratio. On coloured noise (half of it CTF-modulated ice) the two overlap (~14 vs
+  ~10 nats) and pure noise is not found per particle (README, 'Class scores').
+
+A ``--select`` LIST keeps its classes whole (the user chose them).
 """
 
 from __future__ import annotations
@@ -34,6 +55,13 @@ RIM_MAX = 1.8
 CONTRAST_MAX_LOG = float(np.log(2.0))  # |log contrast|
 SHARPNESS_MIN = 0.9
 SIZE_MIN = 0.1  # fraction of the mean class size
+# the per-particle stage of select_particles
+PARTICLE_Z_MAX = 3.5  # robust z beyond which a particle of a kept class is left out
+MIN_MEMBERS = 20  # smaller classes are kept whole (too few members for a median and a MAD)
+LOWRES_A = 20.0  # lowres_power: shells from 1 up to this resolution (Å)
+MAD_SD = 1.4826  # MAD → standard deviation for a normal distribution
+MIN_GROUP = 50  # lowres_power: smaller groups use the reference of all particles
+GAIN_FLOOR = 1.0  # loglik_gain (nats) below which an image holds no evidence of a particle
 
 
 @dataclass
@@ -150,3 +178,141 @@ def selected_classes(result: Any, spec: str, *, base: int, option: str = "--sele
     keep = np.zeros(result.n_classes, dtype=bool)
     keep[parse_class_list(spec, result.n_classes, base=base, option=option)] = True
     return keep
+
+
+# ------------------------------------------------------------------ per-particle stage
+
+
+@dataclass
+class ParticleFeatures:
+    """Per-particle features of the selection's per-particle stage (float64, length N; NaN
+    where not available: no images given, or a result without ``loglik_gain``)."""
+
+    lowres_power: np.ndarray
+    loglik_gain: np.ndarray  # log of ClassResult.loglik_gain (floored at GAIN_FLOOR)
+
+
+@dataclass
+class Selection:
+    """What ``--select`` keeps: ``classes`` (bool, K), ``particles`` (bool, N: the rows the
+    selection files hold) and ``removed`` (int64, K: particles of kept classes that the
+    per-particle stage left out; zeros for a LIST)."""
+
+    spec: str
+    classes: np.ndarray
+    particles: np.ndarray
+    removed: np.ndarray
+
+    def report(self) -> dict[str, Any]:
+        """The ``selection`` entry of ``summary.json`` (class numbers 1-based)."""
+        kept = np.flatnonzero(self.classes)
+        return {
+            "spec": self.spec,
+            "classes": (kept + 1).tolist(),
+            "n_particles": int(self.particles.sum()),
+            "removed_per_class": {str(int(c) + 1): int(self.removed[c]) for c in kept},
+            "removed_total": int(self.removed.sum()),
+            "particle_stage": {
+                "z_max": PARTICLE_Z_MAX,
+                "min_members": MIN_MEMBERS,
+                "lowres_A": LOWRES_A,
+            },  # fmt: skip
+        }
+
+
+def lowres_power(particles: Any, batch_size: int = 1024, per_group: bool = True) -> np.ndarray:
+    """float64 (N,): log of each image's power in shells 1 .. box·psize/``LOWRES_A``, each
+    shell divided by its median over the particle's group (micrograph; over all particles
+    for groups below ``MIN_GROUP``; see the module doc). Reads the images once,
+    ``batch_size`` at a time."""
+    n, box = len(particles), int(particles.box)
+    s_hi = max(2, int(box * float(np.median(particles.psize)) / LOWRES_A))
+    ky = np.fft.fftfreq(box, 1.0 / box)[:, None]
+    kx = np.fft.rfftfreq(box, 1.0 / box)[None, :]
+    shell = np.rint(np.hypot(kx, ky)).astype(np.int64)
+    inside = (shell >= 1) & (shell <= s_hi)
+    # rfft half plane: columns 1..box/2-1 stand for two coefficients each
+    weight = np.broadcast_to(np.where((kx == 0) | (kx == box // 2), 1.0, 2.0), shell.shape)
+    onehot = np.zeros((int(inside.sum()), s_hi), np.float64)
+    onehot[np.arange(onehot.shape[0]), shell[inside] - 1] = weight[inside]
+    onehot /= onehot.sum(axis=0, keepdims=True)
+    power = np.empty((n, s_hi), np.float64)
+    for idx, imgs in particles.iter_batches(batch_size):
+        f = np.fft.rfft2(imgs)[:, inside]
+        power[idx] = (f.real**2 + f.imag**2) @ onehot
+    ref = np.broadcast_to(np.median(power, axis=0), power.shape).copy()
+    if per_group:  # ice and CTF (so the ice noise) differ per micrograph: a reference each
+        group = np.asarray(particles.group, np.int64)
+        for g in np.flatnonzero(np.bincount(group) >= MIN_GROUP):
+            m = group == g
+            ref[m] = np.median(power[m], axis=0)
+    return np.log(np.maximum((power / np.maximum(ref, 1e-30)).mean(axis=1), 1e-30))
+
+
+def particle_features(result: Any, particles: Any = None) -> ParticleFeatures:
+    """The per-particle features of :func:`select_particles` (``particles``: the
+    ParticleSet that was classified, for ``lowres_power``; None leaves it NaN)."""
+    n = result.n_particles
+    lp = np.full(n, np.nan) if particles is None else lowres_power(particles)
+    gain = getattr(result, "loglik_gain", None)
+    if gain is None:
+        g = np.full(n, np.nan)
+    else:  # log: the gain scales with ‖CTF·A‖²/σ², which varies with defocus and SNR
+        g = np.log(np.maximum(np.asarray(gain, np.float64), GAIN_FLOOR))
+    return ParticleFeatures(lp, g)
+
+
+def robust_z(x: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """float64 (N,): ``(x - median) / (1.4826 MAD)`` over the members of each class in
+    ``classes`` (bool, K) with at least ``MIN_MEMBERS`` finite values; 0 elsewhere."""
+    z = np.zeros(x.shape, np.float64)
+    for c in np.flatnonzero(classes):
+        m = (labels == c) & np.isfinite(x)
+        if m.sum() < MIN_MEMBERS:
+            continue
+        med = np.median(x[m])
+        mad = MAD_SD * np.median(np.abs(x[m] - med))
+        if mad > 0:
+            z[m] = (x[m] - med) / mad
+    return z
+
+
+def particle_outliers(
+    result: Any, classes: np.ndarray, features: ParticleFeatures, z_max: float = PARTICLE_Z_MAX
+) -> np.ndarray:
+    """bool (N,): members of ``classes`` that the per-particle stage leaves out."""
+    labels = np.asarray(result.class_id, np.int64)
+    out = robust_z(features.lowres_power, labels, classes) > z_max
+    out |= robust_z(features.loglik_gain, labels, classes) < -z_max
+    inside = np.zeros(labels.shape, bool)
+    ok = labels >= 0
+    inside[ok] = classes[labels[ok]]
+    return out & inside
+
+
+def select_particles(
+    result: Any,
+    spec: str = "auto",
+    *,
+    particles: Any = None,
+    base: int = 1,
+    option: str = "--select",
+    z_max: float = PARTICLE_Z_MAX,
+) -> Selection:
+    """What ``--select auto|LIST`` keeps, for every host (RELION ``base`` 1, CryoSPARC 0).
+
+    ``auto``: the classes of :func:`select_auto`, then the per-particle stage (module doc)
+    within them; ``particles`` (the classified ParticleSet) adds the image feature
+    ``lowres_power``, without it only ``loglik_gain`` is used. A LIST keeps its classes
+    whole. Raises ParameterError naming ``option`` on a bad LIST."""
+    labels = np.asarray(result.class_id, np.int64)
+    classes = selected_classes(result, spec, base=base, option=option)
+    inside = np.zeros(labels.shape, bool)
+    ok = labels >= 0
+    inside[ok] = classes[labels[ok]]
+    removed = np.zeros(result.n_classes, np.int64)
+    if spec.strip().lower() == "auto" and classes.any():
+        drop = particle_outliers(result, classes, particle_features(result, particles), z_max)
+        inside &= ~drop
+        removed = np.bincount(labels[drop], minlength=result.n_classes).astype(np.int64)
+    return Selection(spec, classes, inside, removed)

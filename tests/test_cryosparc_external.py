@@ -239,7 +239,10 @@ def test_end_to_end_through_the_api(standin, spy, capsys):
     chosen = set(report["selected_classes"])
     assert chosen and len(sel) + len(rej) == N
     assert set(sel["alignments2D/class"]) <= chosen
-    assert not set(rej["alignments2D/class"]) & chosen
+    assert not set(sel["uid"]) & set(rej["uid"])
+    # rejected members of selected classes: the per-particle stage's outliers, logged
+    n_out = int(np.isin(np.asarray(rej["alignments2D/class"]), list(chosen)).sum())
+    assert n_out <= 0.2 * len(sel)
     assert "blob/path" in sel.fields()  # passthrough too
 
     # event log: parameters, ONE iteration line updated in place, two image logs
@@ -248,6 +251,8 @@ def test_end_to_end_through_the_api(standin, spy, capsys):
     assert any(t.startswith("Parameters:") and "n_classes" in t for t in texts)
     it_lines = [t for t in texts if t.startswith("Iteration")]
     assert len(it_lines) == 1 and it_lines[0].startswith(f"Iteration {result.iteration} of")
+    assert any(t.startswith("Selected") for t in texts)
+    assert (n_out > 0) == any(f"; {n_out} outliers of these classes left out" in t for t in texts)
     assert standin.count("jobs.update_event_log") >= result.iteration - 1
     images = [e for e in events if e.type == "image"]
     assert len(images) == 2
@@ -552,8 +557,8 @@ def test_select_parsing():
     from fake_result import set_particle_and_junk_averages
 
     result = set_particle_and_junk_averages(fake_result(9, 3, 8), junk=[2])
-    assert ext.select_classes(result, "auto").tolist() == [True, True, False]
-    assert ext.select_classes(result, [2]).tolist() == [False, False, True]
+    assert ext.select_classes(result, "auto").classes.tolist() == [True, True, False]
+    assert ext.select_classes(result, [2]).classes.tolist() == [False, False, True]
 
 
 def test_help_has_examples_and_no_password_option():

@@ -26,6 +26,7 @@ SCHEDULE = {"online_iters": 12, "batch_per_class": 60, "full_iters": 2, "anneal_
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    from companion.bench.modes import add_noise_args
     from companion.commands.options import add_n_particles, add_option
 
     add_n_particles(p, 2000, aliases=())
@@ -35,16 +36,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snr", type=float, default=0.08, help="simulated SNR [default: 0.08]")
     p.add_argument("--junk", type=float, default=0.12, help="junk fraction [default: 0.12]")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds [default: 0,1,2]")
+    add_noise_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu")
     p.add_argument("--out", metavar="DIR", default=None, help="keep data and outputs here")
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
 
 
-def select_figures(class_id: np.ndarray, keep: np.ndarray, is_junk: np.ndarray) -> dict[str, Any]:
-    """Good kept, junk in the selection and the class-level floor for class labels and a
-    per-class ``keep`` mask."""
+def select_figures(
+    class_id: np.ndarray, keep: np.ndarray, is_junk: np.ndarray, chosen: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Good kept, junk in the selection and the class-level floor for class labels, a
+    per-class ``keep`` mask and (optionally) the per-particle selection ``chosen``."""
     k = keep.size
-    sel = keep[class_id]
+    sel = keep[class_id] if chosen is None else np.asarray(chosen, bool)
     good = ~is_junk
     minority = ~metrics.junk_classes(class_id, is_junk, k)[class_id]
     return {
@@ -56,25 +60,39 @@ def select_figures(class_id: np.ndarray, keep: np.ndarray, is_junk: np.ndarray) 
     }
 
 
-def run_seed(args: argparse.Namespace, seed: int, base: Path) -> dict[str, Any]:
+def run_seed(
+    args: argparse.Namespace, seed: int, base: Path, noise: str = "white"
+) -> dict[str, Any]:
     from companion.run import run_classification
+    from companion.select import select_particles
     from companion.simulate import load_truth, simulate
     from companion.sources import open_particles
 
-    data = base / f"seed{seed}" / "data"
+    run_dir = base / f"{noise}_seed{seed}"
+    data = run_dir / "data"
     simulate(data, args.n_particles, box=args.box, psize=args.psize, snr=args.snr, seed=seed,
-             junk_fraction=args.junk, progress=False, formats=("star",))  # fmt: skip
+             junk_fraction=args.junk, noise=noise, ice_fraction=args.ice_fraction,
+             progress=False, formats=("star",))  # fmt: skip
     particles = open_particles(data / "particles.star", None)
     p = ClassifyParams(n_classes=args.n_classes, seed=seed, device=args.device, **SCHEDULE)
     t0 = time.perf_counter()
-    out = run_classification(particles, p, base / f"seed{seed}" / "classify", select="auto")
+    out = run_classification(particles, p, run_dir / "classify", select="auto")
     secs = time.perf_counter() - t0
     truth = load_truth(data)
     is_junk = truth["junk"].to_numpy() != ""
-    keep = np.zeros(out.result.n_classes, dtype=bool)
-    keep[np.asarray(out.summary["selection"]["classes"], dtype=np.int64) - 1] = True
-    fig = select_figures(np.asarray(out.result.class_id, np.int64), keep, is_junk)
-    return {"seed": seed, "junk_fraction": float(is_junk.mean()), "classify_s": secs, **fig}
+    chosen = select_particles(out.result, "auto", particles=particles)
+    if int(chosen.particles.sum()) != out.summary["selection"]["n_particles"]:
+        raise RuntimeError("bench select: the written selection is not select_particles'")
+    labels = np.asarray(out.result.class_id, np.int64)
+    whole = select_figures(labels, chosen.classes, is_junk)
+    fig = select_figures(labels, chosen.classes, is_junk, chosen.particles)
+    if args.out is not None:  # the result, to study the selection again without classifying
+        import pickle
+
+        (run_dir / "result.pkl").write_bytes(pickle.dumps(out.result))
+    return {"seed": seed, "noise": noise, "junk_fraction": float(is_junk.mean()),
+            "classify_s": secs, "removed": int(chosen.removed.sum()), **fig,
+            "class_level": whole}  # fmt: skip
 
 
 def run_select_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,12 +100,14 @@ def run_select_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     keep_dir = args.out is not None
     base = Path(args.out) if keep_dir else Path(tempfile.mkdtemp(prefix="companion-select-"))
     try:
-        rows = [run_seed(args, s, base) for s in seeds]
+        rows = [run_seed(args, s, base, noise) for noise in args.noise for s in seeds]
     finally:
         if not keep_dir:
             shutil.rmtree(base, ignore_errors=True)
     return {
-        "data": {k: getattr(args, k) for k in ("n", "classes", "box", "psize", "snr", "junk")},
+        "data": {
+            k: getattr(args, k) for k in ("n_particles", "n_classes", "box", "psize", "snr", "junk")
+        },  # fmt: skip
         "rows": rows,
     }
 
@@ -95,14 +115,19 @@ def run_select_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def format_select(rep: dict[str, Any]) -> str:
     d = rep["data"]
     lines = [
-        f"data: {d['n']} simulated particles per seed, box {d['box']} ({d['psize']} Å/px), "
-        f"SNR {d['snr']}, {100 * d['junk']:.0f}% junk; K {d['classes']}; --select auto",
-        "seed  classes  good kept  junk in selection  junk kept  class-level floor  classify s",
+        f"data: {d['n_particles']} simulated particles per seed, box {d['box']} "
+        f"({d['psize']} Å/px), SNR {d['snr']}, {100 * d['junk']:.0f}% junk; K {d['n_classes']}; "
+        "--select auto",
+        "noise  seed  classes  |  whole classes: good kept  junk in sel  |  + per-particle "
+        "stage: removed  good kept  junk in sel  junk kept  |  class-level floor  classify s",
     ]
     for r in rep["rows"]:
+        c = r["class_level"]
         lines.append(
-            f"{r['seed']:>4}  {r['classes_kept']:>7}  {100 * r['good_kept']:8.1f}%  "
-            f"{100 * r['junk_in_selection']:16.2f}%  {100 * r['junk_kept']:8.1f}%  "
+            f"{r['noise'][:5]:<5}  {r['seed']:>4}  {r['classes_kept']:>7}  |  "
+            f"{100 * c['good_kept']:24.1f}%  {100 * c['junk_in_selection']:10.2f}%  |  "
+            f"{r['removed']:23d}  {100 * r['good_kept']:8.1f}%  "
+            f"{100 * r['junk_in_selection']:10.2f}%  {100 * r['junk_kept']:8.1f}%  |  "
             f"{100 * r['class_level_floor']:16.2f}%  {r['classify_s']:10.0f}"
         )
     lines.append(

@@ -106,6 +106,7 @@ def particle_outputs(run: RunContext, sc: BatchScores, post: Any, x: Any, v: Any
         "loglik": to_host(ll).astype(np.float32),
         "n_sig": to_host(nsig).astype(np.int32),
         "class_ess": to_host(1.0 / (post * post).sum(axis=1)).astype(np.float32),
+        "loglik_gain": to_host(ll + data + lognorm).astype(np.float32),
     }
     n_top = min(int(getattr(run.params, "posteriors", 0) or 0), run.k)
     if n_top:
@@ -239,6 +240,7 @@ def build_result(run: RunContext, st: EMState) -> ClassResult:
         scale=(np.ones(run.n, np.float32) if st.scale is None else st.scale.astype(np.float32)),
         half_set=st.half.astype(np.uint8),
         class_ess=st.class_ess.astype(np.float32),
+        loglik_gain=st.loglik_gain.astype(np.float32),
         averages=averages,
         class_sizes=sizes,
         class_distribution=occupancy(st),

@@ -16,7 +16,7 @@ import numpy as np
 PER_PARTICLE = (
     "class_id", "psi_deg", "shift_px", "max_prob", "class_prob", "loglik", "n_significant",
     "norm_correction", "half_set", "class_ess", "scale", "post_class", "post_prob",
-    "post_loglik", "image_pow", "cross_cor", "slice_pow", "stability",
+    "post_loglik", "image_pow", "cross_cor", "slice_pow", "stability", "loglik_gain",
 )  # fmt: skip
 
 
@@ -46,6 +46,11 @@ class ClassResult:
         image_pow, cross_cor, slice_pow: float32 or None — CryoSPARC's powers of the best
             pose in the assigned class (Σ|X|²/σ², 2 Re Σ X̄·S/σ², Σ|S|²/σ² for the model S
             the last E-step used, with its scale), over the E-step's coefficients.
+        loglik_gain: float32, ``loglik`` minus the log-likelihood of the same image under
+            the empty model (noise only): ``loglik + ½ Σ |x|² / σ²``. How much better the
+            particle is explained by the classes than by no particle at all — about
+            +½‖CTF·A‖²/σ² for a particle, −½‖CTF·A‖²/σ² (plus the best noise match) for
+            pure noise. None for results made without it.
 
     Per class (length K):
         averages: float32[K, box, box] at the ORIGINAL box and pixel size (Fourier-padded
@@ -139,6 +144,7 @@ class ClassResult:
     image_pow: np.ndarray | None = None
     cross_cor: np.ndarray | None = None
     slice_pow: np.ndarray | None = None
+    loglik_gain: np.ndarray | None = None
     # --subclassify (companion/subclassify.py): int64 (K,) 0-based main-run class of each
     # class (itself for a class that was not split); ``lineage`` the split's record
     parent_class: np.ndarray | None = None

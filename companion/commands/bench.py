@@ -13,8 +13,9 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
            per-class correlation of the average with the true projection.
   modes    default, annealing-off, balanced and balanced + annealing-off on the same
            particles, one row per mode.
-  select   --select auto on simulated data with junk, 3 seeds: good particles kept, junk
-           in the selection, and the class-level floor (junk inside junk-minority classes).
+  select   --select auto on simulated data with junk, 3 seeds (--noise white coloured):
+           good particles kept and junk in the selection for whole classes and with the
+           per-particle stage, and the class-level floor (junk inside junk-minority classes).
   scale    wall time and CPU seconds (per stage: preprocessing, online iterations, full
            passes), peak RSS, cache disk use and throughput at N = 10k, 100k, 1M (box 64)
            and K 50, 200; fitted exponents of CPU time vs N and K; resumable (rerun the
@@ -34,7 +35,7 @@ Examples:
   companion bench quality                            # 10,000 particles, K 24
   companion bench quality --n-particles 2000 --n-classes 12 --anneal off --json
   companion bench modes --json
-  companion bench select                             # 3 seeds × 2,000 particles, K 16
+  companion bench select --noise white coloured      # 3 seeds × 2,000 particles, K 16
   companion bench scale --n-particles 2000,8000 --n-classes 10,40 --out /tmp/bs
   companion bench scale --cluster local:2 --n-particles 4000 --n-classes 20 --out /tmp/bc
   companion bench assign                             # N 1,000,000, K 200, CPU

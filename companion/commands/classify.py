@@ -89,9 +89,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also write the particles of chosen classes into --out: particles.star + "
         "class_averages.star (Subset selection style) for a STAR input, particles_selected.cs "
-        "for a .cs input. 'auto': classes with a class score of at least 0.5 (see README, "
-        "'Class scores'); or class numbers as the host numbers them (STAR 1-based, .cs "
-        "0-based), e.g. 1,4,7-9",
+        "for a .cs input. 'auto': classes with a class score of at least 0.5, without the "
+        "outliers of each class (see README, 'Class scores'); or class numbers as the host "
+        "numbers them (STAR 1-based, .cs 0-based), kept whole, e.g. 1,4,7-9",
     )
     parser.add_argument("--json", action="store_true", help="print summary.json on stdout")
     add_params_arguments(parser, ClassifyParams)

@@ -89,7 +89,8 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
         "--select",
         metavar="auto|LIST",
         help="also save particles_selected / particles_rejected: 'auto' (classes with a "
-        "class score of at least 0.5, the rule all hosts share) or 0-based classes, e.g. 0,3,7-9",
+        "class score of at least 0.5 without each class's outliers, the rule all hosts share) "
+        "or 0-based classes, kept whole, e.g. 0,3,7-9",
     )
     g.add_argument(
         "--contrast",

@@ -144,16 +144,14 @@ def parse_select(spec: str | None, n_classes: int | None = None) -> str | list[i
     return parse_class_list(spec, n_classes if n_classes is not None else sys.maxsize, base=0)
 
 
-def select_classes(result: Any, spec: str | list[int]) -> np.ndarray:
-    """bool[K]: the classes ``--select`` keeps (``auto``: :func:`companion.select.select_auto`,
-    the rule shared with the RELION job)."""
-    from companion.select import select_auto
+def select_classes(result: Any, spec: str | list[int], particles: Any = None) -> Any:
+    """The :class:`companion.select.Selection` of ``--select`` (``auto``:
+    :func:`companion.select.select_particles`, the rule shared with the RELION job; a list of
+    0-based classes keeps them whole)."""
+    from companion.select import select_particles
 
-    if spec == "auto":
-        return select_auto(result)
-    keep = np.zeros(result.n_classes, dtype=bool)
-    keep[np.asarray(spec, dtype=np.int64)] = True
-    return keep
+    text = spec if isinstance(spec, str) else ",".join(str(int(c)) for c in spec)
+    return select_particles(result, text, particles=particles, base=0)
 
 
 # ------------------------------------------------------------------ the workflow
@@ -350,9 +348,9 @@ def _classify_and_save(run: _Run, should_stop: Callable[[], bool] | None) -> Ext
     saves: list[tuple[str, Any]] = [("particles", out), ("class_averages", templates)]
     kept: list[int] | None = None
     if run.selection is not None:
-        keep = select_classes(result, run.selection)
-        kept = [int(k) for k in np.flatnonzero(keep)]
-        mask = keep[np.asarray(result.class_id)]
+        chosen = select_classes(result, run.selection, particles)
+        kept = [int(k) for k in np.flatnonzero(chosen.classes)]
+        mask = chosen.particles
         for (name, _), m in zip(SELECT_OUTPUTS, (mask, ~mask), strict=True):
             ds = run.job_call("allocating outputs", job.alloc_output, name, inp["uid"][m])
             for f, values in fields.items():
@@ -361,6 +359,11 @@ def _classify_and_save(run: _Run, should_stop: Callable[[], bool] | None) -> Ext
         joblog.line(
             f"Selected {len(kept)} of {result.n_classes} classes ({int(mask.sum())} "
             f"particles): {', '.join(map(str, kept)) or 'none'}"
+            + (
+                f"; {int(chosen.removed.sum())} outliers of these classes left out"
+                if chosen.removed.any()
+                else ""
+            )  # fmt: skip
         )
     check_outputs(saves, inp["uid"], result.n_classes)
     _save_outputs(run, saves)

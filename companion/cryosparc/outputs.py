@@ -89,12 +89,17 @@ SELECTED_NAME = "particles_selected.cs"
 
 
 def write_selected_particles(
-    out_dir: str | Path, particles: ParticleSet, result: ClassResult, keep: np.ndarray
-) -> Path:
+    out_dir: str | Path, particles: ParticleSet, result: ClassResult, keep: np.ndarray,
+    chosen: np.ndarray | None = None,
+) -> Path:  # fmt: skip
     """``particles_selected.cs``: the rows of ``particles.cs`` whose class is in ``keep``
-    (bool per class), what CryoSPARC's Select 2D saves as particles_selected."""
+    (bool per class; only those of ``chosen``, bool per particle, when given), what
+    CryoSPARC's Select 2D saves as particles_selected."""
     path = Path(out_dir) / SELECTED_NAME
-    rows = np.flatnonzero(np.asarray(keep, dtype=bool)[np.asarray(result.class_id)])
+    member = np.asarray(keep, dtype=bool)[np.asarray(result.class_id)]
+    if chosen is not None:
+        member &= np.asarray(chosen, dtype=bool)
+    rows = np.flatnonzero(member)
     fields = particle_fields(particles, result)
     ds = Dataset([("uid", particle_uids_for(particles)[rows]),
                   *((k, v[rows]) for k, v in fields.items())])  # fmt: skip
@@ -105,10 +110,11 @@ def write_selected_particles(
 
 def write_selection(
     out_dir: Path, particles: ParticleSet, result: ClassResult, keep: np.ndarray,
-    paths: dict[str, Path],
+    paths: dict[str, Path], *, chosen: np.ndarray | None = None,
 ) -> dict[str, Path]:  # fmt: skip
     """The Host selection writer: ``particles_selected.cs``."""
-    return {"selected_particles": write_selected_particles(out_dir, particles, result, keep)}
+    path = write_selected_particles(out_dir, particles, result, keep, chosen)
+    return {"selected_particles": path}
 
 
 def particle_uids_for(particles: ParticleSet) -> np.ndarray:

@@ -623,10 +623,14 @@ def write_selected(
     result: ClassResult,
     keep: np.ndarray,
     paths: dict[str, Path],
+    *,
+    chosen: np.ndarray | None = None,
 ) -> dict[str, Path]:
-    """The Host selection writer: :func:`write_selection` of the classes ``keep``."""
-    chosen = [int(c) + 1 for c in np.flatnonzero(keep)]
-    out = write_selection(out_dir, particles, result, chosen, paths["classes"])
+    """The Host selection writer: :func:`write_selection` of the classes ``keep`` (only the
+    particles ``chosen``, bool per particle, when given)."""
+    classes = [int(c) + 1 for c in np.flatnonzero(keep)]
+    out = write_selection(out_dir, particles, result, classes, paths["classes"],
+                          selected=chosen)  # fmt: skip
     return {"selected_particles": out["particles"], "selected_classes": out["class_averages"]}
 
 
@@ -636,9 +640,12 @@ def write_selection(
     result: ClassResult,
     classes: Sequence[int],
     classes_mrcs: str | Path,
+    *,
+    selected: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """What RELION's Subset selection writes for chosen classes (1-based numbers):
-    ``particles.star`` (their particles, with the 2D columns) and ``class_averages.star``
+    ``particles.star`` (their particles — only those of ``selected``, bool per particle,
+    when given — with the 2D columns) and ``class_averages.star``
     (a ``data_`` block: their ``model_classes`` rows, ``rlnReferenceImage`` into
     ``classes_mrcs``, then ``rlnIsHelix`` and ``rlnClassNumber`` last, as relion_display
     saves selected class averages)."""
@@ -650,7 +657,10 @@ def write_selection(
     if chosen.size == 0 or chosen.min() < 1 or chosen.max() > k:
         raise ValueError(f"selected classes must be in 1..{k}, got {list(chosen)}")
     labels = np.asarray(result.class_id, dtype=np.int64) + 1
-    idx = np.flatnonzero(np.isin(labels, chosen))
+    member = np.isin(labels, chosen)
+    if selected is not None:
+        member &= np.asarray(selected, dtype=bool)
+    idx = np.flatnonzero(member)
     subset = particles.subset(idx)
     cols = data_columns(particles, result)
     cols = {name: values[idx] for name, values in cols.items() if name != "rlnGroupName"}

@@ -424,7 +424,7 @@ def run_job(job: JobArgs, params: Any, project_dir: Path) -> Path:
         keep_iterations=job.keep_iterations,
         callbacks=JobCallbacks(abort),
         root="run",
-        select=job.select,  # a bad class list is refused before any work
+        select=job.select or None,  # refused before any work if bad; select.select_particles
     )
     result, paths = outputs.result, outputs.paths
     _log_occupancy(result)
@@ -433,11 +433,13 @@ def run_job(job: JobArgs, params: Any, project_dir: Path) -> Path:
         (paths["optimiser"], "optimiser"),
         (paths["model"], "model"),
     ]
-    if "selected_particles" in paths:  # Host.write_selection (nothing when no class is kept)
-        sel = outputs.summary["selection"]  # 1-based class numbers
+    chosen = outputs.summary.get("selection")
+    if chosen and "selected_particles" in paths:
         log.info(
-            "selected %d classes (%s), %d particles -> %s, %s",
-            len(sel["classes"]), ",".join(map(str, sel["classes"])), sel["n_particles"],
+            "selected %d classes (%s), %d particles (%d outliers of these classes left out) "
+            "-> %s, %s",
+            len(chosen["classes"]), ",".join(map(str, chosen["classes"])),
+            chosen["n_particles"], chosen["removed_total"],
             paths["selected_particles"], paths["selected_classes"],
         )  # fmt: skip
         nodes += [
