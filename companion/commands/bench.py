@@ -1,4 +1,4 @@
-"""Measure speed and quality (bench speed | bench quality | bench modes | bench assign).
+"""Measure speed, scale and quality (bench speed|quality|modes|select|scale|assign|subclassify).
 
 Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any).
 
