@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from companion.classify.result import ClassResult
+from companion.classify.result import PER_PARTICLE, ClassResult
 from companion.params import ClassifyParams, validate_params
 from companion.particles import ParticleSet
 
@@ -258,11 +258,8 @@ def merge_groups(averages: np.ndarray, frc: np.ndarray, sizes: np.ndarray,
 # ------------------------------------------------------------------ the run
 
 
-PER_PARTICLE = ("class_id", "psi_deg", "shift_px", "max_prob", "class_prob", "loglik",
-                "n_significant", "norm_correction", "half_set", "class_ess")  # fmt: skip
-# optional per-particle fields: taken from the sub-run for its particles when both runs have
-# them (the top-n class posteriors are not: their class numbers are the runs' own)
-OPTIONAL_PER_PARTICLE = ("image_pow", "cross_cor", "slice_pow", "loglik_gain")
+# the top-n class posteriors are not carried over from either run when classes are split:
+# their class numbers are the runs' own
 POSTERIOR_FIELDS = ("post_class", "post_prob", "post_loglik")
 PER_CLASS = ("accuracy_rot_deg", "accuracy_trans_A", "prior_offset_px", "frc", "ssnr",
              "sigma2_ref", "tau2", "resolution_A")  # fmt: skip
@@ -347,36 +344,32 @@ def _flatten(main: ClassResult, sub: ClassResult, idx: np.ndarray, parents: np.n
             sources.append(("sub", r))
             parent_of.append(c)
     # per particle: the main run's values, replaced by the sub-run's for split parents
-    out = {f: np.array(getattr(main, f), copy=True) for f in PER_PARTICLE}
-    scale = None if main.scale is None else np.array(main.scale, copy=True)
     main_new = {c: i for i, (kind, c) in enumerate(sources) if kind == "main"}
     lab = np.asarray(main.class_id, np.int64)
-    out["class_id"] = np.array([main_new.get(int(c), -1) for c in range(k_main)])[lab]
     moved = np.isin(reps[sub_lab], list(new_of_rep))
     rows = idx[moved]
-    for f in PER_PARTICLE:
-        if f != "class_id":
-            out[f][rows] = np.asarray(getattr(sub, f))[moved]
-    lut = np.full(sub.n_classes, -1, np.int64)
-    for r, new in new_of_rep.items():
-        lut[r] = new
-    out["class_id"][rows] = lut[reps[sub_lab[moved]]]
-    for f in OPTIONAL_PER_PARTICLE:
-        m, s_ = getattr(main, f, None), getattr(sub, f, None)
-        if m is None:
+    out: dict[str, Any] = {}
+    for f in PER_PARTICLE:  # every per-particle field of ClassResult the main run has
+        m, s_ = getattr(main, f), getattr(sub, f)
+        if m is None or f == "class_id":
+            continue
+        if f in POSTERIOR_FIELDS and new_of_rep:
+            out[f] = None
             continue
         out[f] = np.array(m, copy=True)
         if s_ is not None:
             out[f][rows] = np.asarray(s_)[moved]
-    if new_of_rep and main.post_prob is not None:  # split classes: main-run numbers are stale
+    if new_of_rep and main.post_prob is not None:
         log.warning(
             "--subclassify split classes: the top-%d class posteriors "
             "(--posteriors) are left out of the outputs",
             main.post_prob.shape[1],
         )
-        out.update({f: None for f in POSTERIOR_FIELDS})
-    if scale is not None and sub.scale is not None:
-        scale[rows] = np.asarray(sub.scale)[moved]
+    lut = np.full(sub.n_classes, -1, np.int64)
+    for r, new in new_of_rep.items():
+        lut[r] = new
+    out["class_id"] = np.array([main_new.get(int(c), -1) for c in range(k_main)])[lab]
+    out["class_id"][rows] = lut[reps[sub_lab[moved]]]
     out["class_id"] = out["class_id"].astype(np.int32)
     k = len(sources)
     sizes = np.bincount(out["class_id"], minlength=k).astype(np.int64)
@@ -398,7 +391,6 @@ def _flatten(main: ClassResult, sub: ClassResult, idx: np.ndarray, parents: np.n
         main,
         **out,
         **per_class,
-        scale=scale,
         averages=np.stack(averages).astype(np.float32),
         class_sizes=sizes,
         class_distribution=(sizes / n).astype(np.float32),

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from companion import metrics
+from companion.report import jsonable
 
 log = logging.getLogger("companion.bench")
 DEFAULT_TABLE = "bench_subclassify.json"
@@ -173,17 +174,11 @@ def run_subclassify_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
                                   args.stability if i == 0 else 0, data.parent)  # fmt: skip
                     rows.append(row)
                     log.info("bench subclassify: %s", format_row(row))
-                    Path(args.table).write_text(json.dumps(_jsonable(rows), indent=2) + "\n")
+                    Path(args.table).write_text(json.dumps(jsonable(rows), indent=2) + "\n")
     finally:
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
     return rows
-
-
-def _jsonable(x: Any) -> Any:
-    from companion.report import jsonable
-
-    return jsonable(x)
 
 
 def _pct(x: float) -> str:
@@ -219,7 +214,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(args: argparse.Namespace) -> int:
     rows = run_subclassify_benchmark(args)
     if args.json:
-        json.dump(_jsonable(rows), sys.stdout, indent=2)
+        json.dump(jsonable(rows), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(format_table(rows))
