@@ -75,10 +75,12 @@ class Allowed:
         n = len(pp)
         perm = np.random.default_rng([seed, 0x5C1A]).permutation(n)
         owner = np.empty(n, np.int64)
-        for p in np.unique(pp):  # a loop over parents, not particles
-            idx = perm[pp[perm] == p]
-            subs = np.flatnonzero(cp == p)
-            owner[idx] = subs[np.arange(len(idx)) % len(subs)]
+        by_parent = perm[np.argsort(pp[perm], kind="stable")]  # each parent's, in perm order
+        starts = np.flatnonzero(np.r_[True, np.diff(pp[by_parent]) != 0])
+        for idx in np.split(by_parent, starts[1:]):  # a loop over parents, not particles
+            if len(idx):
+                subs = np.flatnonzero(cp == pp[idx[0]])
+                owner[idx] = subs[np.arange(len(idx)) % len(subs)]
         return owner
 
     def initial_refs(self, geom: Any, xp: Any) -> np.ndarray:
