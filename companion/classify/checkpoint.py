@@ -83,12 +83,7 @@ class EMState:
     image_pow: np.ndarray | None = None  # float32 (N,) CryoSPARC powers of the best pose
     cross_cor: np.ndarray | None = None
     slice_pow: np.ndarray | None = None
-    # float32 (N,): loglik minus that of the empty model (see ClassResult.loglik_gain)
-    loglik_gain: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.loglik_gain is None:  # a fresh state, or a checkpoint written without it
-            self.loglik_gain = np.zeros(len(self.class_id), np.float32)
+    loglik_gain: np.ndarray | None = None  # float32 (N,) loglik minus the empty model's
 
     def put(self, name: str, rows: Any, values: np.ndarray) -> None:
         """``self.<name>[rows] = values``, allocating an optional per-particle field (or

@@ -211,7 +211,7 @@ def _optional(run: RunContext, st: EMState) -> dict[str, np.ndarray]:
         out["post_class"] = np.asarray(st.post_class[:, :n_top], np.int32)
         out["post_prob"] = np.asarray(st.post_prob[:, :n_top], np.float32)
         out["post_loglik"] = np.asarray(st.post_loglik[:, :n_top], np.float32)
-    for name in ("image_pow", "cross_cor", "slice_pow"):
+    for name in ("image_pow", "cross_cor", "slice_pow", "loglik_gain"):
         if getattr(st, name) is not None:
             out[name] = np.asarray(getattr(st, name), np.float32)
     return out
@@ -240,7 +240,6 @@ def build_result(run: RunContext, st: EMState) -> ClassResult:
         scale=(np.ones(run.n, np.float32) if st.scale is None else st.scale.astype(np.float32)),
         half_set=st.half.astype(np.uint8),
         class_ess=st.class_ess.astype(np.float32),
-        loglik_gain=st.loglik_gain.astype(np.float32),
         averages=averages,
         class_sizes=sizes,
         class_distribution=occupancy(st),
