@@ -223,6 +223,14 @@ def test_missing_empty_and_non_cs_files(tmp_path, real_data):
             ["row 3 (and 1 more rows)", "ctf/df1_A is NaN"],
         ),
         (
+            {"ctf/df2_A": np.array([1e4, np.inf, 1e4, 1e4, 1e4], np.float32)},
+            ["row 2", "ctf/df2_A is infinite"],
+        ),
+        (
+            {"ctf/bfactor": np.array([0, 0, 0, np.nan, 0], np.float32)},
+            ["row 4", "ctf/bfactor is not a finite number"],
+        ),
+        (
             {"ctf/df2_A": np.array([1e4, 1e4, 1e4, -5.0, 1e4], np.float32)},
             ["row 4", "ctf/df2_A is negative"],
         ),

@@ -497,6 +497,20 @@ BAD_CASES = {
     "no_stack": (rows_with(3, "000002@ mic2.mrc 2 21100.0 20100.0 -44.0"), r"row 4: rlnImageName"),
     "nan_defocus": (rows_with(1, GOOD_ROWS[1].replace("15100.0", "nan")), r"row 2: rlnDefocusU"),
     "bad_defocus": (rows_with(2, GOOD_ROWS[2].replace("20000.0", "abc")), r"row 3: rlnDefocusV"),
+    # finite in float64 but inf once CtfParams stores it as float32
+    "huge_defocus": (
+        rows_with(2, GOOD_ROWS[2].replace("20000.0", "1e39")),
+        r"row 3: rlnDefocusV is 1e\+39 \(beyond float32 range\)",
+    ),
+    "nan_angle": (rows_with(3, GOOD_ROWS[3].replace("-44.0", "nan")), r"row 4: rlnDefocusAngle"),
+    "huge_voltage": (
+        particles_star(optics=OPTICS.replace(" 200.0", " 1e39")),
+        r"row 3: rlnVoltage is 1e\+39.*data_optics",
+    ),
+    "nan_amp_contrast": (
+        particles_star(optics=OPTICS.replace("0.07 1.5 16", "nan 1.5 16", 1)),
+        r"row 3: rlnAmplitudeContrast is nan",
+    ),
     "negative_defocus": (
         rows_with(3, GOOD_ROWS[3].replace("21100.0", "-50")),
         r"row 4: rlnDefocusU",

@@ -342,13 +342,14 @@ def _ctf(path: Path, dset: Dataset, fields: set[str], report: ProblemReport) -> 
     fix = "re-run CTF estimation for these particles or remove them"
     for name, values in (("ctf/df1_A", df1), ("ctf/df2_A", df2)):
         _check_rows(path, name, np.isnan(values), "is NaN", fix, report)
+        _check_rows(path, name, np.isinf(values), "is infinite", fix, report)
         _check_rows(path, name, values < 0, "is negative", fix, report)
     voltage = np.array(dset["ctf/accel_kv"], dtype=np.float32)
     _check_rows(
         path,
         "ctf/accel_kv",
-        ~(voltage > 0),
-        "is not positive",
+        ~((voltage > 0) & np.isfinite(voltage)),
+        "is not a finite positive number",
         "fix the voltage (re-import with the microscope's kV)",
         report,
     )
@@ -370,15 +371,20 @@ def _ctf(path: Path, dset: Dataset, fields: set[str], report: ProblemReport) -> 
         "fix the spherical aberration",
         report,
     )
+    rest = {"ctf/df_angle_rad": col("ctf/df_angle_rad", 0.0)}
+    rest["ctf/phase_shift_rad"] = col("ctf/phase_shift_rad", 0.0)
+    rest["ctf/bfactor"] = col("ctf/bfactor", 0.0)
+    for name, values in rest.items():
+        _check_rows(path, name, ~np.isfinite(values), "is not a finite number", fix, report)
     return CtfParams(
         defocus_u=df1,
         defocus_v=df2,
-        defocus_angle=cv.deg_from_rad(col("ctf/df_angle_rad", 0.0)),
+        defocus_angle=cv.deg_from_rad(rest["ctf/df_angle_rad"]),
         voltage=voltage,
         cs=cs,
         amp_contrast=amp,
-        phase_shift=cv.deg_from_rad(col("ctf/phase_shift_rad", 0.0)),
-        bfactor=col("ctf/bfactor", 0.0),
+        phase_shift=cv.deg_from_rad(rest["ctf/phase_shift_rad"]),
+        bfactor=rest["ctf/bfactor"],
         scale=col("ctf/scale", OPTIONAL_CTF_SCALE),
     )
 

@@ -197,13 +197,15 @@ def _particle_set(
     voltage = optics_value("rlnVoltage", need)
     cs = optics_value("rlnSphericalAberration", need)
     q0 = optics_value("rlnAmplitudeContrast", need)
-    for label, vals in (("rlnVoltage", voltage), ("rlnSphericalAberration", cs)):
-        odd = (row_of >= 0) & ~np.isfinite(vals)
+    optics_ctf = (("rlnVoltage", voltage), ("rlnSphericalAberration", cs))
+    for label, vals in (*optics_ctf, ("rlnAmplitudeContrast", q0)):
+        odd = (row_of >= 0) & ~_finite32(vals)
         if label == "rlnVoltage":
             odd |= vals <= 0
         if odd.any():
             row, more = _first_row(odd)
             rep.error(f"{where} row {row}: {label} is {vals[row - 1]:g}{more} — fix data_optics")
+            vals[odd] = np.nan  # reported; NaN, not inf, in the float32 CtfParams
     premult = optics_value("rlnCtfDataAreCtfPremultiplied", "", default=0.0)
     ctf = _ctf(path, where, pt, rep)
     stack_index, image_index, stack_names = _image_names(where, pt, rep)
@@ -245,6 +247,15 @@ def _groups(pt: pd.DataFrame) -> dict[str, Any]:
     return {"group": group, "group_names": group_names}
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _finite32(vals: np.ndarray) -> np.ndarray:
+    """bool: finite and inside float32 range (CtfParams stores float32: 1e39 would be inf)."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(vals) & (np.abs(vals) <= _FLOAT32_MAX)
+
+
 def _first_row(mask: np.ndarray) -> tuple[int, str]:
     """1-based first row of ``mask`` and a note on how many more rows are alike."""
     bad = np.flatnonzero(mask)
@@ -281,14 +292,15 @@ def _ctf(path: Path, where: str, pt: pd.DataFrame, rep: _Report) -> dict[str, np
         if label not in pt.columns:
             return None
         vals = pd.to_numeric(pt[label], errors="coerce").to_numpy(np.float64)
-        bad = ~np.isfinite(vals)
+        bad = ~_finite32(vals)
         if bad.any():
             row, more = _first_row(bad)
+            why = "not a number" if not np.isfinite(vals[row - 1]) else "beyond float32 range"
             rep.error(
-                f"{where} row {row}: {label} is {pt[label].iloc[row - 1]!s} (not a number)"
+                f"{where} row {row}: {label} is {pt[label].iloc[row - 1]!s} ({why})"
                 f"{more} — re-run CTF estimation for that micrograph or remove these particles"
             )
-        return vals
+        return np.where(bad, np.nan, vals)  # reported; NaN, not inf, in the float32 CtfParams
 
     du = column("rlnDefocusU")
     if du is None:
