@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -68,33 +69,110 @@ def class_means(values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
         return np.where(c > 0, s / np.maximum(c, 1), np.nan).astype(np.float32)
 
 
+def _extra_params(params: ClassifyParams, r: int) -> ClassifyParams:
+    """Run ``r`` (1-based after the main run): another seed, nothing after it."""
+    off = {"stability": 0, "subclassify": False, "subclassify_above": None,
+           "subclassify_k": None}  # fmt: skip
+    return params.model_copy(update={"seed": int(params.seed) + SEED_STEP * r, **off})
+
+
+def _one_run(classifier: Any, particles: ParticleSet, params: ClassifyParams,
+             work_dir: Path | None, cache_dir: Path | None,
+             callbacks: Any = None) -> dict[str, Any]:  # fmt: skip
+    """One extra run; what stability needs of it (small: it may come back from a worker)."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    kw = {} if cache_dir is None else {"cache_dir": cache_dir}
+    res = classifier(particles, params, work_dir=work_dir, callbacks=callbacks, **kw)
+    if work_dir is not None:  # its checkpoint is of no further use
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return {"class_id": np.asarray(res.class_id, np.int64), "n_classes": int(res.n_classes),
+            "psi_deg": np.asarray(res.psi_deg, np.float32),
+            "seconds": time.perf_counter() - w0, "cpu_s": time.process_time() - c0,
+            "preprocess_s": float(res.timings.get("preprocess_s", 0.0))}  # fmt: skip
+
+
+def _on_cluster(classifier: Any, particles: ParticleSet, plist: list[ClassifyParams],
+                dirs: list[Path | None], cache: Path | None,
+                callbacks: Any) -> list[dict[str, Any]]:  # fmt: skip
+    """The extra runs side by side, one whole run per Dask task (each on one worker, the
+    E-step in the worker's process): as many at once as the cluster has workers."""
+    from distributed import wait
+
+    from companion.classify.callbacks import stop_requested
+    from companion.cluster.engine import DaskEngine
+    from companion.errors import Aborted
+
+    eng = DaskEngine.start(plist[0])
+    try:
+        log.info("--stability: %d runs side by side on %d worker(s)", len(plist), eng.workers)
+        futs = [eng.client.submit(_one_run, classifier, particles,
+                                  p.model_copy(update={"cluster": None}), d, cache,
+                                  key=f"stability-run-{i + 2}-{p.seed}", pure=False)
+                for i, (p, d) in enumerate(zip(plist, dirs, strict=True))]  # fmt: skip
+        while True:
+            try:
+                wait(futs, timeout=0.5)
+                break
+            except TimeoutError:
+                if stop_requested(callbacks):
+                    eng.client.cancel(futs)
+                    raise Aborted("stopped during the --stability runs") from None
+        return [f.result() for f in futs]
+    finally:
+        eng.close()
+
+
 def run_stability(particles: ParticleSet, params: ClassifyParams, main: ClassResult,
                   work_dir: Path | None = None, *, classifier: Any = None,
-                  callbacks: Any = None) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+                  callbacks: Any = None,
+                  shared: bool = True) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
     """R-1 more runs of ``params`` with other seeds; returns the per-particle stability of
-    the ``main`` labels and a record (seeds, seconds, agreement per run)."""
+    the ``main`` labels and a record (seeds, seconds, agreement per run).
+
+    ``shared`` (the default): the runs read the main run's preprocessed particles (it keeps
+    them when ``params.stability`` >= 2, :func:`companion.classify.em.cache_path`), or, where
+    that is gone, the first extra run preprocesses and the others reuse it; False: each run
+    preprocesses its own (the same numbers, measured: ``bench stability``). With
+    ``params.cluster`` the runs go side by side on the Dask cluster (one run per worker);
+    otherwise one after the other on this device (side by side they would only split the
+    same cores or GPU).
+    """
     if classifier is None:
         from companion.classify import classify as classifier
+    from companion.classify.em import cache_path
+
     r_total = int(params.stability)
-    runs = [np.asarray(main.class_id, np.int64)]
-    seeds, secs = [int(params.seed)], []
-    for r in range(1, r_total):
-        seed = int(params.seed) + SEED_STEP * r
-        off = {"stability": 0, "subclassify": False, "subclassify_above": None}
-        p = params.model_copy(update={"seed": seed, **off, "subclassify_k": None})
-        log.info("--stability: run %d of %d (seed %d)", r + 1, r_total, seed)
-        t0 = time.perf_counter()
-        wd = None if work_dir is None else Path(work_dir) / f"stability_run{r + 1}"
-        res = classifier(particles, p, work_dir=wd, callbacks=callbacks)
-        if wd is not None:  # its checkpoint is of no further use
-            shutil.rmtree(wd, ignore_errors=True)
-        secs.append(time.perf_counter() - t0)
-        runs.append(np.asarray(res.class_id, np.int64))
-        seeds.append(seed)
+    plist = [_extra_params(params, r) for r in range(1, r_total)]
+    tmp = None
+    if work_dir is None and shared:
+        tmp = Path(tempfile.mkdtemp(prefix="companion-stability-"))
+    root = Path(work_dir) if work_dir is not None else tmp
+    dirs = [None if work_dir is None else Path(work_dir) / f"stability_run{r + 1}"
+            for r in range(1, r_total)]  # fmt: skip
+    cache = cache_path(root) if shared else None
+    try:
+        if params.cluster:
+            extra = _on_cluster(classifier, particles, plist, dirs, cache, callbacks)
+        else:
+            extra = []
+            for p, d in zip(plist, dirs, strict=True):
+                log.info("--stability: run %d of %d (seed %d)", len(extra) + 2, r_total, p.seed)
+                extra.append(_one_run(classifier, particles, p, d, cache, callbacks))
+    finally:
+        if cache is not None:  # the main run kept it for these runs
+            shutil.rmtree(cache, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     k = main.n_classes
+    runs = [np.asarray(main.class_id, np.int64)] + [e["class_id"] for e in extra]
     stab = particle_stability(runs, [k] * len(runs))
     agree = [float(np.mean(match_classes(runs[0], r, k, k)[r] == runs[0])) for r in runs[1:]]
-    return stab, {"runs": r_total, "seeds": seeds, "seconds": secs, "agreement": agree}
+    return stab, {"runs": r_total, "seeds": [int(params.seed)] + [p.seed for p in plist],
+                  "seconds": [e["seconds"] for e in extra],
+                  "cpu_s": [e["cpu_s"] for e in extra],
+                  "preprocess_s": [e["preprocess_s"] for e in extra],
+                  "shared_preprocessing": bool(shared), "side_by_side": bool(params.cluster),
+                  "agreement": agree}  # fmt: skip
 
 
 def with_stability(result: ClassResult, stab: np.ndarray, record: dict[str, Any]) -> ClassResult:

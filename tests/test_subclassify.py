@@ -322,7 +322,7 @@ def test_run_stability_with_a_seed_independent_classifier_is_one():
     perm = np.array([3, 0, 4, 1, 2])
     seeds = []
 
-    def same_partners(particles, params, *, work_dir=None, callbacks=None):
+    def same_partners(particles, params, *, work_dir=None, callbacks=None, cache_dir=None):
         seeds.append(params.seed)
         return dataclasses.replace(main, class_id=perm[main.class_id].astype(np.int32))
 
