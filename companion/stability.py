@@ -1,12 +1,14 @@
 """``--stability R``: how reproducible each particle's class is over R independent runs.
 
-The main run and R-1 more (seeds ``seed + 1009 r``), run one after the other on the same
-device (each preprocesses its own copy: the cache is per run directory). Each extra run's
-classes are matched to the main run's by the Hungarian algorithm on co-membership (the
-contingency table of the two labelings, :func:`match_classes`), and each particle's stability
-is the fraction of the extra runs in which it landed in the class matched to its own
+The main run and R-1 more (seeds ``seed + 1009 r``). They share the main run's preprocessed
+particles (it keeps its cache when ``--stability`` is on; removed after the runs) and run
+one after the other on this device, or side by side on the Dask cluster with ``--cluster``
+(one whole run per worker). A particle's stability is the mean, over all pairs of runs, of
+the Jaccard index of its class in the one and its class in the other
 (:func:`particle_stability`): 1 when every run put it with the same partners. A class's
-stability is the mean over its particles. With ``--subclassify`` the figure is that of the
+stability is the mean over its particles. The record also gives, per extra run, the
+fraction of particles in the class matched to their main-run class (Hungarian assignment
+on co-membership, :func:`match_classes`). With ``--subclassify`` the figure is that of the
 main-run classification (the sub-classes are a refinement of it); each flat class reports
 the mean over its own particles.
 """
@@ -47,17 +49,32 @@ def match_classes(ref: np.ndarray, other: np.ndarray, k_ref: int, k_other: int) 
 
 
 def particle_stability(runs: list[np.ndarray], n_classes: list[int] | None = None) -> np.ndarray:
-    """float32 (N,): per particle, the fraction of ``runs[1:]`` whose matched class is the
-    particle's class in ``runs[0]`` (1.0 for fewer than two runs)."""
-    ref = np.asarray(runs[0], np.int64)
-    if len(runs) < 2:
-        return np.ones(len(ref), np.float32)
-    ks = n_classes or [int(np.asarray(r).max()) + 1 for r in runs]
-    hits = np.zeros(len(ref), np.float64)
-    for r, k in zip(runs[1:], ks[1:], strict=True):
-        m = match_classes(ref, r, ks[0], k)
-        hits += m[np.asarray(r, np.int64)] == ref
-    return (hits / (len(runs) - 1)).astype(np.float32)
+    """float32 (N,): per particle, the mean over all pairs of runs of the Jaccard index of
+    its class in one run and its class in the other (|both| / |either|): the share of its
+    partners that stay its partners, 1 when every run put it with the same partners, near
+    0 when its class mates change from run to run (1.0 for fewer than two runs).
+
+    No matching is needed, and a particle is not all-or-nothing: in a class that comes back
+    three-quarters the same it scores about 0.75, whereas "landed in the matched class"
+    scores the reproducible core and the drifting rest alike (measured, ``bench
+    stability``: AUC good vs junk 0.69-0.74 over seeds 0-2, against 0.57-0.60 for the
+    matched-class fraction)."""
+    labels = [np.asarray(r, np.int64) for r in runs]
+    n = len(labels[0])
+    if len(labels) < 2:
+        return np.ones(n, np.float32)
+    ks = n_classes or [int(r.max()) + 1 for r in labels]
+    total = np.zeros(n, np.float64)
+    pairs = 0
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            a, b, kb = labels[i], labels[j], int(ks[j])
+            both = np.bincount(a * kb + b, minlength=int(ks[i]) * kb)[a * kb + b]
+            size_a = np.bincount(a, minlength=int(ks[i]))[a]
+            size_b = np.bincount(b, minlength=kb)[b]
+            total += both / (size_a + size_b - both)
+            pairs += 1
+    return (total / pairs).astype(np.float32)
 
 
 def class_means(values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -190,8 +207,8 @@ def stability_summary(result: ClassResult) -> dict[str, Any] | None:
     rec = result.stability_info or {}
     cls = np.asarray(result.class_stability, np.float64)
     return {
-        "definition": "fraction of the other runs in which the particle landed in the class "
-        "matched (Hungarian, co-membership) to its main-run class",
+        "definition": "mean over pairs of runs of the Jaccard index of the particle's class "
+        "in one run and in the other (the share of its partners that stay its partners)",
         "runs": rec.get("runs"),
         "seeds": rec.get("seeds"),
         "seconds_extra_runs": rec.get("seconds"),
