@@ -225,9 +225,10 @@ class ClassifyParams(BaseModel):
         ge=0,
         le=20,
         description="Per-particle stability: run R classifications in all (this one and R-1 "
-        "more with other seeds, one after the other), match their classes (Hungarian, on "
-        "co-membership) and give each particle the fraction of the other runs in which it "
-        "landed in the matching class (companionStability, stability/fraction); 0 or 1 = off.",
+        "more with other seeds, sharing its preprocessing; side by side on the workers with "
+        "--cluster) and give each particle the mean over pairs of runs of the Jaccard index "
+        "of its class in the one and in the other: 1 = always with the same partners "
+        "(companionStability, stability/fraction); 0 or 1 = off.",
     )
     seed: int = Field(0, ge=0, description="Random seed; a run is reproducible on one backend.")
     device: Literal["auto", "cpu", "gpu"] = Field(

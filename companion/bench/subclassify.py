@@ -98,6 +98,7 @@ def _scores(labels: np.ndarray, k: int, truth: Any, n_states: int) -> dict[str, 
 def run_one(data: Path, k: int, seed: int, device: str, extra: dict[str, Any],
             stability: int, work: Path) -> dict[str, Any]:  # fmt: skip
     """One K on one simulated set: main run, sub-classification, optional stability."""
+    from companion.bench.stability import stability_scores
     from companion.classify import classify
     from companion.params import validate_params
     from companion.simulate import load_truth
@@ -139,18 +140,12 @@ def run_one(data: Path, k: int, seed: int, device: str, extra: dict[str, Any],
         ps = p.model_copy(update={"stability": stability})
         w0 = time.perf_counter()
         stab, rec = run_stability(particles, ps, main, work / f"k{k}_stab")
-        junk = truth["junk"].to_numpy() != ""
-        dis = truth["disordered"].to_numpy() == 1
         row["stability"] = {
             "runs": stability,
-            "auc_good_vs_junk": auc(stab[~junk & ~dis], stab[junk]),
-            "mean_good": float(stab[~junk].mean()),
-            "mean_junk": float(stab[junk].mean()) if junk.any() else math.nan,
+            **stability_scores(stab, truth),
             "extra_wall_s": time.perf_counter() - w0,
             "agreement": rec["agreement"],
         }
-        if dis.any():
-            row["stability"]["auc_good_vs_disordered"] = auc(stab[~junk & ~dis], stab[dis])
     return row
 
 

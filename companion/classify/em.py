@@ -77,7 +77,8 @@ def open_engine(params: ClassifyParams) -> Any:
 
 def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path | str | None = None,
              resume: bool = False, callbacks: Any = None,
-             checked: bool = False, allowed: Any = None) -> ClassResult:  # fmt: skip
+             checked: bool = False, allowed: Any = None,
+             cache_dir: Path | str | None = None) -> ClassResult:  # fmt: skip
     """Classify ``particles`` in 2D; see :class:`ClassResult` for what comes back.
 
     ``work_dir``: checkpoints go to ``work_dir/checkpoint/`` (preprocessed particles to its
@@ -87,7 +88,10 @@ def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path |
     methods). ``checked``: the caller already checked ``params`` against N (cap, K) with
     :func:`companion.preflight.check_run`; otherwise it is checked here. ``allowed``: a
     :class:`companion.subclassify.Allowed` (sub-classification: each particle may only go
-    to its parent's sub-classes).
+    to its parent's sub-classes). ``cache_dir``: the preprocessed particles there instead of
+    in the run's own cache (a finished one with the same key is reused as it is) and kept
+    at the end (``--stability``'s runs share one, :mod:`companion.stability`); the main run
+    of ``--stability R`` keeps its own (:func:`cache_path`) for them.
     """
     if not checked:
         params.check_feasible(len(particles))
@@ -106,7 +110,13 @@ def classify(particles: ParticleSet, params: ClassifyParams, *, work_dir: Path |
         )
         run = _Run(particles, params, xp, ckpt_dir, persistent, callbacks)
         run.use_allowed(allowed)  # --subclassify: a no-op without a mask
+        run.shared_cache = None if cache_dir is None else Path(cache_dir)
         return run.execute(resume)
+
+
+def cache_path(work_dir: Path | str) -> Path:
+    """Where a run with ``work_dir`` keeps its preprocessed particles."""
+    return Path(work_dir) / "checkpoint" / "cache"
 
 
 @contextlib.contextmanager
@@ -149,6 +159,7 @@ class _Run:
         self.run_state: estep.RunState | None = None  # set by setup_estep
 
     allowed: Any = None  # --subclassify (companion.subclassify.Allowed), else None
+    shared_cache: Path | None = None  # classify(cache_dir=...): preprocessing shared, kept
 
     def use_allowed(self, allowed: Any) -> None:
         """Sub-classification: the seeding is dealt within each parent's sub-classes."""
@@ -177,8 +188,10 @@ class _Run:
             self.engine.close()
 
     def _execute(self, st: checkpoint.EMState | None, resume: bool, t0: float) -> ClassResult:
-        prep = prepare(self.particles, self.geom, self.ckpt_dir / "cache", self.xp,
-                       reuse=resume and self.persistent,
+        shared = self.shared_cache is not None
+        prep = prepare(self.particles, self.geom,
+                       self.shared_cache if shared else self.ckpt_dir / "cache", self.xp,
+                       reuse=shared or (resume and self.persistent),
                        drop_bad=self.params.drop_bad_images, callbacks=self.callbacks)  # fmt: skip
         if st is None:
             st = self.initial_state(prep)
@@ -208,7 +221,7 @@ class _Run:
         st.timings["total_s"] = st.timings.get("total_s", 0.0) + time.perf_counter() - t0
         self.save(st)
         result = output.build_result(self, st)
-        if self.persistent:
+        if self.persistent and not shared and self.params.stability < 2:  # else shared
             shutil.rmtree(self.ckpt_dir / "cache", ignore_errors=True)
         return result
 

@@ -194,8 +194,12 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
             coeffs = diskcache.open_rows(data_path, (n, nf), np.complex64)
             sigma2 = np.asarray(meta["sigma2_init"], dtype=np.float64)
             s2p = np.asarray(meta["sigma2_particles"], dtype=np.float64)
+            average = None  # a cache without it: init.py sums it again from the rows
+            if "average_num" in meta:
+                num = np.asarray(meta["average_num"], dtype=np.float64)
+                average = [num[0] + 1j * num[1], np.asarray(meta["average_den"], np.float64)]
             log.info("reusing preprocessed particles in %s", cache_dir)
-            return Prepared(geom, coeffs, group_index, groups, sigma2, 0.0, None, s2p)
+            return Prepared(geom, coeffs, group_index, groups, sigma2, 0.0, average, s2p)
     meta_path.unlink(missing_ok=True)
     prog = _load_progress(cache_dir, fp) if reuse else None
     if prog is None:
@@ -297,7 +301,10 @@ def prepare(particles: ParticleSet, geom: fo.Geometry, cache_dir: Path, xp: Any,
     s2p = s2p_optics[row_optics]
     sigma2 = bg_noise.estimate(s2p_optics)[row_optics]
     meta = {"fingerprint": fp, "shape": [n, nf], "sigma2_init": sigma2.tolist(),
-            "sigma2_particles": s2p.tolist(), "bad": sorted(bad)}  # fmt: skip
+            "sigma2_particles": s2p.tolist(), "bad": sorted(bad),
+            # the initial reference's sums (exact in JSON): a reused cache starts the same
+            "average_num": [average[0].real.tolist(), average[0].imag.tolist()],
+            "average_den": average[1].tolist()}  # fmt: skip
     atomic_write_text(meta_path, json.dumps(meta))
     _progress_path(cache_dir).unlink(missing_ok=True)
     if bad:

@@ -24,6 +24,9 @@ Every benchmark first prints the machine it ran on (CPU model, cores, GPU if any
   subclassify  flexible-domain state purity and "domain fell off" recall without and with
            --subclassify (one main run each), the extra wall/CPU time, and the AUC of
            --stability for good particles vs junk.
+  stability  --stability R over seeds: AUC of the per-particle stability, good particles vs
+           junk (and per junk kind) and vs disordered ones; CPU (main + R-1 runs) / main,
+           with shared preprocessing (--per-run: also each run its own).
   assign   the balanced-mode solvers (soft Sinkhorn E-step, final capped labels) on an
            N × K score matrix with an attractor built in: seconds, extra memory, cap kept,
            particles moved, score given up for the cap.
@@ -40,6 +43,7 @@ Examples:
   companion bench scale --cluster local:2 --n-particles 4000 --n-classes 20 --out /tmp/bc
   companion bench assign                             # N 1,000,000, K 200, CPU
   companion bench subclassify --noise white coloured  # 4,000 particles, box 48, K 24 50
+  companion bench stability --per-run               # 3 seeds × 2,000 particles, K 12, R 3
   companion bench assign --device both --n-particles 200000 --n-classes 500
 """
 
@@ -149,6 +153,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     bench_subclassify.add_args(sb)
     _overwrite(sb)
     sb.set_defaults(_bench=_subclassify)
+    from companion.bench import stability as bench_stability
+
+    st = sub.add_parser(
+        "stability", help="--stability: AUC good vs junk / disordered over seeds; CPU cost",
+        formatter_class=fmt,
+    )  # fmt: skip
+    bench_stability.add_args(st)
+    _overwrite(st)
+    st.set_defaults(_bench=_stability)
     sc = sub.add_parser(
         "scale",
         help="wall and CPU time, peak RSS and cache size vs N and K (resumable)",
@@ -321,6 +334,14 @@ def _select(args: argparse.Namespace) -> int:
 def _subclassify(args: argparse.Namespace) -> int:
     from companion.bench.speed import describe_machine, machine_info
     from companion.bench.subclassify import main as run
+
+    print(describe_machine(machine_info()), file=sys.stderr)
+    return run(args)
+
+
+def _stability(args: argparse.Namespace) -> int:
+    from companion.bench.speed import describe_machine, machine_info
+    from companion.bench.stability import main as run
 
     print(describe_machine(machine_info()), file=sys.stderr)
     return run(args)
