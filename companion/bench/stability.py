@@ -16,9 +16,7 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -116,28 +114,15 @@ def run_one(data: Path, k: int, seed: int, device: str, extra: dict[str, Any], r
 
 def run_stability_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     from companion.bench.modes import parse_set
-    from companion.simulate import simulate
+    from companion.bench.subclassify import over_flexible_sets
 
     extra = parse_set(args.set_params)
-    keep = args.out is not None
-    base = Path(args.out) if keep else Path(tempfile.mkdtemp(prefix="companion-stab-"))
-    rows = []
-    try:
-        for noise in args.noise:
-            for seed in args.seed:
-                data = base / f"{noise}_seed{seed}" / "data"
-                simulate(data, args.n_particles, box=args.box, psize=192.0 / args.box,
-                         snr=args.snr, seed=seed, noise=noise, ice_fraction=args.ice_fraction,
-                         disordered_fraction=0.1, progress=False)  # fmt: skip
-                row = run_one(data, args.n_classes, seed, args.device, extra, args.stability,
-                              args.per_run, data.parent)  # fmt: skip
-                rows.append(row)
-                log.info("bench stability: %s", format_row(row))
-                Path(args.table).write_text(json.dumps(jsonable(rows), indent=2) + "\n")
-    finally:
-        if not keep:
-            shutil.rmtree(base, ignore_errors=True)
-    return rows
+
+    def rows_of(data: Path, seed: int) -> Any:
+        yield run_one(data, args.n_classes, seed, args.device, extra, args.stability,
+                      args.per_run, data.parent)  # fmt: skip
+
+    return over_flexible_sets(args, "companion-stab-", rows_of, format_row, "stability")
 
 
 def format_row(r: dict[str, Any]) -> str:

@@ -149,14 +149,17 @@ def run_one(data: Path, k: int, seed: int, device: str, extra: dict[str, Any],
     return row
 
 
-def run_subclassify_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from companion.bench.modes import parse_set
+def over_flexible_sets(
+    args: argparse.Namespace, prefix: str, rows_of: Any, format_row: Any, name: str
+) -> list[dict[str, Any]]:
+    """Simulate one flexible-domain set per ``args.noise`` × ``args.seed`` (in ``args.out``,
+    else a temporary directory), extend the rows with ``rows_of(data, seed)`` and rewrite
+    ``args.table`` after each, so a stopped benchmark keeps what it measured."""
     from companion.simulate import simulate
 
-    extra = parse_set(args.set_params)
     keep = args.out is not None
-    base = Path(args.out) if keep else Path(tempfile.mkdtemp(prefix="companion-subcls-"))
-    rows = []
+    base = Path(args.out) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    rows: list[dict[str, Any]] = []
     try:
         for noise in args.noise:
             for seed in args.seed:
@@ -164,16 +167,27 @@ def run_subclassify_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
                 simulate(data, args.n_particles, box=args.box, psize=192.0 / args.box,
                          snr=args.snr, seed=seed, noise=noise, ice_fraction=args.ice_fraction,
                          disordered_fraction=0.1, progress=False)  # fmt: skip
-                for i, k in enumerate(args.n_classes):
-                    row = run_one(data, k, seed, args.device, extra,
-                                  args.stability if i == 0 else 0, data.parent)  # fmt: skip
+                for row in rows_of(data, seed):
                     rows.append(row)
-                    log.info("bench subclassify: %s", format_row(row))
+                    log.info("bench %s: %s", name, format_row(row))
                     Path(args.table).write_text(json.dumps(jsonable(rows), indent=2) + "\n")
     finally:
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
     return rows
+
+
+def run_subclassify_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from companion.bench.modes import parse_set
+
+    extra = parse_set(args.set_params)
+
+    def rows_of(data: Path, seed: int) -> Any:
+        for i, k in enumerate(args.n_classes):
+            yield run_one(data, k, seed, args.device, extra,
+                          args.stability if i == 0 else 0, data.parent)  # fmt: skip
+
+    return over_flexible_sets(args, "companion-subcls-", rows_of, format_row, "subclassify")
 
 
 def _pct(x: float) -> str:
