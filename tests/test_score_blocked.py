@@ -54,16 +54,21 @@ def test_blocked_search_equals_the_reference(xp, monkeypatch, seed, marginal, ti
     np.testing.assert_array_equal(to_host(new.rot), to_host(old.rot))
     np.testing.assert_array_equal(to_host(new.shift), to_host(old.shift))
     assert new.rot.dtype == np.int32 and new.shift.dtype == np.int32
+    # float32 scores are sums of F products with cancellation, so their rounding scales with
+    # the largest score, not with each one; the orders of summation differ (GEMM kernels).
+    # Worst measured (seeds 0-5, 1 and 2 BLAS threads, OpenBLAS 0.3.31 on AVX-512): 1.5e-6 x
+    # scale beyond rtol, and 2.5e-5 in the weights; 1e-6 x scale and 2e-5, set on an AVX2
+    # machine, failed here.
     scale = float(np.abs(to_host(old.best)).max())
     for name in ("best", "ev_u", "ev_1"):
         np.testing.assert_allclose(to_host(getattr(new, name)), to_host(getattr(old, name)),
-                                   rtol=1e-5, atol=1e-6 * scale)  # fmt: skip
+                                   rtol=1e-5, atol=1e-5 * scale)  # fmt: skip
     if marginal:
         for a, b in zip(new.pairs, old.pairs, strict=True):
             np.testing.assert_array_equal(to_host(a), to_host(b))
         np.testing.assert_array_equal(to_host(new.local_rot), to_host(old.local_rot))
         np.testing.assert_array_equal(to_host(new.local_t0), to_host(old.local_t0))
-        np.testing.assert_allclose(to_host(new.local_w), to_host(old.local_w), atol=2e-5)
+        np.testing.assert_allclose(to_host(new.local_w), to_host(old.local_w), atol=1e-4)
 
 
 def test_coarse_blocks_equal_one_block(monkeypatch):
