@@ -1,28 +1,38 @@
 """The documented effects of the two modes, on a small simulated flexible-domain set with junk
-where the default collapses (the attractor effect), as MEDIANS over three simulation seeds,
+where the default collapses (the attractor effect), as MEDIANS over five simulation seeds,
 so that no floor rests on one seed or on one machine's BLAS.
 
 Why medians: a single seed's figures move with the BLAS (threads, build): seed 2 gave junk in
 good classes 3.8% (anneal off) vs 4.7% (default) on one machine and 7.96% vs 5.52% on a fresh
-clone elsewhere, so the single-seed comparison failed deterministically there.
+clone elsewhere, so a single-seed comparison fails deterministically somewhere.
 
-Measured per seed (2000 particles, box 64, SNR 0.05, K 16; seeds 0 / 1 / 2; previous session's
-code, OpenBLAS default threads): classes below 10% of the mean 7 / 5 / 10 (default),
-5 / 2 / 4 (anneal off), 0 / 0 / 0 (balanced); largest class 39 / 37 / 41% (default),
-25 / 21 / 22% (anneal off); state purity 0.33 / 0.48 / 0.35 (default), 0.44 / 0.52 / 0.48
-(anneal off), 0.55 / 0.57 / 0.47 (balanced); classes some state is the majority of
-6 / 9 / 6 (default), 16 / 16 / 16 (balanced); junk in good classes 4.8 / 5.7 / 4.7%
-(default), 5.5 / 4.7 / 3.8% (anneal off). The margins below are at least the seed-to-seed
-spread of each figure (junk in good classes: ~1 point; recall: ~3 points). NOT re-measured
-with this session's anneal-off noise model (background estimate) nor at
-OPENBLAS_NUM_THREADS=1 vs 2: the shared machine was too loaded to finish those runs.
-With this session's code (anneal-off's noise model from the background), one run of this
-file on the 2-core dev VM: median largest class 28.7% (anneal off) vs 35.5% (default), a
-ratio of 0.81 (the previous code's 0.56-0.59 came from the particle-power noise estimate),
-while the junk and state-purity comparisons held. The largest-class floor is therefore 0.9x
-the default's, a margin of 0.09 over that one measurement; the per-seed spread of the new
-code is not measured yet. About 3x the single-seed time (~270 s on 2 idle cores; 486 s
-under load).
+Data: 1000 particles, box 64, SNR 0.05, K 12, seeds 0-4; the 15 (seed, mode) runs go two
+processes at a time, one BLAS thread each (``run_modes_cells``), about 2 minutes on 2 cores.
+Measured on the 2-core dev VM (OpenBLAS 0.3.31, AVX-512), seeds 0-5 at one BLAS thread
+(two threads gave the same figures for seeds 0-4):
+
+- default: classes below 10% of the mean 4-6 (median 5), largest class 38-70% (median 49%),
+  state purity 0.29-0.40, classes some state is the majority of 5-6, junk in good classes
+  2.7-6.9%, junk recall 59-85%;
+- anneal off: below 10% 2-5 (median 3), largest 24-52% (median 30%), state purity
+  0.29-0.45 (median of the 5-seed subsets 0.035-0.066 above the default's), junk in good
+  2.7-6.0%, recall 64-85%;
+- balanced: no class below 10%, the cap exact, 11-12 classes some state is the majority of,
+  state purity 0.42-0.55 (medians 0.10-0.11 above the default's).
+
+Over every 5-seed subset of seeds 0-5 the medians keep: default below-10% 5 and largest >=
+0.45; balanced +7 classes per state and +0.10 purity; anneal-off largest <= 0.76 x the
+default's, 2 fewer classes below 10%, purity +0.035 or more. The floors below sit inside
+those by at least the seed-to-seed spread of each figure.
+
+Junk: at this size anneal-off and the default are TIED on junk (medians of 5 seeds differ by
+-0.4 to +0.5 points in junk in good classes and -3.3 to +2.7 points in recall; per seed the
+paired differences spread by SD 2.7 and 16 points). The junk test therefore only guards
+against anneal-off being clearly worse (as it was with estimated class priors, +3.7 points
+of junk in good classes in README 'Annealing off'): margins of 2 points (junk in good) and
+10 points (recall), about 1.3 and 1.1 standard errors of a 5-seed median beyond the worst
+subset. Whether anneal-off keeps junk out BETTER is a benchmark question (``companion bench
+modes``, README), not a test's.
 """
 
 from __future__ import annotations
@@ -30,22 +40,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from companion.bench.modes import run_modes_benchmark
+from companion.bench.modes import run_modes_cells
+from companion.threads import available_cores
 
-N, K, SEEDS = 2000, 16, (0, 1, 2)
+N, K, SEEDS = 1000, 12, (0, 1, 2, 3, 4)
 MODES = ["default", "anneal-off", "balanced"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs():
     """{mode: [row per seed]}."""
+    rows = run_modes_cells(SEEDS, modes=MODES, jobs=min(2, available_cores()), threads=1,
+                           n=N, k_values=(K,), box=64, device="cpu")  # fmt: skip
     out: dict[str, list] = {m: [] for m in MODES}
-    for seed in SEEDS:
-        rows = run_modes_benchmark(tmp_path_factory.mktemp(f"effects{seed}"), n=N,
-                                   k_values=(K,), seed=seed, box=64, device="cpu",
-                                   modes=MODES)  # fmt: skip
-        for r in rows:
-            out[r["mode"]].append(r)
+    for r in rows:
+        out[r["mode"]].append(r)
+    assert [r["data"]["seed"] for r in out["default"]] == list(SEEDS)
     return out
 
 
@@ -82,7 +92,7 @@ def test_anneal_off_weakens_the_attractor(runs):
     assert med(a, "state_purity") >= med(d, "state_purity")
 
 
-def test_anneal_off_keeps_junk_out_at_least_as_well(runs):
+def test_anneal_off_is_not_worse_on_junk(runs):
     d, a = runs["default"], runs["anneal-off"]
-    assert med(a, "junk_in_good_classes") <= med(d, "junk_in_good_classes") + 0.01
-    assert med(a, "junk_recall") >= med(d, "junk_recall") - 0.03
+    assert med(a, "junk_in_good_classes") <= med(d, "junk_in_good_classes") + 0.02
+    assert med(a, "junk_recall") >= med(d, "junk_recall") - 0.10

@@ -17,7 +17,7 @@ classes, the largest class, state purity, correlation of each average with the t
 
 Examples:
   companion demo                              # defaults, output in ./companion-demo
-  companion demo --out /tmp/demo --anneal off # keep junk apart
+  companion demo --out /tmp/demo --anneal off # a weaker attractor (see README)
   companion demo --balance equal              # spread particles over all classes
   companion demo --n-particles 5000 --n-classes 24 --device gpu
 """
