@@ -99,3 +99,26 @@ def test_bench_modes_noise_and_seeds(tmp_path, capsys):
         ("coloured", 1),
     ]
     assert "median over seeds" in capsys.readouterr().out
+
+
+def test_cells_in_two_processes_give_the_rows_of_one(tmp_path):
+    """``--jobs 2`` (one process per mode, one BLAS thread each) changes the wall time only:
+    the same rows in the same (seed, K, mode) order as one process running every mode."""
+    from companion.bench.modes import run_modes_cells
+
+    kw = {"n": 120, "k_values": (3,), "box": 32, "params": SHORT, "device": "cpu"}
+    modes = ["default", "balanced"]
+    one = run_modes_cells((0, 1), modes=modes, jobs=1, threads=1, **kw)
+    two = run_modes_cells((0, 1), modes=modes, jobs=2, threads=1, out_dir=tmp_path, **kw)
+    keys = ("mode", "k", "classes_per_state", "largest_class", "junk_recall", "state_purity")
+    assert [(r["data"]["seed"],) + tuple(r[k] for k in keys) for r in two] == \
+        [(r["data"]["seed"],) + tuple(r[k] for k in keys) for r in one]  # fmt: skip
+    assert [r["data"]["seed"] for r in one] == [0, 0, 1, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "white_seed0_balanced", "white_seed0_default", "white_seed1_balanced",
+        "white_seed1_default"]  # fmt: skip
+
+
+def test_bench_modes_jobs_must_be_positive(capsys):
+    assert main(["bench", "modes", "--n-particles", "120", "--jobs", "0"]) != 0
+    assert "--jobs 0" in capsys.readouterr().err
