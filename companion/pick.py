@@ -5,8 +5,11 @@ output directory into a :class:`ClassifiedView` (host-neutral arrays) and writes
 rows back in its own format; this module holds the criteria, which are ANDed:
 
 - ``classes``: a class list in the host's numbering (RELION 1-based, CryoSPARC 0-based), or
-  ``auto`` — the ``--select auto`` rule of :mod:`companion.select` (:func:`select_auto`) on
-  the written class averages, labels and assigned-class posteriors;
+  ``auto`` — the ``--select auto`` rule of :mod:`companion.select`: the classes of
+  :func:`select_auto` on the written class averages, labels and assigned-class posteriors,
+  then its per-particle stage (:func:`~companion.select.particle_outliers`) on the written
+  ``lowres_power`` and ``loglik_gain``, so the same particles as ``classify --select auto``;
+  outputs written before companion wrote those keep the classes whole, with a warning;
 - ``margin``: the top-1 minus top-2 class posterior (``--posteriors`` ≥ 2 in the run);
 - ``min_stability``: the per-particle stability column, where the run wrote one;
 - ``min_score``: the class score of the particle's class (``rlnClassScore`` / summary.json).
@@ -14,6 +17,7 @@ rows back in its own format; this module holds the criteria, which are ANDed:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +26,16 @@ import numpy as np
 
 from companion.errors import InputError, ParameterError
 
+log = logging.getLogger("companion.select")
+
 
 @dataclass
 class ClassifiedView:
     """A companion output as the criteria see it (length N per particle, K per class).
 
     ``columns`` names, for error messages, the host's column of each optional input
-    (``posteriors``, ``assigned``, ``stability``, ``score``); ``notes`` says where values
+    (``posteriors``, ``assigned``, ``stability``, ``score``, ``lowres_power``,
+    ``loglik_gain``); ``notes`` says where values
     came from (e.g. class scores read from summary.json).
     """
 
@@ -42,6 +49,8 @@ class ClassifiedView:
     stability: np.ndarray | None = None
     class_score: np.ndarray | None = None  # (K,)
     averages: np.ndarray | None = None  # (K, box, box)
+    lowres_power: np.ndarray | None = None  # the per-particle features of --select auto
+    loglik_gain: np.ndarray | None = None  # (companion.select), as written
     columns: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -111,6 +120,27 @@ def class_mask(view: ClassifiedView, spec: str) -> np.ndarray:
     )
 
 
+def particle_stage(view: ClassifiedView, chosen: np.ndarray) -> np.ndarray | None:
+    """bool (N,): members of the ``chosen`` classes that ``--select auto``'s per-particle
+    stage leaves out, from the written features; None (whole classes, one warning naming
+    the file) for an output without them."""
+    from companion.select import particle_features, particle_outliers
+
+    missing = [view.columns.get(w, w) for w in ("lowres_power", "loglik_gain")
+               if getattr(view, w) is None]  # fmt: skip
+    if len(missing) == 2:
+        text = (
+            f"{view.path}: no {' or '.join(missing)} (an output of an older companion) — "
+            "--classes auto keeps the classes whole, without the per-particle stage of "
+            "--select auto; classify again for it"
+        )
+        log.warning("%s", text)
+        view.notes.append(text)
+        return None
+    # a result without one of them (NaN) is judged on the other, as the run did
+    return particle_outliers(view, chosen, particle_features(view))
+
+
 def margins(view: ClassifiedView) -> np.ndarray:
     """float64 (N,): top-1 minus top-2 class posterior (top-1 when only one class)."""
     post = _need(view, view.post_prob, "posteriors", "--margin",
@@ -133,10 +163,16 @@ def pick(view: ClassifiedView, criteria: Criteria) -> tuple[np.ndarray, dict[str
     keep = view.class_id >= 0
     counts: dict[str, int] = {"assigned": int(keep.sum())}
     chosen = None
+    removed = None
     if criteria.classes is not None:
         chosen = class_mask(view, criteria.classes)
         ok = np.zeros(view.n_particles, dtype=bool)
         ok[keep] = chosen[view.class_id[keep]]
+        if criteria.classes.strip().lower() == "auto" and chosen.any():
+            drop = particle_stage(view, chosen)
+            if drop is not None:
+                ok &= ~drop
+                removed = np.bincount(view.class_id[drop], minlength=view.n_classes)
         counts["classes"] = int(ok.sum())
         keep &= ok
     if criteria.margin is not None:
@@ -169,6 +205,9 @@ def pick(view: ClassifiedView, criteria: Criteria) -> tuple[np.ndarray, dict[str
         "classes_selected": None
         if chosen is None
         else (np.flatnonzero(chosen) + view.class_base).tolist(),
+        "outliers_removed": None
+        if removed is None
+        else {str(int(c) + view.class_base): int(removed[c]) for c in np.flatnonzero(chosen)},
         "selected_per_class": {
             str(int(c) + view.class_base): int(sizes[c]) for c in np.flatnonzero(sizes)
         },

@@ -33,7 +33,12 @@ from companion.outdir import exclusive
 from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 from companion.report import build_summary, write_gallery, write_json, write_occupancy
-from companion.select import class_scores, parse_class_list, select_particles
+from companion.select import (
+    class_scores,
+    parse_class_list,
+    select_particles,
+    with_particle_features,
+)
 
 log = logging.getLogger("companion.run")
 
@@ -399,6 +404,7 @@ def run_classification(
     check_cap(result, n, cap)
     result = after_main_run(particles, params, result, out_dir, classifier, hooks)
     check_cap(result, n, cap)
+    result = with_particle_features(result, particles)  # written: companion select reads it
 
     t0 = time.perf_counter()
     with _all_or_nothing(out_dir):

@@ -39,6 +39,10 @@ class's members) by either of
   ~10 nats) and pure noise is not found per particle (README, 'Class scores').
 
 A ``--select`` LIST keeps its classes whole (the user chose them).
+
+Every output carries both features per particle (``loglik_gain`` as the gain in nats,
+``lowres_power`` as above; float32), so ``companion select --classes auto`` on a finished
+output (:mod:`companion.pick`) keeps exactly the particles ``--select auto`` kept.
 """
 
 from __future__ import annotations
@@ -251,16 +255,38 @@ def lowres_power(particles: Any, batch_size: int = 1024, per_group: bool = True)
     return np.log(np.maximum((power / np.maximum(ref, 1e-30)).mean(axis=1), 1e-30))
 
 
+def with_particle_features(result: Any, particles: Any) -> Any:
+    """``result`` with ``lowres_power`` (float32) of ``particles`` set, so that the outputs
+    carry both per-particle features and ``companion select --classes auto`` applies the
+    per-particle stage offline as the run did (one more read of the images)."""
+    from dataclasses import replace
+
+    if getattr(result, "lowres_power", None) is not None:
+        return result
+    return replace(result, lowres_power=lowres_power(particles).astype(np.float32))
+
+
+def _as_written(x: Any) -> np.ndarray:
+    """float64 of the float32 value the outputs hold (a STAR column read back as float64 and
+    a .cs field give the same numbers as the result in memory)."""
+    return np.asarray(x, np.float64).astype(np.float32).astype(np.float64)
+
+
 def particle_features(result: Any, particles: Any = None) -> ParticleFeatures:
-    """The per-particle features of :func:`select_particles` (``particles``: the
-    ParticleSet that was classified, for ``lowres_power``; None leaves it NaN)."""
+    """The per-particle features of :func:`select_particles`, from ``result.lowres_power``
+    and ``result.loglik_gain`` (a ClassResult, or a ``companion select`` view of the written
+    columns); ``lowres_power`` from ``particles`` (the classified ParticleSet) when the
+    result has none; NaN where neither is there. Both at float32, as written."""
     n = result.n_particles
-    lp = np.full(n, np.nan) if particles is None else lowres_power(particles)
+    lp = getattr(result, "lowres_power", None)
+    if lp is None and particles is not None:
+        lp = lowres_power(particles)
+    lp = np.full(n, np.nan) if lp is None else _as_written(lp)
     gain = getattr(result, "loglik_gain", None)
     if gain is None:
         g = np.full(n, np.nan)
     else:  # log: the gain scales with ‖CTF·A‖²/σ², which varies with defocus and SNR
-        g = np.log(np.maximum(np.asarray(gain, np.float64), GAIN_FLOOR))
+        g = np.log(np.maximum(_as_written(gain), GAIN_FLOOR))
     return ParticleFeatures(lp, g)
 
 
@@ -304,8 +330,8 @@ def select_particles(
     """What ``--select auto|LIST`` keeps, for every host (RELION ``base`` 1, CryoSPARC 0).
 
     ``auto``: the classes of :func:`select_auto`, then the per-particle stage (module doc)
-    within them; ``particles`` (the classified ParticleSet) adds the image feature
-    ``lowres_power``, without it only ``loglik_gain`` is used. A LIST keeps its classes
+    within them, on ``result.lowres_power`` (else computed from ``particles``, the classified
+    ParticleSet; without either only ``loglik_gain`` is used). A LIST keeps its classes
     whole. Raises ParameterError naming ``option`` on a bad LIST."""
     labels = np.asarray(result.class_id, np.int64)
     classes = selected_classes(result, spec, base=base, option=option)

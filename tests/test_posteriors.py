@@ -35,6 +35,7 @@ ADDED = [
 POSTERIOR_COLUMNS = [
     f"companion{what}{r}" for r in (1, 2, 3) for what in ("Class", "Posterior", "LogLikelihood")
 ] + ["companionAssignedPosterior"]
+FEATURE_COLUMNS = ["companionLowresPower", "companionLoglikGain"]  # written by every run
 
 
 # ----------------------------------------------------------------------------- unit terms
@@ -149,8 +150,11 @@ def _data(run: Path) -> tuple[Path, object]:
 def test_star_columns_exact_and_invariants(runs):
     path, df = _data(runs["star"])
     cols = list(df.columns)
+    assert cols[-len(FEATURE_COLUMNS) :] == FEATURE_COLUMNS
+    cols = cols[: -len(FEATURE_COLUMNS)]
     assert cols[-len(POSTERIOR_COLUMNS) :] == POSTERIOR_COLUMNS
     assert cols[-len(POSTERIOR_COLUMNS) - len(ADDED) : -len(POSTERIOR_COLUMNS)] == ADDED
+    assert np.all(np.isfinite(df[FEATURE_COLUMNS].to_numpy(float)))
     prob = df[[f"companionPosterior{r}" for r in (1, 2, 3)]].to_numpy()
     cls = df[[f"companionClass{r}" for r in (1, 2, 3)]].to_numpy()
     assert np.all(prob.sum(axis=1) <= 1 + 1e-5)
@@ -166,8 +170,8 @@ def test_star_columns_exact_and_invariants(runs):
     ll = df[[f"companionLogLikelihood{r}" for r in (1, 2, 3)]].to_numpy()
     assert np.all(df["rlnLogLikeliContribution"].to_numpy() <= ll.max(axis=1) + 1e-3)
     _, df0 = _data(runs["star0"])
-    assert not [c for c in df0.columns if c.startswith("companion")]
-    assert list(df0.columns)[-len(ADDED) :] == ADDED
+    assert [c for c in df0.columns if c.startswith("companion")] == FEATURE_COLUMNS
+    assert list(df0.columns)[-len(ADDED) - len(FEATURE_COLUMNS) : -len(FEATURE_COLUMNS)] == ADDED
 
 
 @pytest.mark.relion
@@ -208,7 +212,10 @@ def test_cs_slot_round_trip_and_powers(runs):
     fields = ds.fields()
     slot = [f for f in fields if f.startswith("posteriors/")]
     assert slot == [f"posteriors/{w}_{r}" for r in (1, 2, 3) for w in ("class", "prob", "loglik")]
-    assert fields[: -len(slot)][-1] == "alignments2D/class_ess"
+    features = ["select/lowres_power", "select/loglik_gain"]  # written by every run
+    assert fields[-len(slot) - len(features) :] == slot + features
+    assert fields[: -len(slot) - len(features)][-1] == "alignments2D/class_ess"
+    assert all(np.asarray(ds[f]).dtype == np.float32 for f in features)
     assert np.asarray(ds["posteriors/class_1"]).dtype == np.uint32
     assert np.asarray(ds["posteriors/prob_1"]).dtype == np.float32
     assert np.array_equal(ds["posteriors/class_1"], ds["alignments2D/class"])
@@ -276,7 +283,10 @@ def test_select_auto_is_the_select_rule(runs, tmp_path, capsys):
     want = np.flatnonzero((scores >= SELECT_THRESHOLD) & (sizes > 0)) + 1
     rc, got = _select(capsys, str(runs["star"]), "--classes", "auto", "--out", str(tmp_path))
     assert rc == 0 and got["classes_selected"] == want.tolist()
-    assert got["n_selected"] == int(sizes[want - 1].sum())
+    # whole classes less the per-particle stage's outliers (companion.select), as counted
+    removed = got["outliers_removed"]
+    assert sorted(int(c) for c in removed) == want.tolist()
+    assert got["n_selected"] == int(sizes[want - 1].sum()) - sum(removed.values())
     # --min-score 0 keeps every assigned particle
     rc, got = _select(capsys, str(runs["star"]), "--min-score", "0", "--out", str(tmp_path))
     assert rc == 0 and got["n_selected"] == 120

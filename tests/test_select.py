@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -212,3 +213,75 @@ def test_select_auto_quality_floor_on_simulated_junk(tmp_path):
     assert f["junk_in_selection"] < whole["class_level_floor"]
     assert f["good_kept"] >= whole["good_kept"] - 0.03
     assert f["junk_kept"] <= 0.15
+
+
+# 400 particles (15% junk), K 4: the per-particle stage leaves out a few members of kept
+# classes (10 at seed 3), so the test sees it
+SELECT_RUN = "--n-classes 4 --online-iters 6 --batch-per-class 40 --full-iters 1 \
+--max-resolution 16 --psi-step 15 --device cpu --seed 1".split()
+
+
+@pytest.mark.parametrize("ext", ["star", "cs"])
+def test_offline_select_auto_keeps_the_particles_of_classify_select_auto(
+    tmp_path, capsys, caplog, ext
+):
+    """``classify --select auto`` and ``classify`` then ``companion select --classes auto``
+    keep the same particles (the per-particle stage on the written lowres_power and
+    loglik_gain); an output without those columns keeps whole classes, with one warning."""
+    from cryosparc.dataset import Dataset
+
+    from companion.cryosparc import conventions as cv
+    from companion.relion import class2d
+    from companion.relion.star import parse_star, write_star
+
+    data = tmp_path / "sim"
+    simulate(data, 400, box=32, psize=6.0, seed=3, progress=False, junk_fraction=0.15,
+             formats=(ext,))  # fmt: skip
+    out, sel_dir = tmp_path / "out", tmp_path / "sel"
+    rc = main(["classify", str(data / f"particles.{ext}"), "--out", str(out), *SELECT_RUN,
+               "--select", "auto"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    sel = json.loads((out / "summary.json").read_text())["selection"]
+    assert sel["removed_total"] > 0  # the per-particle stage acted
+    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="companion.select")
+    rc = main(["select", str(out), "--classes", "auto", "--out", str(sel_dir), "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    got = json.loads(cap.out)
+    assert got["n_selected"] == sel["n_particles"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    base = 1 if ext == "star" else 0  # companion select: the host's numbering
+    assert got["outliers_removed"] == {str(int(c) - 1 + base): v
+                                       for c, v in sel["removed_per_class"].items()}
+    if ext == "star":
+        data_star = next(out.glob("run_it*_data.star"))
+        full = parse_star(data_star)
+        cols = full.blocks["particles"]
+        assert cols[class2d.LOWRES_POWER].notna().all() and cols[class2d.LOGLIK_GAIN].notna().all()
+
+        def names(path):
+            return parse_star(path).blocks["particles"]["rlnImageName"].tolist()
+
+        assert names(sel_dir / "particles.star") == names(out / "particles.star")
+        # an older output: no feature columns
+        full.blocks["particles"] = cols.drop(columns=[class2d.LOWRES_POWER, class2d.LOGLIK_GAIN])
+        write_star(data_star, full.blocks, full.version or "30001")
+        old = data_star
+    else:
+        ds = Dataset.load(out / "particles.cs")
+        assert {cv.LOWRES_POWER_FIELD, cv.LOGLIK_GAIN_FIELD} <= set(ds.fields())
+        picked = Dataset.load(sel_dir / "particles_selected.cs")
+        assert np.array_equal(picked["uid"], Dataset.load(out / "particles_selected.cs")["uid"])
+        ds.drop_fields([cv.LOWRES_POWER_FIELD, cv.LOGLIK_GAIN_FIELD])
+        ds.save(str(out / "particles.cs"))
+        old = out / "particles.cs"
+    caplog.clear()
+    rc = main(["select", str(out), "--classes", "auto", "--out", str(tmp_path / "s2"), "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    got = json.loads(cap.out)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and str(old) in warned[0] and "classes whole" in warned[0]
+    assert got["n_selected"] == sel["n_particles"] + sel["removed_total"]  # whole classes
+    assert got["outliers_removed"] is None

@@ -17,6 +17,7 @@ PER_PARTICLE = (
     "class_id", "psi_deg", "shift_px", "max_prob", "class_prob", "loglik", "n_significant",
     "norm_correction", "half_set", "class_ess", "scale", "post_class", "post_prob",
     "post_loglik", "image_pow", "cross_cor", "slice_pow", "stability", "loglik_gain",
+    "lowres_power",
 )  # fmt: skip
 
 
@@ -51,6 +52,9 @@ class ClassResult:
             particle is explained by the classes than by no particle at all — about
             +½‖CTF·A‖²/σ² for a particle, −½‖CTF·A‖²/σ² (plus the best noise match) for
             pure noise. None for results made without it.
+        lowres_power: float32 or None, :func:`companion.select.lowres_power` of the image
+            (the per-particle stage of ``--select auto``); set by the run before writing
+            (:func:`companion.select.with_particle_features`), None before.
 
     Per class (length K):
         averages: float32[K, box, box] at the ORIGINAL box and pixel size (Fourier-padded
@@ -145,6 +149,7 @@ class ClassResult:
     cross_cor: np.ndarray | None = None
     slice_pow: np.ndarray | None = None
     loglik_gain: np.ndarray | None = None
+    lowres_power: np.ndarray | None = None  # float32 (N,), companion.select.lowres_power
     # --subclassify (companion/subclassify.py): int64 (K,) 0-based main-run class of each
     # class (itself for a class that was not split); ``lineage`` the split's record
     parent_class: np.ndarray | None = None

@@ -90,6 +90,11 @@ Class posteriors (slot ``posteriors``, companion's own)
     it like any other, and Subset Particles by Statistic lists the fields of a particle
     input's slots; NOT verified on a server (none here).
 
+Per-particle features of ``--select auto`` (slot ``select``, companion's own)
+    ``select/lowres_power`` and ``select/loglik_gain`` (float32; :mod:`companion.select`),
+    read back by ``companion select --classes auto``. Like ``lineage/*`` and
+    ``stability/*``, written to the offline ``particles.cs`` only.
+
 ``alignments2D/*`` values companion does not compute get neutral values; where CryoSPARC's
 own 2D output (the real export) writes 0 we write 0 too. See :data:`ALIGNMENTS2D_FIELDS`.
 """
@@ -374,12 +379,21 @@ def posterior_fields(result: ClassResult) -> dict[str, np.ndarray]:
 
 PARENT_CLASS_FIELD = "lineage/parent_class"
 STABILITY_FIELD = "stability/fraction"
+#: the per-particle features of --select auto (companion.select), float32
+LOWRES_POWER_FIELD = "select/lowres_power"
+LOGLIK_GAIN_FIELD = "select/loglik_gain"
 
 
 def companion_fields(result: ClassResult) -> dict[str, np.ndarray]:
-    """companion's own per-particle fields (slots ``lineage``, ``stability``): the 0-based
-    main-run class of the particle's class (--subclassify) and its stability (--stability)."""
+    """companion's own per-particle fields (slots ``select``, ``lineage``, ``stability``):
+    the per-particle features of ``--select auto`` (``lowres_power``, ``loglik_gain`` in
+    nats; where the result has them), the 0-based main-run class of the particle's class
+    (--subclassify) and its stability (--stability)."""
     out: dict[str, np.ndarray] = {}
+    for name, values in ((LOWRES_POWER_FIELD, result.lowres_power),
+                         (LOGLIK_GAIN_FIELD, result.loglik_gain)):  # fmt: skip
+        if values is not None:
+            out[name] = np.asarray(values, dtype=np.float32)
     labels = np.asarray(result.class_id, dtype=np.int64)
     if result.parent_class is not None:
         parent = np.asarray(result.parent_class, dtype=np.int64)[np.maximum(labels, 0)]

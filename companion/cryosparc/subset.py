@@ -83,11 +83,15 @@ def read_view(path: Path) -> tuple[ClassifiedView, dict]:
         stability=_field(dset, fields, cv.STABILITY_FIELD),
         class_score=scores,
         averages=averages,
+        lowres_power=_field(dset, fields, cv.LOWRES_POWER_FIELD),
+        loglik_gain=_field(dset, fields, cv.LOGLIK_GAIN_FIELD),
         columns={
             "posteriors": f"{cv.POSTERIOR_SLOT}/prob_1… fields",
             "assigned": "alignments2D/class_posterior field",
             "stability": f"{cv.STABILITY_FIELD} field",
             "score": f"class_score in {cs.parent / 'summary.json'}",
+            "lowres_power": f"{cv.LOWRES_POWER_FIELD} field",
+            "loglik_gain": f"{cv.LOGLIK_GAIN_FIELD} field",
         },
     )
     return view, {"dset": dset}

@@ -175,12 +175,20 @@ def data_columns(
 
 PARENT_CLASS = "companionParentClass"  # not an rln label (RELION 3.1/4/5 ignore it)
 STABILITY = "companionStability"
+#: the per-particle features of --select auto (companion.select): float32, read back exactly
+LOWRES_POWER = "companionLowresPower"
+LOGLIK_GAIN = "companionLoglikGain"
 
 
 def companion_columns(result: ClassResult) -> dict[str, np.ndarray]:
     """companion's own per-particle columns: the main-run class of the particle's class
-    (--subclassify, 1-based) and its stability (--stability); RELION ignores both."""
+    (--subclassify, 1-based), its stability (--stability) and the per-particle features of
+    ``--select auto`` (``companionLowresPower``, ``companionLoglikGain`` in nats; where the
+    result has them); RELION ignores them."""
     cols: dict[str, np.ndarray] = {}
+    for label, values in ((LOWRES_POWER, result.lowres_power), (LOGLIK_GAIN, result.loglik_gain)):
+        if values is not None:
+            cols[label] = np.asarray(values, dtype=np.float32)
     labels = np.asarray(result.class_id, dtype=np.int64)
     if result.parent_class is not None:
         parent = np.asarray(result.parent_class, dtype=np.int64)

@@ -14,7 +14,13 @@ import pandas as pd
 
 from companion.errors import InputError
 from companion.pick import ClassifiedView
-from companion.relion.class2d import ASSIGNED_POSTERIOR, POSTERIOR_LABELS, STABILITY
+from companion.relion.class2d import (
+    ASSIGNED_POSTERIOR,
+    LOGLIK_GAIN,
+    LOWRES_POWER,
+    POSTERIOR_LABELS,
+    STABILITY,
+)
 from companion.relion.star import parse_star, write_star
 
 SELECTED_NAME = "particles.star"
@@ -60,6 +66,8 @@ def read_view(path: Path) -> tuple[ClassifiedView, dict]:
         "assigned": f"{ASSIGNED_POSTERIOR} column",
         "stability": f"{STABILITY} column",
         "score": f"rlnClassScore in {model_path.name}",
+        "lowres_power": f"{LOWRES_POWER} column",
+        "loglik_gain": f"{LOGLIK_GAIN} column",
     }
     if model_path.is_file():
         model = parse_star(model_path).blocks
@@ -91,6 +99,8 @@ def read_view(path: Path) -> tuple[ClassifiedView, dict]:
         stability=_column(particles, STABILITY),
         class_score=scores,
         averages=averages,
+        lowres_power=_column(particles, LOWRES_POWER),
+        loglik_gain=_column(particles, LOGLIK_GAIN),
         columns=columns,
     )
     return view, {"star": star, "data": data}
