@@ -92,4 +92,6 @@ def fake_result(
         device="cpu (numpy)",
         timings={"iterations_s": [0.1, 0.1, 0.1]},
         history=[{"iteration": i + 1, "class_sizes": sizes.tolist()} for i in range(3)],
+        # the fake particles have no images: the feature the run would compute from them
+        lowres_power=rng.normal(size=n).astype(f32),
     )

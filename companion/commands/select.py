@@ -4,7 +4,10 @@ INPUT is a companion output directory (or its run_itNNN_data.star / particles.cs
 are combined (a particle must pass all given):
 
   --classes LIST|auto   classes as the host numbers them (STAR 1-based, .cs 0-based), or
-                        'auto' (the --select auto rule: class score of at least 0.5)
+                        'auto' (the --select auto rule: class score of at least 0.5, then
+                        the per-particle outliers of those classes left out, from the
+                        written low-resolution power and log-likelihood gain; whole
+                        classes, with a warning, for older outputs without them)
   --margin M            top-1 minus top-2 class posterior at least M (needs --posteriors 2+)
   --min-stability S     per-particle stability at least S (needs a --stability run)
   --min-score S         the particle's class has a class score of at least S
@@ -41,7 +44,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         metavar="auto|LIST",
         default=None,
         help="keep these classes (host numbering: STAR 1-based, .cs 0-based, e.g. 1,4,7-9) "
-        "or 'auto' (class score of at least 0.5, the --select auto rule)",
+        "or 'auto': the --select auto rule (class score of at least 0.5, then the outliers "
+        "of those classes in the written low-resolution power and log-likelihood gain left "
+        "out, as classify --select auto does; older outputs without them: whole classes)",
     )
     parser.add_argument(
         "--margin",
