@@ -216,7 +216,7 @@ def test_select_auto_quality_floor_on_simulated_junk(tmp_path):
 
 
 # 400 particles (15% junk), K 4: the per-particle stage leaves out a few members of kept
-# classes (10 at seed 3), so the test sees it
+# classes (10 at seed 3; 3-10 over seeds 0-5 on the 2-core VM), so the test sees it
 SELECT_RUN = "--n-classes 4 --online-iters 6 --batch-per-class 40 --full-iters 1 \
 --max-resolution 16 --psi-step 15 --device cpu --seed 1".split()
 
@@ -252,8 +252,9 @@ def test_offline_select_auto_keeps_the_particles_of_classify_select_auto(
     assert got["n_selected"] == sel["n_particles"]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     base = 1 if ext == "star" else 0  # companion select: the host's numbering
-    assert got["outliers_removed"] == {str(int(c) - 1 + base): v
-                                       for c, v in sel["removed_per_class"].items()}
+    assert got["outliers_removed"] == {
+        str(int(c) - 1 + base): v for c, v in sel["removed_per_class"].items()
+    }
     if ext == "star":
         data_star = next(out.glob("run_it*_data.star"))
         full = parse_star(data_star)
