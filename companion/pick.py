@@ -35,8 +35,8 @@ class ClassifiedView:
 
     ``columns`` names, for error messages, the host's column of each optional input
     (``posteriors``, ``assigned``, ``stability``, ``score``, ``lowres_power``,
-    ``loglik_gain``); ``notes`` says where values
-    came from (e.g. class scores read from summary.json).
+    ``loglik_gain``); ``notes`` says where values came from (e.g. class scores read from
+    summary.json), ``warnings`` what was logged as a warning (both in the summary).
     """
 
     path: Path
@@ -53,6 +53,7 @@ class ClassifiedView:
     loglik_gain: np.ndarray | None = None  # (companion.select), as written
     columns: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # logged as they arise
 
     @property
     def n_particles(self) -> int:
@@ -134,8 +135,8 @@ def particle_stage(view: ClassifiedView, chosen: np.ndarray) -> np.ndarray | Non
             "--classes auto keeps the classes whole, without the per-particle stage of "
             "--select auto; classify again for it"
         )
-        log.warning("%s", text)
-        view.notes.append(text)
+        log.warning("%s", text)  # once, on stderr; summary["warnings"] for --json
+        view.warnings.append(text)
         return None
     # a result without one of them (NaN) is judged on the other, as the run did
     return particle_outliers(view, chosen, particle_features(view))
@@ -212,5 +213,6 @@ def pick(view: ClassifiedView, criteria: Criteria) -> tuple[np.ndarray, dict[str
             str(int(c) + view.class_base): int(sizes[c]) for c in np.flatnonzero(sizes)
         },
         "notes": list(view.notes),
+        "warnings": list(view.warnings),
     }
     return keep, summary

@@ -285,4 +285,4 @@ def test_offline_select_auto_keeps_the_particles_of_classify_select_auto(
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warned) == 1 and str(old) in warned[0] and "classes whole" in warned[0]
     assert got["n_selected"] == sel["n_particles"] + sel["removed_total"]  # whole classes
-    assert got["outliers_removed"] is None
+    assert got["outliers_removed"] is None and got["warnings"] == warned
