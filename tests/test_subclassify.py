@@ -219,8 +219,12 @@ def test_stability_is_one_for_identical_runs_and_in_unit_interval():
     b = rng.integers(0, 6, 300)
     s = particle_stability([a, b, perm[a]])
     assert s.min() >= 0 and s.max() <= 1 and s.min() > 1 / 3  # one pair of three agrees
-    assert s.max() < 1 and np.isclose(particle_stability([a, b])[0], np.mean(  # Jaccard
-        np.sum((a == a[0]) & (b == b[0])) / np.sum((a == a[0]) | (b == b[0]))))
+    assert s.max() < 1 and np.isclose(
+        particle_stability([a, b])[0],
+        np.mean(  # Jaccard
+            np.sum((a == a[0]) & (b == b[0])) / np.sum((a == a[0]) | (b == b[0]))
+        ),
+    )
     split = np.where(a == 0, 6 + (np.arange(300) % 2), a)  # class 0 halved in one run
     st = particle_stability([a, split], [6, 8])
     assert np.allclose(st[a == 0], 0.5, atol=0.05) and np.all(st[a != 0] == 1.0)
