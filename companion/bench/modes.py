@@ -239,9 +239,16 @@ def run_modes_cells(
     args = [(c, d, threads, kw) for c, d in zip(cells, dirs, strict=True)]
     if jobs == 1:
         results = [_cell(*a) for a in args]
-    else:
+    else:  # the workers do not log: each finished cell is logged here
+        from concurrent.futures import as_completed
+
+        results: list[Any] = [None] * len(args)
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(_cell, *zip(*args, strict=True)))
+            futures = {pool.submit(_cell, *a): i for i, a in enumerate(args)}
+            for done, fut in enumerate(as_completed(futures), 1):
+                results[futures[fut]] = fut.result()
+                for row in results[futures[fut]]:
+                    log.info("bench modes: cell %d of %d: %s", done, len(args), format_row(row))
     order = {name: i for i, name in enumerate(names)}
     rows = [r for rs in results for r in rs]
     key = {(n, s): i for i, (n, s, _) in enumerate(cells)}
