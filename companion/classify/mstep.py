@@ -279,10 +279,10 @@ def resolution_from_frc(frc: np.ndarray, geom: fo.Geometry) -> np.ndarray:
     """Resolution (Å) of the last shell before the FRC first drops below 0.143 (inf if
     already at shell 1; the working limit if never)."""
     k, s = frc.shape
-    out = np.empty(k, np.float32)
     d = geom.box * geom.psize
-    for i in range(k):
-        below = np.flatnonzero(frc[i, 1:] < FRC_THRESHOLD)
-        last = (below[0] if below.size else s - 1) if s > 1 else 0
-        out[i] = np.inf if last < 1 else d / last
-    return out
+    if s < 2:
+        return np.full(k, np.inf, np.float32)
+    below = np.asarray(frc)[:, 1:] < FRC_THRESHOLD
+    last = np.where(below.any(axis=1), below.argmax(axis=1), s - 1)
+    with np.errstate(divide="ignore"):
+        return np.where(last < 1, np.inf, d / np.maximum(last, 1)).astype(np.float32)
