@@ -5,6 +5,7 @@ derandomised search keeps the run short and the same on every machine."""
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +159,10 @@ def test_cs_reader_never_crashes(proj, data):
             rows = st.lists(st.integers(0, n - 1), max_size=8) if n else st.just([])
             idx = np.array(data.draw(rows, label="rows"), dtype=int)
             fields = [(f, v[idx]) for f, v in fields]
-    try:
-        blob = _cs_bytes(fields)
+    try:  # building the input: cryosparc-tools warns when a cast field holds NaN
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            blob = _cs_bytes(fields)
     except Exception:  # cryosparc-tools cannot write this combination: nothing to read
         return
     if data.draw(st.booleans(), label="damage bytes"):
