@@ -268,21 +268,19 @@ def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
     new = xp.ones(n, dtype=bool)
     new[1:] = idx[1:] != idx[:-1]
     starts = xp.flatnonzero(new)  # the sync
-    if not is_cupy(xp):
-        import scipy.sparse as sp
-
-        indptr = np.concatenate([starts, [n]])
-        seg = sp.csr_matrix((np.ones(n, rows.dtype), order, indptr), shape=(len(starts), n))
-        sums = np.asarray(seg @ rows)
-    else:
-        m = int(starts.shape[0])
-        indptr = xp.concatenate([starts, xp.asarray([n], dtype=starts.dtype)])
-        seg = _csr_from_parts(xp, xp.ones(n, rows.dtype), order, indptr, (m, n))
-        sums = seg @ rows
+    indptr = xp.concatenate([starts, xp.asarray([n], dtype=starts.dtype)])
+    seg = csr_from_parts(xp, xp.ones(n, rows.dtype), order, indptr, (int(starts.shape[0]), n))
+    sums = xp.asarray(seg @ rows)
     target[idx[starts]] += sums.astype(target.dtype, copy=False)
 
 
-def _csr_from_parts(xp: Any, data: Any, indices: Any, indptr: Any, shape: tuple) -> Any:
+def csr_from_parts(xp: Any, data: Any, indices: Any, indptr: Any, shape: tuple) -> Any:
+    """A CSR matrix on the device of ``xp`` from its arrays (on that device; ``indices``
+    sorted within each row by the caller): ``matrix @ dense`` sums each row in that order."""
+    if not is_cupy(xp):
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((data, indices, indptr), shape=shape)
     make = getattr(xp, "csr_from_parts", None)  # CuPy-like test modules
     if make is not None:
         return make(data, indices, indptr, shape)

@@ -267,7 +267,8 @@ CPU_TILE_BYTES = 4 << 20
 GPU_TILE_BYTES = 256 << 20
 
 
-def _tile_bytes(xp: Any, budget: int | None) -> int:
+def tile_bytes(xp: Any, budget: int | None = None) -> int:
+    """Bytes of one cache-sized working tile on the device of ``xp`` (at most ``budget``)."""
     cap = GPU_TILE_BYTES if is_cupy(xp) else CPU_TILE_BYTES
     return int(min(cap, budget)) if budget else cap
 
@@ -295,7 +296,7 @@ def coarse_best(xc: Any, c2s: Any, refs: RotatedRefs, search: Search,
     best = xp.empty((b, k), xp.float32)
     tbest = xp.empty((b, k), xp.int32)
     rbest = xp.empty((b, k), xp.int32)
-    tile = _tile_bytes(xp, budget)
+    tile = tile_bytes(xp, budget)
     # classes per block: all K when the tile of enough particles for ~256 GEMM rows fits
     n_min = -(-256 // tc)
     kb = max(1, min(k, tile // (4 * n_min * tc * rc)))
@@ -468,7 +469,7 @@ def _fine_loops(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, budget: in
     # ½·C²/sigma², interleaved like the float32 view of a complex row: (B, 2F)
     c2h = xp.repeat(c2half, 2, axis=1)
     per = j * f * 8 * 3 + j * nd * 4 * 3 + f * 8 * 2
-    chunk = max(1, _tile_bytes(xp, budget) // per)
+    chunk = max(1, tile_bytes(xp, budget) // per)
     cross = search.local_cross[: 2 * f]
     n_rest = int(rest.shape[0])
     for s in range(0, n_rest, chunk):
