@@ -49,6 +49,7 @@ from companion.classify.backend import (
 )
 from companion.classify.callbacks import IterationInfo, call, stop_requested
 from companion.classify.groups import noise_rows
+from companion.classify.hostmem import tune_allocator
 from companion.classify.init import initial_references, lowpass_shell, seed_owner
 from companion.classify.mstep import Accumulator, reconstruct, shell_power
 from companion.classify.preprocess import Prepared, fingerprint, prepare
@@ -131,6 +132,7 @@ def _dirs(work_dir: Path | str | None) -> Iterator[tuple[Path, bool]]:
 class _Run:
     def __init__(self, particles: ParticleSet, params: ClassifyParams, xp: Any, ckpt_dir: Path,
                  persistent: bool, callbacks: Any) -> None:  # fmt: skip
+        tune_allocator()
         self.particles, self.params, self.xp = particles, params, xp
         self.ckpt_dir, self.persistent, self.callbacks = ckpt_dir, persistent, callbacks
         self.n = len(particles)

@@ -220,7 +220,9 @@ def estep_shard(run: RunState, it: IterationState, idx: np.ndarray, *,
     of ``it.batch``: class weights, per-particle outputs and (``it.accumulate``) the
     shard's sufficient statistics."""
     from companion.classify import balance, output
+    from companion.classify.hostmem import tune_allocator
 
+    tune_allocator()  # once per process: a Dask worker's too
     t0 = time.perf_counter()
     ctx = context(run)
     p, xp, geom, search, k = run.params, ctx.xp, ctx.geom, ctx.search, ctx.k
