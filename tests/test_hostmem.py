@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 
@@ -12,8 +14,6 @@ CODE = (
 
 
 def _run(env_extra: dict[str, str]) -> str:
-    import os
-
     env = dict(os.environ) | env_extra
     out = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True,
                          check=True)  # fmt: skip
@@ -21,8 +21,6 @@ def _run(env_extra: dict[str, str]) -> str:
 
 
 def test_tuned_on_glibc_and_idempotent():
-    import platform
-
     got = _run({"COMPANION_MALLOC": ""})
     expect = "True True" if platform.libc_ver()[0] == "glibc" else "False True"
     assert got == expect

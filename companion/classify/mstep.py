@@ -6,9 +6,10 @@ Per batch the weights of the E-step turn into sums in the rotated frames,
     D[k, r] = Σ_b Σ_t w(b, k, r, t) · C_b²/sigma²
 
 one pair per half-set. Pose modes: ``max`` has one pose per (particle, class) and its rows
-are scattered; ``marginal`` uses the transposed GEMM ``Wᵀ·Y`` (exhaustive search) or the
-local weights times a phase table (fast search). Rows whose weight is below ``PRUNE`` times
-the particle's largest class weight are skipped (they change nothing visible). At the end of
+go into their (class, rotation) slots by one CSR product per block of classes; ``marginal``
+uses the transposed GEMM ``Wᵀ·Y`` (exhaustive search) or the local weights times a phase
+table (fast search). Rows whose weight is below ``PRUNE`` times the particle's largest class
+weight are skipped (they change nothing visible). At the end of
 the iteration :class:`Projector.backproject` rotates the sums back into the class frame and
 adds them up; :func:`reconstruct` applies the Wiener filter
 
