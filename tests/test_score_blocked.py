@@ -40,16 +40,22 @@ def problem(xp, seed: int, k: int = 5, n: int = 23, psi_step: float = 20.0):
 @pytest.mark.parametrize("tile", [None, 20_000])  # default tiles; tiny ones: many blocks
 @pytest.mark.parametrize("psi_step", [20.0, 90.0])  # 90°: the fine window is every rotation
 @pytest.mark.parametrize("group_min", [1, 10**9])  # CPU: every pair in window GEMMs / none
+@pytest.mark.parametrize("quad_table", [True, False])  # quadratic term: one GEMM / per pair
 def test_blocked_search_equals_the_reference(xp, monkeypatch, seed, marginal, tile, psi_step,
-                                             group_min):  # fmt: skip
+                                             group_min, quad_table):  # fmt: skip
     if tile is not None:
         monkeypatch.setattr(sc, "CPU_TILE_BYTES", tile)
         monkeypatch.setattr(sc, "GPU_TILE_BYTES", tile)
     monkeypatch.setattr(sc, "GROUP_MIN", group_min)
+    monkeypatch.setattr(sc, "QUAD_TABLE_RATIO", 10**9 if quad_table else 0)
+    tables = []
+    table = sc._quad_table
+    monkeypatch.setattr(sc, "_quad_table", lambda *a: tables.append(table(*a)) or tables[-1])
     xc, c2s, refs, search = problem(xp, seed, psi_step=psi_step)
     u = 3.0
     new = sc.score(xc, c2s, refs, search, u, marginal)
     old = score_fast_reference(xc, c2s, refs, search, u, marginal)
+    assert [t is not None for t in tables] == [quad_table]
     assert 0 < new.n_fine == old.n_fine < xc.shape[0] * refs.A.shape[0]  # some refined
     np.testing.assert_array_equal(to_host(new.rot), to_host(old.rot))
     np.testing.assert_array_equal(to_host(new.shift), to_host(old.shift))
@@ -95,3 +101,18 @@ def test_tf32_is_a_noop_on_numpy(caplog, monkeypatch):
         sc.score(xc, c2s, refs, search, 2.0, False)
     np.testing.assert_array_equal(fast.best, plain.best)
     assert sum("--tf32: no effect" in r.getMessage() for r in caplog.records) == 1  # once
+
+
+def test_quad_table_only_when_it_pays_and_fits():
+    """The (B, K·R) table of the quadratic term is built when the pairs use at least
+    1/QUAD_TABLE_RATIO of its entries and it takes at most a quarter of the budget."""
+    xc, c2s, refs, search = problem(np, 0)
+    b, kr = xc.shape[0], refs.power.shape[0]
+    c2half = c2s[:, : refs.n] * np.float32(0.5)
+    enough = -(-b * kr // sc.QUAD_TABLE_RATIO)
+    table = sc._quad_table(c2half, refs, enough, None)
+    want = np.einsum("bf,rf->br", c2half.astype(np.float64), refs.power.astype(np.float64))
+    np.testing.assert_allclose(table, want, rtol=1e-5)
+    assert sc._quad_table(c2half, refs, enough - 1, None) is None
+    assert sc._quad_table(c2half, refs, enough, 16 * b * kr) is not None
+    assert sc._quad_table(c2half, refs, enough, 16 * b * kr - 4) is None
