@@ -41,6 +41,7 @@ from companion.classify.backend import (
     matmul_precision,
     synchronize,
     to_device,
+    work_budget,
 )
 
 FINE_ROT = 2  # fine rotations on each side of the best coarse one (coarse step = 2 fine)
@@ -518,7 +519,7 @@ def _quad_table(c2half: Any, refs: RotatedRefs, n_used: int, budget: int | None)
     would take more than a quarter of ``budget``)."""
     b = int(c2half.shape[0])
     kr = int(refs.power.shape[0])
-    cap = (budget if budget else 1 << 30) // 4
+    cap = (budget or work_budget(get_array_module(c2half))) // 4
     if b * kr > QUAD_TABLE_RATIO * max(n_used, 1) or 4 * b * kr > cap:
         return None
     return c2half @ refs.power.T
