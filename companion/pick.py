@@ -6,10 +6,11 @@ rows back in its own format; this module holds the criteria, which are ANDed:
 
 - ``classes``: a class list in the host's numbering (RELION 1-based, CryoSPARC 0-based), or
   ``auto`` — the ``--select auto`` rule of :mod:`companion.select`: the classes of
-  :func:`select_auto` on the written class averages, labels and assigned-class posteriors,
-  then its per-particle stage (:func:`~companion.select.particle_outliers`) on the written
-  ``lowres_power`` and ``loglik_gain``, so the same particles as ``classify --select auto``;
-  outputs written before companion wrote those keep the classes whole, with a warning;
+  :func:`select_auto` judged by their members' written ``lowres_power`` and
+  ``loglik_gain``, then its per-particle stage (:func:`~companion.select.particle_outliers`)
+  on the same columns, so the same particles as ``classify --select auto``; outputs written
+  before companion wrote those are scored from their class averages and assigned-class
+  posteriors and keep the classes whole, with a warning;
 - ``margin``: the top-1 minus top-2 class posterior (``--posteriors`` ≥ 2 in the run);
 - ``min_stability``: the per-particle stability column, where the run wrote one;
 - ``min_score``: the class score of the particle's class (``rlnClassScore`` / summary.json).
@@ -104,7 +105,8 @@ def class_mask(view: ClassifiedView, spec: str) -> np.ndarray:
         keep = np.zeros(view.n_classes, dtype=bool)
         keep[parse_class_list(spec, view.n_classes, base=view.class_base, option="--classes")] = 1
         return keep
-    if view.averages is not None and view.class_prob is not None:
+    both = view.lowres_power is not None and view.loglik_gain is not None
+    if both or (view.averages is not None and view.class_prob is not None):
         return np.asarray(select_auto(view), dtype=bool)
     if view.class_score is not None:  # the same rule's stored result
         from companion.select import SELECT_THRESHOLD
@@ -115,9 +117,10 @@ def class_mask(view: ClassifiedView, spec: str) -> np.ndarray:
         )
         return (np.asarray(view.class_score) >= SELECT_THRESHOLD) & (view.class_sizes > 0)
     col = view.columns.get("assigned", "assigned-class posteriors")
+    feats = " and ".join(view.columns.get(w, w) for w in ("lowres_power", "loglik_gain"))
     raise InputError(
-        f"{view.path}: --classes auto needs the class averages and {col}, or the class "
-        "scores — select from a complete companion output directory"
+        f"{view.path}: --classes auto needs {feats}, or the class averages and {col}, or "
+        "the class scores — select from a complete companion output directory"
     )
 
 
@@ -132,8 +135,8 @@ def particle_stage(view: ClassifiedView, chosen: np.ndarray) -> np.ndarray | Non
     if len(missing) == 2:
         text = (
             f"{view.path}: no {' or '.join(missing)} (an output of an older companion) — "
-            "--classes auto keeps the classes whole, without the per-particle stage of "
-            "--select auto; classify again for it"
+            "--classes auto scores the classes by their averages and keeps them whole, "
+            "without the per-particle stage of --select auto; classify again for both"
         )
         log.warning("%s", text)  # once, on stderr; summary["warnings"] for --json
         view.warnings.append(text)

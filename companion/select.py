@@ -1,42 +1,46 @@
 """Which classes hold particles: one class score and one ``--select auto`` rule for all hosts.
 
-A class is scored from what separates junk from particles in its average and its members;
-``rim``, ``contrast`` and ``sharpness`` are divided by those of the particle-weighted median
-class (junk is assumed to be a minority of the particles, so that class is a particle class):
+A class is judged by its members. Two per-particle features (below) are computed for every
+image; the per-particle stage (robust outliers within each class) is applied to every
+occupied class, and the class features are the medians over the members left, minus those of
+the particle-weighted median class (junk is assumed to be a minority of the particles, so
+that class is a particle class):
 
-- ``rim``: RMS of the average in the outer ring (60-85% of the half box) over its RMS in the
-  inner disc (< 50%). A particle is compact and centred; a gold edge, an off-centre
-  contamination blob or an average of noise reaches the rim. Measured on ``companion
-  simulate`` data (``companion bench select``): particle classes 0.05-0.12, junk 0.18-1.07.
-- ``contrast``: inner-disc RMS. Gold edges and contamination are 3-12x stronger than the
-  particles, noise averages 4-15x weaker.
-- ``sharpness``: mean class posterior over the members. Particle classes 0.93-0.98; pure-noise
-  classes 0.52-0.84 (the members could as well be elsewhere).
-- ``size``: class size over the mean class size (below 10% of the mean: too small to trust).
+- ``lowres_power`` (class median, high side): gold edges and contamination put 3-30x the
+  particles' low-resolution power into every member. Measured (``companion bench
+  select``, 6 seeds, white and coloured noise): particle classes of ≥ 10 members within
+  ±0.08 of the median class, junk classes 0.93-2.80 above it; junk above ``LOWRES_MAX``.
+- ``loglik_gain`` (class median, low side): members of a pure-noise class are explained by
+  their class hardly better than by noise alone. Particle classes of ≥ 10 members ≥ -0.63
+  (log nats) from the median class, pure-noise classes ≤ -2.13; junk below
+  ``-GAIN_DROP_MAX``.
+- ``size``: members left over the mean class size (below ``SIZE_MIN``: too small to trust).
 
-The score is the product of one soft step per feature (each in [0, 1], 0.5 at its threshold),
-so any single junk trait pulls a class down. ``select_auto`` keeps the non-empty classes
-scoring at least ``SELECT_THRESHOLD``; hosts only convert class numbers (RELION 1-based,
-CryoSPARC 0-based).
+The score is the product of one soft step per feature (each in [0, 1], 0.5 at its
+threshold), so any one junk trait pulls a class down. Outputs written before companion wrote
+both per-particle features are scored from their averages instead (``rim``, ``contrast``,
+``sharpness`` relative to the median class; :func:`class_features`); that rule was dropped
+because it dropped particle classes with blurred averages (README, 'Class scores').
+``select_auto`` keeps the non-empty classes scoring at least ``SELECT_THRESHOLD``; hosts only
+convert class numbers (RELION 1-based, CryoSPARC 0-based).
 
 Junk that the classifier put into a particle class (a particle next to a gold edge, a
 contamination blob, pure noise) cannot be removed by any choice of whole classes, so
-:func:`select_particles` — what every host's ``--select auto`` writes — adds a per-particle
-stage: within each kept class of at least ``MIN_MEMBERS`` particles, a particle is left out
-when it is an outlier (robust z beyond ``PARTICLE_Z_MAX``: median and 1.4826 × MAD over the
-class's members) by either of
+:func:`select_particles` — what every host's ``--select auto`` writes — leaves out, within
+each kept class of at least ``MIN_MEMBERS`` particles, the members that are outliers (robust
+z beyond ``PARTICLE_Z_MAX``: median and 1.4826 × MAD over the class's members) by either of
 
 - ``lowres_power`` (high side): log of the image's low-resolution power (shells 1 up to
   ``LOWRES_A`` Å), each shell divided by that shell's median over the particle's micrograph group
   (all particles for groups under ``MIN_GROUP``), so that coloured noise is whitened.
-  Rotation- and shift-invariant: no alignment needed. Gold edges and contamination put
-  3-30x the particles' power there; particles of one class spread by ±0.2-0.5 in log.
+  Rotation- and shift-invariant: no alignment needed. Particles of one class spread by
+  ±0.2-0.5 in log.
 - ``loglik_gain`` (low side): log of ``ClassResult.loglik_gain`` (floored at
   ``GAIN_FLOOR`` nats), the log-likelihood over that of the empty model — how much better
   the image is explained by the classes than by noise alone. Particles of a class: 20-70
   nats (box 64, SNR 0.08, white noise), pure noise 2-8; the log makes the spread (defocus,
   SNR) a ratio. On coloured noise (half of it CTF-modulated ice) the two overlap (~14 vs
-  ~10 nats) and pure noise is not found per particle (README, 'Class scores').
+  ~10 nats) and pure noise inside a particle class is not found per particle (README).
 
 A ``--select`` LIST keeps its classes whole (the user chose them).
 
@@ -53,8 +57,10 @@ from typing import Any
 import numpy as np
 
 SELECT_THRESHOLD = 0.5
-# each term is 0.5 at its threshold; rim, contrast and sharpness are relative to the
-# particle-weighted median class
+# each term is 0.5 at its threshold; all are relative to the particle-weighted median class
+LOWRES_MAX = 0.5  # class median lowres_power above the median class's (log)
+GAIN_DROP_MAX = 1.0  # class median log loglik_gain below the median class's
+# the rule for outputs without per-particle features (class averages)
 RIM_MAX = 1.8
 CONTRAST_MAX_LOG = float(np.log(2.0))  # |log contrast|
 SHARPNESS_MIN = 0.9
@@ -70,15 +76,27 @@ GAIN_FLOOR = 1.0  # loglik_gain (nats) below which an image holds no evidence of
 
 @dataclass
 class ClassFeatures:
-    """Per-class features behind the score (all float64, length K; NaN for empty classes)."""
+    """Per-class features behind the score (float64, length K; NaN for empty classes, whose
+    ``size`` is 0, and where a feature is not available: ``rim``, ``contrast``,
+    ``sharpness`` without averages or posteriors, ``lowres_power``, ``loglik_gain`` without
+    the per-particle features)."""
 
+    NAMES = ("lowres_power", "loglik_gain", "size", "rim", "contrast", "sharpness")
+
+    lowres_power: np.ndarray
+    loglik_gain: np.ndarray
+    size: np.ndarray
     rim: np.ndarray
     contrast: np.ndarray
     sharpness: np.ndarray
-    size: np.ndarray
+
+    @property
+    def by_members(self) -> bool:
+        """Whether the classes are scored from their members (both features present)."""
+        return bool(np.isfinite(self.lowres_power).any() and np.isfinite(self.loglik_gain).any())
 
     def as_dict(self) -> dict[str, list[float]]:
-        return {k: getattr(self, k).tolist() for k in ("rim", "contrast", "sharpness", "size")}
+        return {k: getattr(self, k).tolist() for k in self.NAMES}
 
 
 def _ring_rms(averages: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -92,32 +110,81 @@ def _ring_rms(averages: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     ok = np.isfinite(values) & (weights > 0)
     if not ok.any():
-        return 1.0
+        return float("nan")
     order = np.argsort(values[ok])
     cum = np.cumsum(weights[ok][order])
     return float(values[ok][order][np.searchsorted(cum, 0.5 * cum[-1])])
 
 
-def class_features(result: Any) -> ClassFeatures:
-    """The features of :func:`class_scores` for a ClassResult (see the module doc)."""
+def class_medians(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (K,): the median of the finite ``x`` of its members (NaN where none) and
+    their count; ``labels`` -1 is no class. One sort for all classes (np.median's values)."""
+    x = np.asarray(x, np.float64)
+    labels = np.asarray(labels, np.int64)
+    ok = np.isfinite(x) & (labels >= 0) & (labels < k)
+    xs, ls = x[ok], labels[ok]
+    order = np.lexsort((xs, ls))
+    xs = xs[order]
+    count = np.bincount(ls, minlength=k)
+    start = np.concatenate(([0], np.cumsum(count)[:-1]))
+    med = np.full(k, np.nan)
+    has = count > 0
+    lo = xs[(start + (count - 1) // 2)[has]]
+    hi = xs[(start + count // 2)[has]]
+    med[has] = (lo + hi) / 2
+    return med, count
+
+
+def _average_features(result: Any, sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+    """rim, contrast, sharpness (absolute; NaN where averages or posteriors are missing)."""
+    k = sizes.size
+    nan = np.full(k, np.nan)
+    avg = getattr(result, "averages", None)
+    if avg is None:
+        rim = inner = nan
+    else:
+        avg = np.asarray(avg)
+        inner = _ring_rms(avg, 0.0, 0.5)
+        rim = _ring_rms(avg, 0.6, 0.85) / np.maximum(inner, 1e-30)
+    prob = getattr(result, "class_prob", None)
+    if prob is None:
+        return rim, inner, nan
+    labels = np.asarray(result.class_id, np.int64)
+    seen = labels >= 0
+    psum = np.bincount(labels[seen], weights=np.asarray(prob, np.float64)[seen], minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sharp = psum / np.bincount(labels[seen], minlength=k)
+    return rim, inner, sharp
+
+
+def class_features(result: Any, features: ParticleFeatures | None = None) -> ClassFeatures:
+    """The features of :func:`class_scores` for a ClassResult or a ``companion select``
+    view (see the module doc); ``features``: :func:`particle_features` of ``result`` when
+    already computed."""
     k = result.n_classes
     sizes = np.asarray(result.class_sizes, dtype=np.float64)
     labels = np.asarray(result.class_id, dtype=np.int64)
-    seen = labels >= 0
-    avg = np.asarray(result.averages)
-    inner = _ring_rms(avg, 0.0, 0.5)
-    rim = _ring_rms(avg, 0.6, 0.85) / np.maximum(inner, 1e-30)
     occupied = sizes > 0
-    nan = np.where(occupied, 1.0, np.nan)
-    psum = np.bincount(labels[seen], weights=np.asarray(result.class_prob)[seen], minlength=k)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sharp = psum / np.bincount(labels[seen], minlength=k) * nan
+    f = particle_features(result) if features is None else features
+    every = occupied.copy()
+    left = labels.copy()
+    left[particle_outliers(result, every, f)] = -1  # the stage --select auto applies
+    counts = np.bincount(left[left >= 0], minlength=k).astype(np.float64)
 
-    def rel(x: np.ndarray) -> np.ndarray:
-        return x * nan / max(_weighted_median(x * nan, sizes), 1e-30)
+    def rel(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        x = np.where(occupied, x, np.nan)
+        return x - _weighted_median(x, weights)
 
-    size = sizes / max(sizes.sum() / max(k, 1), 1e-30)
-    return ClassFeatures(rel(rim), rel(inner), rel(sharp), size)
+    lp = rel(class_medians(f.lowres_power, left, k)[0], counts)
+    gain = rel(class_medians(f.loglik_gain, left, k)[0], counts)
+    size = counts / max(sizes.sum() / max(k, 1), 1e-30)
+    rim, inner, sharp = _average_features(result, sizes)
+
+    def ratio(x: np.ndarray) -> np.ndarray:
+        x = np.where(occupied, x, np.nan)
+        return x / max(_weighted_median(x, sizes), 1e-30)
+
+    return ClassFeatures(lp, gain, size, ratio(rim), ratio(inner), ratio(sharp))
 
 
 def _step(x: np.ndarray, at: float, width: float) -> np.ndarray:
@@ -126,22 +193,28 @@ def _step(x: np.ndarray, at: float, width: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(z))
 
 
-def class_scores(result: Any) -> np.ndarray:
+def class_scores(result: Any, features: ParticleFeatures | None = None) -> np.ndarray:
     """float32 (K,): how particle-like each class is, in [0, 1] (0 for empty classes);
     written as rlnClassScore (RELION 4's class ranker's label, also in [0, 1])."""
-    f = class_features(result)
-    s = (
-        _step(f.rim, RIM_MAX, 0.15)
-        * _step(np.abs(np.log(np.maximum(f.contrast, 1e-30))), CONTRAST_MAX_LOG, 0.1)
-        * _step(-f.sharpness, -SHARPNESS_MIN, 0.02)
-        * _step(-f.size, -SIZE_MIN, 0.02)
-    )
+    f = class_features(result, features)
+    s = _step(-f.size, -SIZE_MIN, 0.02)
+    if f.by_members:
+        s = s * _step(f.lowres_power, LOWRES_MAX, 0.05) * _step(-f.loglik_gain, GAIN_DROP_MAX, 0.1)
+    else:
+        s = (
+            s
+            * _step(f.rim, RIM_MAX, 0.15)
+            * _step(np.abs(np.log(np.maximum(f.contrast, 1e-30))), CONTRAST_MAX_LOG, 0.1)
+            * _step(-f.sharpness, -SHARPNESS_MIN, 0.02)
+        )
     return np.nan_to_num(s, nan=0.0).astype(np.float32)
 
 
-def select_auto(result: Any, threshold: float = SELECT_THRESHOLD) -> np.ndarray:
+def select_auto(
+    result: Any, threshold: float = SELECT_THRESHOLD, features: ParticleFeatures | None = None
+) -> np.ndarray:
     """bool (K,): the classes ``--select auto`` keeps (non-empty, score ≥ ``threshold``)."""
-    return (class_scores(result) >= threshold) & (np.asarray(result.class_sizes) > 0)
+    return (class_scores(result, features) >= threshold) & (np.asarray(result.class_sizes) > 0)
 
 
 def parse_class_list(
@@ -175,10 +248,17 @@ def parse_class_list(
     return sorted(c - base for c in out)
 
 
-def selected_classes(result: Any, spec: str, *, base: int, option: str = "--select") -> np.ndarray:
+def selected_classes(
+    result: Any,
+    spec: str,
+    *,
+    base: int,
+    option: str = "--select",
+    features: ParticleFeatures | None = None,
+) -> np.ndarray:
     """bool (K,) for ``--select auto|LIST`` (LIST ``base``-based)."""
     if spec.strip().lower() == "auto":
-        return select_auto(result)
+        return select_auto(result, features=features)
     keep = np.zeros(result.n_classes, dtype=bool)
     keep[parse_class_list(spec, result.n_classes, base=base, option=option)] = True
     return keep
@@ -293,15 +373,20 @@ def particle_features(result: Any, particles: Any = None) -> ParticleFeatures:
 def robust_z(x: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """float64 (N,): ``(x - median) / (1.4826 MAD)`` over the members of each class in
     ``classes`` (bool, K) with at least ``MIN_MEMBERS`` finite values; 0 elsewhere."""
+    x = np.asarray(x, np.float64)
+    labels = np.asarray(labels, np.int64)
+    k = classes.size
+    med, count = class_medians(x, labels, k)
+    own = np.zeros(labels.shape, np.intp)  # each particle's class (0 for none: masked below)
+    ok = (labels >= 0) & (labels < k)
+    own[ok] = labels[ok]
+    with np.errstate(invalid="ignore"):
+        dev = np.abs(x - med[own])
+    mad = MAD_SD * class_medians(np.where(ok, dev, np.nan), labels, k)[0]
+    judged = classes & (count >= MIN_MEMBERS) & (mad > 0)
+    use = ok & judged[own] & np.isfinite(x)
     z = np.zeros(x.shape, np.float64)
-    for c in np.flatnonzero(classes):
-        m = (labels == c) & np.isfinite(x)
-        if m.sum() < MIN_MEMBERS:
-            continue
-        med = np.median(x[m])
-        mad = MAD_SD * np.median(np.abs(x[m] - med))
-        if mad > 0:
-            z[m] = (x[m] - med) / mad
+    z[use] = (x[use] - med[own[use]]) / mad[own[use]]
     return z
 
 
@@ -334,13 +419,15 @@ def select_particles(
     ParticleSet; without either only ``loglik_gain`` is used). A LIST keeps its classes
     whole. Raises ParameterError naming ``option`` on a bad LIST."""
     labels = np.asarray(result.class_id, np.int64)
-    classes = selected_classes(result, spec, base=base, option=option)
+    auto = spec.strip().lower() == "auto"
+    features = particle_features(result, particles) if auto else None
+    classes = selected_classes(result, spec, base=base, option=option, features=features)
     inside = np.zeros(labels.shape, bool)
     ok = labels >= 0
     inside[ok] = classes[labels[ok]]
     removed = np.zeros(result.n_classes, np.int64)
-    if spec.strip().lower() == "auto" and classes.any():
-        drop = particle_outliers(result, classes, particle_features(result, particles), z_max)
+    if auto and classes.any():
+        drop = particle_outliers(result, classes, features, z_max)
         inside &= ~drop
         removed = np.bincount(labels[drop], minlength=result.n_classes).astype(np.int64)
     return Selection(spec, classes, inside, removed)

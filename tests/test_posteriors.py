@@ -292,6 +292,33 @@ def test_select_auto_is_the_select_rule(runs, tmp_path, capsys):
     assert rc == 0 and got["n_selected"] == 120
 
 
+def test_select_auto_without_posteriors(runs, tmp_path, capsys):
+    """A --posteriors 0 run has no assigned-class posteriors: --classes auto judges the
+    classes by the written member features, as the run scored them; without those columns
+    too it falls back to the written class scores (and says so)."""
+    from companion.relion import class2d
+    from companion.relion.star import parse_star, write_star
+    from companion.select import SELECT_THRESHOLD
+
+    run = runs["star0"]
+    summary = json.loads((run / "summary.json").read_text())
+    scores = np.asarray(summary["class_score"])
+    sizes = np.asarray(summary["class_sizes"])
+    want = (np.flatnonzero((scores >= SELECT_THRESHOLD) & (sizes > 0)) + 1).tolist()
+    rc, got = _select(capsys, str(run), "--classes", "auto", "--out", str(tmp_path / "a"))
+    assert rc == 0 and got["classes_selected"] == want and not got["notes"]
+    copy = tmp_path / "old"
+    shutil.copytree(run, copy)
+    path = copy / "run_it003_data.star"
+    star = parse_star(path)
+    cols = star.blocks["particles"]
+    star.blocks["particles"] = cols.drop(columns=[class2d.LOWRES_POWER, class2d.LOGLIK_GAIN])
+    write_star(path, star.blocks, star.version or "30001")
+    rc, got = _select(capsys, str(copy), "--classes", "auto", "--out", str(tmp_path / "b"))
+    assert rc == 0 and got["classes_selected"] == want
+    assert "class scores as written" in got["notes"][0]
+
+
 def test_select_cs(runs, tmp_path, capsys):
     ds = Dataset.load(runs["cs"] / "particles.cs")
     cls = np.asarray(ds["alignments2D/class"])
@@ -314,7 +341,6 @@ def test_select_cs(runs, tmp_path, capsys):
         ("cs", ["--min-stability", "0.5"], "no stability/fraction field"),
         ("star", ["--min-stability", "0.5"], "no companionStability column"),
         ("star0", ["--margin", "0.2"], "companionPosterior1"),
-        ("star0", ["--classes", "auto"], ""),  # falls back to the written class scores
         ("star", [], "nothing to select by"),
         ("star", ["--classes", "0"], "classes 1 to 3"),
         ("cs", ["--classes", "3"], "classes 0 to 2"),
@@ -323,9 +349,6 @@ def test_select_cs(runs, tmp_path, capsys):
 )
 def test_select_errors_name_the_file(runs, tmp_path, capsys, which, args, fragment):
     rc, out = _select(capsys, str(runs[which]), *args, "--out", str(tmp_path / "s"))
-    if not fragment:
-        assert rc == 0 and out["notes"] and "class scores as written" in out["notes"][0]
-        return
     assert rc == 2
     assert fragment in out and len(out.strip().splitlines()) == 1
     if "field" in fragment or "column" in fragment or "Posterior1" in fragment:
