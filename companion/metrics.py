@@ -11,6 +11,7 @@ in good classes = junk particles inside good classes / all particles in good cla
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -174,6 +175,17 @@ def classes_per_value(labels: Any, truth: Any, n_classes: int, mask: Any = None)
     values = np.unique(truth)
     best, _ = majority(labels, truth, n_classes)
     return {_py(v): int((best == i).sum()) for i, v in enumerate(values)}
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a random ``pos`` value > a random ``neg`` one), ties half (Mann-Whitney)."""
+    from scipy.stats import rankdata
+
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if not pos.size or not neg.size:
+        return math.nan
+    r = rankdata(np.concatenate([pos, neg]))
+    return float((r[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
 
 
 def _py(v: Any) -> Any:

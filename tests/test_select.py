@@ -356,3 +356,21 @@ def test_offline_select_auto_keeps_the_particles_of_classify_select_auto(
     whole = sum(sizes[c - base] for c in got["classes_selected"])
     assert got["classes_selected"] and got["n_selected"] == whole  # whole classes
     assert got["outliers_removed"] is None and got["warnings"] == warned
+
+
+def test_bench_select_reports_junk_kept_per_type_and_the_gain_auc(capsys):
+    """``bench select --json``: the per-type junk kept adds up to the junk kept, and the
+    gain AUC is a probability; the table prints both."""
+    args = ["bench", "select", "--n-particles", "300", "--n-classes", "4", "--box", "32",
+            "--psize", "6", "--seeds", "0", "--noise", "coloured"]  # fmt: skip
+    assert main([*args, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    (row,) = rep["rows"]
+    by_type = row["junk_kept_by_type"]
+    assert set(by_type) <= {"gold_edge", "contamination", "noise"} and "noise" in by_type
+    assert 0.0 <= row["gain_auc_good_vs_noise"] <= 1.0
+    # junk kept is a weighted mean of the types' kept fractions
+    assert min(by_type.values()) - 1e-9 <= row["junk_kept"] <= max(by_type.values()) + 1e-9
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "gain AUC" in text and f"{row['gain_auc_good_vs_noise']:.3f}" in text

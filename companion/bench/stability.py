@@ -58,7 +58,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def stability_scores(stab: np.ndarray, truth: Any) -> dict[str, float]:
     """AUC of ``stab`` for good (ordered) particles vs junk, per junk kind, vs disordered."""
-    from companion.bench.subclassify import auc
+    from companion.metrics import auc
 
     kind = truth["junk"].to_numpy()
     junk = kind != ""

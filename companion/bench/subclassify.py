@@ -74,17 +74,6 @@ def fell_off_recall(labels: np.ndarray, state: np.ndarray, good: np.ndarray,
     return float((best[labels[off]] == off_idx).mean())
 
 
-def auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(a random ``pos`` value > a random ``neg`` one), ties half (Mann-Whitney)."""
-    from scipy.stats import rankdata
-
-    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-    if not pos.size or not neg.size:
-        return math.nan
-    r = rankdata(np.concatenate([pos, neg]))
-    return float((r[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
-
-
 def _scores(labels: np.ndarray, k: int, truth: Any, n_states: int) -> dict[str, float]:
     state = truth["state"].to_numpy()
     good = truth["junk"].to_numpy() == ""
