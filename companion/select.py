@@ -166,9 +166,8 @@ def class_features(result: Any, features: ParticleFeatures | None = None) -> Cla
     labels = np.asarray(result.class_id, dtype=np.int64)
     occupied = sizes > 0
     f = particle_features(result) if features is None else features
-    every = occupied.copy()
     left = labels.copy()
-    left[particle_outliers(result, every, f)] = -1  # the stage --select auto applies
+    left[particle_outliers(result, occupied, f)] = -1  # the stage --select auto applies
     counts = np.bincount(left[left >= 0], minlength=k).astype(np.float64)
 
     def rel(x: np.ndarray, weights: np.ndarray) -> np.ndarray:

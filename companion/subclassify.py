@@ -102,14 +102,20 @@ class Allowed:
         refs = fo.apply_mask(fo.from_kept(to_device(coef, xp), geom), mask, background)
         return to_host(refs).astype(np.float32)
 
-    def mask(self, sc: Any, chunk: np.ndarray, xp: Any) -> None:
-        """Set the class evidence of every class outside the particle's parent to -inf
-        (in place on the batch's scores ``sc``; ``chunk``: the batch's particle indices)."""
+    def matrix(self, chunk: np.ndarray, xp: Any) -> Any:
+        """(B, K) bool on the device of ``xp``: the classes each particle of the batch
+        ``chunk`` (its indices) may go to (its parent's sub-classes)."""
         from companion.classify.backend import to_device
 
         pp = to_device(np.asarray(self.particle_parent, np.int32)[chunk], xp)
         cp = to_device(np.asarray(self.class_parent, np.int32), xp)
-        bad = pp[:, None] != cp[None, :]
+        return pp[:, None] == cp[None, :]
+
+    def mask(self, sc: Any, chunk: np.ndarray, xp: Any, allowed: Any = None) -> None:
+        """Set the class evidence of every class outside the particle's parent to -inf
+        (in place on the batch's scores ``sc``; ``chunk``: the batch's particle indices;
+        ``allowed``: :meth:`matrix` of ``chunk`` when already made)."""
+        bad = ~(self.matrix(chunk, xp) if allowed is None else allowed)
         ninf = np.float32(-np.inf)
         sc.ev_u = xp.where(bad, ninf, sc.ev_u).astype(sc.ev_u.dtype)
         sc.ev_1 = xp.where(bad, ninf, sc.ev_1).astype(sc.ev_1.dtype)

@@ -116,3 +116,36 @@ def test_quad_table_only_when_it_pays_and_fits():
     assert sc._quad_table(c2half, refs, enough - 1, None) is None
     assert sc._quad_table(c2half, refs, enough, 16 * b * kr) is not None
     assert sc._quad_table(c2half, refs, enough, 16 * b * kr - 4) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_allowed_classes_only_are_refined(xp, seed):
+    """``allowed`` (``--subclassify``): the coarse margin is taken over a particle's own
+    classes and no other class is refined; an allowed class refined either way gets the
+    same pose and score as without the mask (the fine pass of a pair does not depend on
+    the other pairs)."""
+    xc, c2s, refs, search = problem(xp, seed, k=6, n=40)
+    u = 3.0
+    rng = np.random.default_rng(seed)
+    parent = rng.integers(0, 2, 40)
+    allowed_h = parent[:, None] == np.array([0, 0, 0, 1, 1, 1])[None, :]
+    allowed = xp.asarray(allowed_h)
+    full = sc.score(xc, c2s, refs, search, u, True)
+    own = sc.score(xc, c2s, refs, search, u, True, None, allowed)
+    bi, ki = (to_host(a) for a in own.pairs)
+    assert own.n_fine == len(bi) > 0 and allowed_h[bi, ki].all()
+    assert own.n_fine < full.n_fine  # the other parents' classes were refined without it
+    best = to_host(own.best)
+    assert np.isneginf(best[~allowed_h]).all() and np.isfinite(best[allowed_h]).all()
+    fb, fk = (to_host(a) for a in full.pairs)
+    both = np.zeros(allowed_h.shape, bool)
+    both[fb, fk] = True
+    mine = np.zeros(allowed_h.shape, bool)
+    mine[bi, ki] = True
+    both &= mine
+    assert both.any()
+    np.testing.assert_array_equal(to_host(own.rot)[both], to_host(full.rot)[both])
+    np.testing.assert_array_equal(to_host(own.shift)[both], to_host(full.shift)[both])
+    scale = float(np.abs(to_host(full.best)).max())
+    np.testing.assert_allclose(best[both], to_host(full.best)[both], rtol=1e-5,
+                               atol=1e-5 * scale)  # fmt: skip

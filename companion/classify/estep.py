@@ -266,9 +266,10 @@ def estep_shard(run: RunState, it: IterationState, idx: np.ndarray, *,
                 post = xp.zeros((len(chunk), k), xp.float32)
                 post[xp.arange(len(chunk)), own] = 1.0
             else:
-                sc = score(xc, c2s, rrefs, search, it.u, ctx.marginal, it.budget)
-                if run.allowed is not None:  # --subclassify: other parents' classes: -inf
-                    run.allowed.mask(sc, chunk, xp)
+                allow = None if run.allowed is None else run.allowed.matrix(chunk, xp)
+                sc = score(xc, c2s, rrefs, search, it.u, ctx.marginal, it.budget, allow)
+                if allow is not None:  # --subclassify: other parents' classes: -inf
+                    run.allowed.mask(sc, chunk, xp, allow)
                 if it.balanced:
                     caps = float(it.cap) * len(chunk) / run.n
                     post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,

@@ -323,7 +323,8 @@ def coarse_best(xc: Any, c2s: Any, refs: RotatedRefs, search: Search,
 
 
 def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
-               marginal: bool, budget: int | None = None) -> BatchScores:  # fmt: skip
+               marginal: bool, budget: int | None = None,
+               allowed: Any = None) -> BatchScores:  # fmt: skip
     xp = get_array_module(xc)
     b = xc.shape[0]
     k, r, f = refs.A.shape
@@ -338,6 +339,8 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
     best_c, tcb, rcb = coarse_best(xc, c2s, refs, search, budget)
     flops = 4.0 * b * tc * k * rc * fc + 2.0 * b * fc * k * rc
     t_lap = _lap(xp, "coarse", t_lap, flops)
+    if allowed is not None:  # the margin over the particle's own classes; others never refined
+        best_c = xp.where(allowed, best_c, np.float32(-np.inf))
     # ---- significant (particle, class) pairs: coarse score near the particle's best
     gap = best_c.max(axis=1, keepdims=True) - best_c  # (B, K) >= 0
     sig = gap <= np.float32(COARSE_MARGIN * u)
@@ -561,9 +564,13 @@ class _FineResults:
 
 
 def score(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, marginal: bool,
-          budget: int | None = None) -> BatchScores:  # fmt: skip
+          budget: int | None = None, allowed: Any = None) -> BatchScores:  # fmt: skip
+    """Scores of a batch against every class. ``allowed`` (B, K) bool on the device, or
+    None: in fast mode, classes a particle may not go to (``--subclassify``: other parents'
+    sub-classes) are left out of the coarse margin and the fine pass; the caller still sets
+    their evidence to -inf (exhaustive mode scores them all)."""
     if search.mode == "fast":
-        return score_fast(xc, c2s, refs, search, u, marginal, budget)
+        return score_fast(xc, c2s, refs, search, u, marginal, budget, allowed)
     return score_exhaustive(xc, c2s, refs, search, u, marginal)
 
 
