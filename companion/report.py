@@ -205,17 +205,21 @@ def build_summary(
     timings: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
     selection: Mapping[str, Any] | None = None,
+    class_features: Any = None,
 ) -> dict[str, Any]:
     """The run summary: file paths, class sizes, resolutions and scores, cap, params, timings.
 
     ``params`` (the resolved parameters) is used when the result does not carry them;
     ``selection`` records a ``--select``: :meth:`companion.select.Selection.report`, or
-    ``{"spec", "classes": bool per class}`` for whole classes."""
-    from companion.select import class_features, class_scores
+    ``{"spec", "classes": bool per class}`` for whole classes; ``class_features``:
+    :func:`companion.select.class_features` of ``result`` when already computed."""
+    from companion.select import class_features as features_of
+    from companion.select import scores_from_features
     from companion.stability import stability_summary
     from companion.subclassify import lineage_summary
 
-    scores = class_scores(result)
+    features = features_of(result) if class_features is None else class_features
+    scores = scores_from_features(features)
     sel = None
     if selection is not None and "n_particles" in selection:
         sel = dict(selection)
@@ -251,7 +255,7 @@ def build_summary(
             if np.isfinite(res).any()
             else None,
             "class_score": scores,
-            "class_features": class_features(result).as_dict(),
+            "class_features": features.as_dict(),
             "selection": sel,
             "cap": result.cap,
             "largest_class": largest,

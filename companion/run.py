@@ -34,8 +34,9 @@ from companion.params import ClassifyParams
 from companion.particles import ParticleSet
 from companion.report import build_summary, write_gallery, write_json, write_occupancy
 from companion.select import (
-    class_scores,
+    class_features,
     parse_class_list,
+    scores_from_features,
     select_particles,
     with_particle_features,
 )
@@ -409,7 +410,8 @@ def run_classification(
     t0 = time.perf_counter()
     with _all_or_nothing(out_dir):
         paths = sink.write_result(out_dir, root, particles, result, result.iteration)
-        scores = class_scores(result)
+        features = class_features(result)
+        scores = scores_from_features(features)
         keep = selection = None
         if select is not None:  # the one rule of every host (companion.select)
             selection = select_particles(result, select, particles=particles,
@@ -446,6 +448,7 @@ def run_classification(
             host=sink.name,
             params=params.resolved(),
             selection=None if selection is None else selection.report(),
+            class_features=features,
             timings={
                 "classify_s": t_classify,
                 "write_s": t_write,

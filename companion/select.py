@@ -195,7 +195,11 @@ def _step(x: np.ndarray, at: float, width: float) -> np.ndarray:
 def class_scores(result: Any, features: ParticleFeatures | None = None) -> np.ndarray:
     """float32 (K,): how particle-like each class is, in [0, 1] (0 for empty classes);
     written as rlnClassScore (RELION 4's class ranker's label, also in [0, 1])."""
-    f = class_features(result, features)
+    return scores_from_features(class_features(result, features))
+
+
+def scores_from_features(f: ClassFeatures) -> np.ndarray:
+    """:func:`class_scores` from the class features (when they are needed too)."""
     s = _step(-f.size, -SIZE_MIN, 0.02)
     if f.by_members:
         s = s * _step(f.lowres_power, LOWRES_MAX, 0.05) * _step(-f.loglik_gain, GAIN_DROP_MAX, 0.1)

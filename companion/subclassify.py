@@ -111,15 +111,6 @@ class Allowed:
         cp = to_device(np.asarray(self.class_parent, np.int32), xp)
         return pp[:, None] == cp[None, :]
 
-    def mask(self, sc: Any, chunk: np.ndarray, xp: Any, allowed: Any = None) -> None:
-        """Set the class evidence of every class outside the particle's parent to -inf
-        (in place on the batch's scores ``sc``; ``chunk``: the batch's particle indices;
-        ``allowed``: :meth:`matrix` of ``chunk`` when already made)."""
-        bad = ~(self.matrix(chunk, xp) if allowed is None else allowed)
-        ninf = np.float32(-np.inf)
-        sc.ev_u = xp.where(bad, ninf, sc.ev_u).astype(sc.ev_u.dtype)
-        sc.ev_1 = xp.where(bad, ninf, sc.ev_1).astype(sc.ev_1.dtype)
-
 
 # ------------------------------------------------------------------ plan
 

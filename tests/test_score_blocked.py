@@ -149,3 +149,19 @@ def test_allowed_classes_only_are_refined(xp, seed):
     scale = float(np.abs(to_host(full.best)).max())
     np.testing.assert_allclose(best[both], to_host(full.best)[both], rtol=1e-5,
                                atol=1e-5 * scale)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["fast", "exhaustive"])
+@pytest.mark.parametrize("marginal", [False, True])
+def test_disallowed_classes_get_minus_inf_in_both_modes(xp, mode, marginal):
+    """``score(…, allowed)``: score and evidence of the classes a particle may not go to
+    are -inf, of the others finite, in both search modes (the E-step masks nothing else)."""
+    xc, c2s, refs, search = problem(xp, 4, k=6, n=30)
+    search.mode = mode
+    parent = np.random.default_rng(4).integers(0, 3, 30)
+    allowed_h = parent[:, None] == np.array([0, 0, 1, 1, 2, 2])[None, :]
+    out = sc.score(xc, c2s, refs, search, 2.0, marginal, None, xp.asarray(allowed_h))
+    for name in ("best", "ev_u", "ev_1"):
+        a = to_host(getattr(out, name))
+        assert a.dtype == np.float32, name
+        assert np.isneginf(a[~allowed_h]).all() and np.isfinite(a[allowed_h]).all(), name

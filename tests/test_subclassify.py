@@ -45,19 +45,11 @@ def test_seed_owner_deals_each_parent_over_its_own_subclasses():
         assert counts.max() - counts.min() <= 1
 
 
-def test_mask_sets_other_parents_classes_to_minus_inf():
-    class Scores:
-        pass
-
-    sc = Scores()
-    sc.ev_u = np.zeros((4, 5), np.float32)
-    sc.ev_1 = np.ones((4, 5), np.float32)
+def test_matrix_allows_only_the_particles_own_parents_classes():
     al = Allowed(np.array([0, 1, 1, 0, 1, 0]), np.array([0, 0, 1, 1, 1]))
-    al.mask(sc, np.array([0, 1, 2, 3]), np)
+    got = al.matrix(np.array([0, 1, 2, 5]), np)
     want = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
-    assert np.array_equal(np.isfinite(sc.ev_u), want)
-    assert np.array_equal(np.isfinite(sc.ev_1), want)
-    assert sc.ev_u.dtype == np.float32
+    assert got.dtype == bool and np.array_equal(got, want)
 
 
 # ------------------------------------------------------------------ merge test

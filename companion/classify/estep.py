@@ -268,8 +268,6 @@ def estep_shard(run: RunState, it: IterationState, idx: np.ndarray, *,
             else:
                 allow = None if run.allowed is None else run.allowed.matrix(chunk, xp)
                 sc = score(xc, c2s, rrefs, search, it.u, ctx.marginal, it.budget, allow)
-                if allow is not None:  # --subclassify: other parents' classes: -inf
-                    run.allowed.mask(sc, chunk, xp, allow)
                 if it.balanced:
                     caps = float(it.cap) * len(chunk) / run.n
                     post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,

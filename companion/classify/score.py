@@ -566,12 +566,19 @@ class _FineResults:
 def score(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, marginal: bool,
           budget: int | None = None, allowed: Any = None) -> BatchScores:  # fmt: skip
     """Scores of a batch against every class. ``allowed`` (B, K) bool on the device, or
-    None: in fast mode, classes a particle may not go to (``--subclassify``: other parents'
-    sub-classes) are left out of the coarse margin and the fine pass; the caller still sets
-    their evidence to -inf (exhaustive mode scores them all)."""
+    None: the classes a particle may go to (``--subclassify``: its parent's sub-classes).
+    The others get score and evidence -inf; the fast search leaves them out of the coarse
+    margin and the fine pass (the exhaustive one scores them, then masks them)."""
     if search.mode == "fast":
         return score_fast(xc, c2s, refs, search, u, marginal, budget, allowed)
-    return score_exhaustive(xc, c2s, refs, search, u, marginal)
+    out = score_exhaustive(xc, c2s, refs, search, u, marginal)
+    if allowed is not None:
+        xp = get_array_module(xc)
+        ninf = np.float32(-np.inf)
+        out.best = xp.where(allowed, out.best, ninf)
+        out.ev_u = xp.where(allowed, out.ev_u, ninf)
+        out.ev_1 = xp.where(allowed, out.ev_1, ninf)
+    return out
 
 
 def broadcast_classes(sc: BatchScores, owner: Any, k: int) -> BatchScores:
