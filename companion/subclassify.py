@@ -102,6 +102,28 @@ class Allowed:
         refs = fo.apply_mask(fo.from_kept(to_device(coef, xp), geom), mask, background)
         return to_host(refs).astype(np.float32)
 
+    def segments(self, chunk: np.ndarray, xp: Any) -> list[tuple[Any, int, int]] | None:
+        """The batch ``chunk``'s particles by parent, each with its parent's sub-classes as
+        one range: ``[(rows on the device, k0, k1), …]`` for the coarse pass
+        (:func:`companion.classify.score.coarse_best`); None when a parent's sub-classes
+        are not contiguous."""
+        from companion.classify.backend import to_device
+
+        cp = np.asarray(self.class_parent, np.int64)
+        if cp.size and np.any(np.diff(cp) < 0):
+            return None
+        pp = np.asarray(self.particle_parent, np.int64)[chunk]
+        order = np.argsort(pp, kind="stable")
+        cuts = np.flatnonzero(np.diff(pp[order])) + 1
+        out = []
+        for rows in np.split(order, cuts):  # a loop over parents, not particles
+            if len(rows):
+                p = pp[rows[0]]
+                k0 = int(np.searchsorted(cp, p, "left"))
+                out.append((to_device(rows.astype(np.int64), xp), k0,
+                            int(np.searchsorted(cp, p, "right"))))  # fmt: skip
+        return out
+
     def matrix(self, chunk: np.ndarray, xp: Any) -> Any:
         """(B, K) bool on the device of ``xp``: the classes each particle of the batch
         ``chunk`` (its indices) may go to (its parent's sub-classes)."""

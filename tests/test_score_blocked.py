@@ -165,3 +165,44 @@ def test_disallowed_classes_get_minus_inf_in_both_modes(xp, mode, marginal):
         a = to_host(getattr(out, name))
         assert a.dtype == np.float32, name
         assert np.isneginf(a[~allowed_h]).all() and np.isfinite(a[allowed_h]).all(), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("tile", [None, 20_000])
+def test_coarse_segments_score_only_their_classes(xp, monkeypatch, seed, tile):
+    """``segments`` (``--subclassify``: each parent's particles against its own contiguous
+    sub-classes): the coarse pass gives those (particle, class) entries the scores and poses
+    of the whole pass and -inf elsewhere; the fast search then refines the same pairs."""
+    from companion.subclassify import Allowed
+
+    if tile is not None:
+        monkeypatch.setattr(sc, "CPU_TILE_BYTES", tile)
+    xc, c2s, refs, search = problem(xp, seed, k=7, n=45)
+    parent = np.random.default_rng(seed).integers(0, 3, 45)
+    al = Allowed(parent, np.array([0, 0, 1, 1, 1, 2, 2]))
+    chunk = np.arange(45)
+    segs = al.segments(chunk, xp)
+    assert sorted(k0 for _, k0, _ in segs) == [0, 2, 5]
+    allowed_h = to_host(al.matrix(chunk, xp))
+    whole = [to_host(a) for a in sc.coarse_best(xc, c2s, refs, search)]
+    part = [to_host(a) for a in sc.coarse_best(xc, c2s, refs, search, None, segs)]
+    assert np.isneginf(part[0][~allowed_h]).all()
+    scale = float(np.abs(whole[0]).max())
+    np.testing.assert_allclose(part[0][allowed_h], whole[0][allowed_h], rtol=1e-5,
+                               atol=1e-5 * scale)  # fmt: skip
+    for a, b in zip(part[1:], whole[1:], strict=True):
+        np.testing.assert_array_equal(a[allowed_h], b[allowed_h])
+    allowed = xp.asarray(allowed_h)
+    masked = sc.score(xc, c2s, refs, search, 3.0, True, None, allowed)
+    cut = sc.score(xc, c2s, refs, search, 3.0, True, None, allowed, segs)
+    for a, b in zip(cut.pairs, masked.pairs, strict=True):
+        np.testing.assert_array_equal(to_host(a), to_host(b))
+    for name in ("rot", "shift"):  # the poses of classes a particle may go to
+        a, b = to_host(getattr(cut, name)), to_host(getattr(masked, name))
+        np.testing.assert_array_equal(a[allowed_h], b[allowed_h])
+
+
+def test_segments_none_when_a_parents_classes_are_not_contiguous():
+    from companion.subclassify import Allowed
+
+    assert Allowed(np.array([0, 1]), np.array([0, 1, 0])).segments(np.arange(2), np) is None

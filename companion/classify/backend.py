@@ -249,8 +249,9 @@ def csr_matrix(data: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tupl
     return cps.csr_matrix(m)
 
 
-def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
-    """``target[index[i]] += rows[i]`` for a 2-D float ``target`` (duplicates summed).
+def scatter_add_rows(target: Any, index: Any, rows: Any, weights: Any = None) -> None:
+    """``target[index[i]] += rows[i]`` (times ``weights[i]`` when given) for a 2-D float
+    ``target`` (duplicates summed).
 
     Deterministic on both backends: rows are sorted by target (stable), each run of equal
     targets is summed in that order by a CSR product (SciPy / cuSPARSE), and the per-target
@@ -269,7 +270,8 @@ def scatter_add_rows(target: Any, index: Any, rows: Any) -> None:
     new[1:] = idx[1:] != idx[:-1]
     starts = xp.flatnonzero(new)  # the sync
     indptr = xp.concatenate([starts, xp.asarray([n], dtype=starts.dtype)])
-    seg = csr_from_parts(xp, xp.ones(n, rows.dtype), order, indptr, (int(starts.shape[0]), n))
+    data = xp.ones(n, rows.dtype) if weights is None else weights[order].astype(rows.dtype)
+    seg = csr_from_parts(xp, data, order, indptr, (int(starts.shape[0]), n))
     sums = xp.asarray(seg @ rows)
     target[idx[starts]] += sums.astype(target.dtype, copy=False)
 

@@ -274,26 +274,48 @@ def tile_bytes(xp: Any, budget: int | None = None) -> int:
     return int(min(cap, budget)) if budget else cap
 
 
-def coarse_best(xc: Any, c2s: Any, refs: RotatedRefs, search: Search,
-                budget: int | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
+def coarse_best(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, budget: int | None = None,
+                segments: Any = None) -> tuple[Any, Any, Any]:  # fmt: skip
     """The coarse pass: for every particle and class the best coarse score and its pose.
 
     Blocked over particles and classes: each block's (b·Tc, k·Rc) score tile is one GEMM,
-    the quadratic term (B, K·Rc) is subtracted in place and the tile reduced to its
+    the quadratic term (b, k·Rc) is subtracted in place and the tile reduced to its
     max/argmax over (shift, rotation) before the next block, so the (B·Tc, K·Rc) tensor of
     the whole batch is never held. Returns ``best`` (B, K) float32, the coarse shift (index
     into ``search.coarse_shift_idx``) and the coarse rotation (index into the coarse
     rotations), both int32. Ties go to the lowest rotation, then the lowest shift.
+    ``segments``: ``[(rows, k0, k1), …]`` (rows: particle indices on the device): score
+    those particles against classes ``k0:k1`` only (``--subclassify``: a parent's
+    sub-classes); every other (particle, class) gets -inf.
     """
     xp = get_array_module(xc)
     b = xc.shape[0]
-    fc = refs.fc
     k = refs.A.shape[0]
-    rc = refs.coarse.shape[0] // k
+    if segments is None:
+        return _coarse_range(xc, c2s, refs, search, budget, 0, k)
+    best = xp.full((b, k), -np.inf, xp.float32)
+    tbest = xp.zeros((b, k), xp.int32)
+    rbest = xp.zeros((b, k), xp.int32)
+    for rows, k0, k1 in segments:
+        bb, tt, rr = _coarse_range(xc[rows], c2s[rows], refs, search, budget, k0, k1)
+        best[rows, k0:k1] = bb
+        tbest[rows, k0:k1] = tt
+        rbest[rows, k0:k1] = rr
+    return best, tbest, rbest
+
+
+def _coarse_range(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, budget: int | None,
+                  ka: int, kz: int) -> tuple[Any, Any, Any]:  # fmt: skip
+    """:func:`coarse_best` of all particles of ``xc`` against classes ``ka:kz``."""
+    xp = get_array_module(xc)
+    b = xc.shape[0]
+    fc = refs.fc
+    rc = refs.coarse.shape[0] // refs.A.shape[0]
+    k = kz - ka
     cidx = search.coarse_shift_idx
     tc = int(cidx.shape[0])
     ph = search.coarse_phases(fc)  # (Tc, Fc)
-    quad = (c2s[:, :fc] @ refs.coarse_power.T) * np.float32(0.5)  # (B, K*Rc)
+    quad = (c2s[:, :fc] @ refs.coarse_power[ka * rc : kz * rc].T) * np.float32(0.5)  # (B, k*Rc)
     best = xp.empty((b, k), xp.float32)
     tbest = xp.empty((b, k), xp.int32)
     rbest = xp.empty((b, k), xp.int32)
@@ -310,7 +332,7 @@ def coarse_best(xc: Any, c2s: Any, refs: RotatedRefs, search: Search,
             for k0 in range(0, k, kb):
                 k1 = min(k, k0 + kb)
                 m = k1 - k0
-                ll = (y @ refs.coarse[k0 * rc : k1 * rc].T).reshape(n, tc, m * rc)
+                ll = (y @ refs.coarse[(ka + k0) * rc : (ka + k1) * rc].T).reshape(n, tc, m * rc)
                 ll -= quad[s:e, None, k0 * rc : k1 * rc]
                 ll = ll.reshape(n, tc, m, rc)
                 a1 = ll.argmax(axis=3)  # (n, Tc, m) best rotation per shift
@@ -323,8 +345,8 @@ def coarse_best(xc: Any, c2s: Any, refs: RotatedRefs, search: Search,
 
 
 def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
-               marginal: bool, budget: int | None = None,
-               allowed: Any = None) -> BatchScores:  # fmt: skip
+               marginal: bool, budget: int | None = None, allowed: Any = None,
+               segments: Any = None) -> BatchScores:  # fmt: skip
     xp = get_array_module(xc)
     b = xc.shape[0]
     k, r, f = refs.A.shape
@@ -336,7 +358,7 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
         synchronize(xp)
     t_lap = time.perf_counter()
     # ---- coarse pass: every class, 2x rotation and shift steps, half resolution
-    best_c, tcb, rcb = coarse_best(xc, c2s, refs, search, budget)
+    best_c, tcb, rcb = coarse_best(xc, c2s, refs, search, budget, segments)
     flops = 4.0 * b * tc * k * rc * fc + 2.0 * b * fc * k * rc
     t_lap = _lap(xp, "coarse", t_lap, flops)
     if allowed is not None:  # the margin over the particle's own classes; others never refined
@@ -564,13 +586,16 @@ class _FineResults:
 
 
 def score(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, marginal: bool,
-          budget: int | None = None, allowed: Any = None) -> BatchScores:  # fmt: skip
+          budget: int | None = None, allowed: Any = None,
+          segments: Any = None) -> BatchScores:  # fmt: skip
     """Scores of a batch against every class. ``allowed`` (B, K) bool on the device, or
     None: the classes a particle may go to (``--subclassify``: its parent's sub-classes).
     The others get score and evidence -inf; the fast search leaves them out of the coarse
-    margin and the fine pass (the exhaustive one scores them, then masks them)."""
+    margin and the fine pass (the exhaustive one scores them, then masks them).
+    ``segments`` (fast search, with ``allowed``): the same classes as contiguous ranges,
+    :func:`coarse_best`'s, so that the coarse pass scores only them."""
     if search.mode == "fast":
-        return score_fast(xc, c2s, refs, search, u, marginal, budget, allowed)
+        return score_fast(xc, c2s, refs, search, u, marginal, budget, allowed, segments)
     out = score_exhaustive(xc, c2s, refs, search, u, marginal)
     if allowed is not None:
         xp = get_array_module(xc)
