@@ -41,10 +41,12 @@ def _reference(xc, c2s, post, scores, half, search, k, r):
 
 
 @pytest.mark.parametrize("tile", [None, 1])  # a cache-sized block of classes; one class each
-def test_add_max_matches_definition(monkeypatch, tile):
+@pytest.mark.parametrize("dense", [0.0, 2.0])  # blocks of all rows / kept pairs only
+def test_add_max_matches_definition(monkeypatch, tile, dense):
     geom = fo.Geometry.create(32, 3.0, 8.0, None)
     f = geom.n_coef
     b, k, r, t = 37, 7, 12, 9
+    monkeypatch.setattr(mstep, "DENSE_FRACTION", dense)
     if tile is not None:
         monkeypatch.setattr(sc, "CPU_TILE_BYTES", tile)
     xc, c2s, post, scores, half, search = _batch(0, b, k, r, t, f)
@@ -62,9 +64,11 @@ def test_add_max_matches_definition(monkeypatch, tile):
     assert not np.asarray(acc.stats).reshape(2, k * r, -1)[empty].any()
 
 
-def test_add_max_same_sums_whatever_the_block():
-    """Blocking over classes changes which rows go into one product, not the sums' order:
-    one class per block and all classes in one block give identical bits."""
+@pytest.mark.parametrize("dense", [0.0, 2.0])  # blocks of all rows / kept pairs only
+def test_add_max_same_sums_whatever_the_block(dense):
+    """Blocking over classes (or chunking the kept pairs) changes which rows go into one
+    product, not the sums' order: one class (pair) per block and all in one block give
+    identical bits."""
     geom = fo.Geometry.create(32, 3.0, 8.0, None)
     b, k, r, t = 50, 5, 8, 6
     xc, c2s, post, scores, half, search = _batch(3, b, k, r, t, geom.n_coef)
@@ -73,6 +77,7 @@ def test_add_max_same_sums_whatever_the_block():
         acc = mstep.Accumulator(k, r, geom, 1, np)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(sc, "CPU_TILE_BYTES", tile)
+            mp.setattr(mstep, "DENSE_FRACTION", dense)
             acc._add_max(scores, post, search, xc, c2s, half)
         out.append(np.asarray(acc.stats).copy())
     np.testing.assert_array_equal(out[0], out[1])
