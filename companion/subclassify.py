@@ -102,36 +102,28 @@ class Allowed:
         refs = fo.apply_mask(fo.from_kept(to_device(coef, xp), geom), mask, background)
         return to_host(refs).astype(np.float32)
 
-    def segments(self, chunk: np.ndarray, xp: Any) -> list[tuple[Any, int, int]] | None:
-        """The batch ``chunk``'s particles by parent, each with its parent's sub-classes as
-        one range: ``[(rows on the device, k0, k1), …]`` for the coarse pass
-        (:func:`companion.classify.score.coarse_best`); None when a parent's sub-classes
-        are not contiguous."""
+    def segments(self, chunk: np.ndarray, xp: Any) -> list[tuple[Any, int, int]]:
+        """The batch ``chunk``'s particles (its indices) by parent, each with its parent's
+        sub-classes as one range: ``[(rows on the device, k0, k1), …]``, the classes they
+        may go to (:func:`companion.classify.score.score`'s ``segments``)."""
         from companion.classify.backend import to_device
 
         cp = np.asarray(self.class_parent, np.int64)
-        if cp.size and np.any(np.diff(cp) < 0):
-            return None
+        if np.any(np.diff(cp) < 0):
+            raise ValueError("Allowed: each parent's sub-classes must be contiguous (sorted "
+                             f"class_parent), got {cp.tolist()}")  # fmt: skip
         pp = np.asarray(self.particle_parent, np.int64)[chunk]
         order = np.argsort(pp, kind="stable")
         cuts = np.flatnonzero(np.diff(pp[order])) + 1
         out = []
         for rows in np.split(order, cuts):  # a loop over parents, not particles
             if len(rows):
-                p = pp[rows[0]]
-                k0 = int(np.searchsorted(cp, p, "left"))
-                out.append((to_device(rows.astype(np.int64), xp), k0,
-                            int(np.searchsorted(cp, p, "right"))))  # fmt: skip
+                lo, hi = (
+                    np.searchsorted(cp, pp[rows[0]], "left"),
+                    np.searchsorted(cp, pp[rows[0]], "right"),
+                )
+                out.append((to_device(rows.astype(np.int64), xp), int(lo), int(hi)))
         return out
-
-    def matrix(self, chunk: np.ndarray, xp: Any) -> Any:
-        """(B, K) bool on the device of ``xp``: the classes each particle of the batch
-        ``chunk`` (its indices) may go to (its parent's sub-classes)."""
-        from companion.classify.backend import to_device
-
-        pp = to_device(np.asarray(self.particle_parent, np.int32)[chunk], xp)
-        cp = to_device(np.asarray(self.class_parent, np.int32), xp)
-        return pp[:, None] == cp[None, :]
 
 
 # ------------------------------------------------------------------ plan

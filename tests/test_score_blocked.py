@@ -11,6 +11,7 @@ from score_reference import score_fast_reference
 from companion.classify import fourier as fo
 from companion.classify import score as sc
 from companion.classify.backend import to_host
+from companion.subclassify import Allowed
 
 
 def problem(xp, seed: int, k: int = 5, n: int = 23, psi_step: float = 20.0):
@@ -120,7 +121,7 @@ def test_quad_table_only_when_it_pays_and_fits():
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_allowed_classes_only_are_refined(xp, seed):
-    """``allowed`` (``--subclassify``): the coarse margin is taken over a particle's own
+    """``segments`` (``--subclassify``): the coarse margin is taken over a particle's own
     classes and no other class is refined; an allowed class refined either way gets the
     same pose and score as without the mask (the fine pass of a pair does not depend on
     the other pairs)."""
@@ -129,9 +130,9 @@ def test_allowed_classes_only_are_refined(xp, seed):
     rng = np.random.default_rng(seed)
     parent = rng.integers(0, 2, 40)
     allowed_h = parent[:, None] == np.array([0, 0, 0, 1, 1, 1])[None, :]
-    allowed = xp.asarray(allowed_h)
+    segs = Allowed(parent, np.array([0, 0, 0, 1, 1, 1])).segments(np.arange(40), xp)
     full = sc.score(xc, c2s, refs, search, u, True)
-    own = sc.score(xc, c2s, refs, search, u, True, None, allowed)
+    own = sc.score(xc, c2s, refs, search, u, True, None, segs)
     bi, ki = (to_host(a) for a in own.pairs)
     assert own.n_fine == len(bi) > 0 and allowed_h[bi, ki].all()
     assert own.n_fine < full.n_fine  # the other parents' classes were refined without it
@@ -154,13 +155,14 @@ def test_allowed_classes_only_are_refined(xp, seed):
 @pytest.mark.parametrize("mode", ["fast", "exhaustive"])
 @pytest.mark.parametrize("marginal", [False, True])
 def test_disallowed_classes_get_minus_inf_in_both_modes(xp, mode, marginal):
-    """``score(…, allowed)``: score and evidence of the classes a particle may not go to
+    """``score(…, segments)``: score and evidence of the classes a particle may not go to
     are -inf, of the others finite, in both search modes (the E-step masks nothing else)."""
     xc, c2s, refs, search = problem(xp, 4, k=6, n=30)
     search.mode = mode
     parent = np.random.default_rng(4).integers(0, 3, 30)
     allowed_h = parent[:, None] == np.array([0, 0, 1, 1, 2, 2])[None, :]
-    out = sc.score(xc, c2s, refs, search, 2.0, marginal, None, xp.asarray(allowed_h))
+    segs = Allowed(parent, np.array([0, 0, 1, 1, 2, 2])).segments(np.arange(30), xp)
+    out = sc.score(xc, c2s, refs, search, 2.0, marginal, None, segs)
     for name in ("best", "ev_u", "ev_1"):
         a = to_host(getattr(out, name))
         assert a.dtype == np.float32, name
@@ -172,9 +174,7 @@ def test_disallowed_classes_get_minus_inf_in_both_modes(xp, mode, marginal):
 def test_coarse_segments_score_only_their_classes(xp, monkeypatch, seed, tile):
     """``segments`` (``--subclassify``: each parent's particles against its own contiguous
     sub-classes): the coarse pass gives those (particle, class) entries the scores and poses
-    of the whole pass and -inf elsewhere; the fast search then refines the same pairs."""
-    from companion.subclassify import Allowed
-
+    of the whole pass and -inf elsewhere; the fast search then refines own classes only."""
     if tile is not None:
         monkeypatch.setattr(sc, "CPU_TILE_BYTES", tile)
     xc, c2s, refs, search = problem(xp, seed, k=7, n=45)
@@ -183,7 +183,8 @@ def test_coarse_segments_score_only_their_classes(xp, monkeypatch, seed, tile):
     chunk = np.arange(45)
     segs = al.segments(chunk, xp)
     assert sorted(k0 for _, k0, _ in segs) == [0, 2, 5]
-    allowed_h = to_host(al.matrix(chunk, xp))
+    allowed_h = parent[:, None] == np.array([0, 0, 1, 1, 1, 2, 2])[None, :]
+    assert np.array_equal(to_host(sc.segments_mask(segs, 45, 7, xp)), allowed_h)
     whole = [to_host(a) for a in sc.coarse_best(xc, c2s, refs, search)]
     part = [to_host(a) for a in sc.coarse_best(xc, c2s, refs, search, None, segs)]
     assert np.isneginf(part[0][~allowed_h]).all()
@@ -192,17 +193,11 @@ def test_coarse_segments_score_only_their_classes(xp, monkeypatch, seed, tile):
                                atol=1e-5 * scale)  # fmt: skip
     for a, b in zip(part[1:], whole[1:], strict=True):
         np.testing.assert_array_equal(a[allowed_h], b[allowed_h])
-    allowed = xp.asarray(allowed_h)
-    masked = sc.score(xc, c2s, refs, search, 3.0, True, None, allowed)
-    cut = sc.score(xc, c2s, refs, search, 3.0, True, None, allowed, segs)
-    for a, b in zip(cut.pairs, masked.pairs, strict=True):
-        np.testing.assert_array_equal(to_host(a), to_host(b))
-    for name in ("rot", "shift"):  # the poses of classes a particle may go to
-        a, b = to_host(getattr(cut, name)), to_host(getattr(masked, name))
-        np.testing.assert_array_equal(a[allowed_h], b[allowed_h])
+    cut = sc.score(xc, c2s, refs, search, 3.0, True, None, segs)
+    bi, ki = (to_host(a) for a in cut.pairs)
+    assert allowed_h[bi, ki].all()  # only own classes refined
 
 
-def test_segments_none_when_a_parents_classes_are_not_contiguous():
-    from companion.subclassify import Allowed
-
-    assert Allowed(np.array([0, 1]), np.array([0, 1, 0])).segments(np.arange(2), np) is None
+def test_segments_refuse_a_parent_whose_classes_are_not_contiguous():
+    with pytest.raises(ValueError, match="contiguous"):
+        Allowed(np.array([0, 1]), np.array([0, 1, 0])).segments(np.arange(2), np)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from fake_result import make_fake_result
 
+from companion.classify.score import segments_mask
 from companion.params import ClassifyParams
 from companion.stability import class_means, match_classes, particle_stability, with_stability
 from companion.subclassify import (
@@ -45,9 +46,9 @@ def test_seed_owner_deals_each_parent_over_its_own_subclasses():
         assert counts.max() - counts.min() <= 1
 
 
-def test_matrix_allows_only_the_particles_own_parents_classes():
+def test_segments_allow_only_the_particles_own_parents_classes():
     al = Allowed(np.array([0, 1, 1, 0, 1, 0]), np.array([0, 0, 1, 1, 1]))
-    got = al.matrix(np.array([0, 1, 2, 5]), np)
+    got = segments_mask(al.segments(np.array([0, 1, 2, 5]), np), 4, 5, np)
     want = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
     assert got.dtype == bool and np.array_equal(got, want)
 

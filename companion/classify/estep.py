@@ -266,11 +266,9 @@ def estep_shard(run: RunState, it: IterationState, idx: np.ndarray, *,
                 post = xp.zeros((len(chunk), k), xp.float32)
                 post[xp.arange(len(chunk)), own] = 1.0
             else:
-                allow = segs = None
-                if run.allowed is not None:  # --subclassify: the parent's sub-classes only
-                    allow = run.allowed.matrix(chunk, xp)
-                    segs = run.allowed.segments(chunk, xp)
-                sc = score(xc, c2s, rrefs, search, it.u, ctx.marginal, it.budget, allow, segs)
+                # --subclassify: each particle against its parent's sub-classes only
+                segs = None if run.allowed is None else run.allowed.segments(chunk, xp)
+                sc = score(xc, c2s, rrefs, search, it.u, ctx.marginal, it.budget, segs)
                 if it.balanced:
                     caps = float(it.cap) * len(chunk) / run.n
                     post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,

@@ -304,6 +304,15 @@ def coarse_best(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, budget: in
     return best, tbest, rbest
 
 
+def segments_mask(segments: Any, b: int, k: int, xp: Any) -> Any:
+    """(B, K) bool on the device of ``xp``: True where :func:`coarse_best`'s ``segments``
+    let a particle go (its rows × its class range)."""
+    mask = xp.zeros((b, k), dtype=bool)
+    for rows, k0, k1 in segments:
+        mask[rows, k0:k1] = True
+    return mask
+
+
 def _coarse_range(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, budget: int | None,
                   ka: int, kz: int) -> tuple[Any, Any, Any]:  # fmt: skip
     """:func:`coarse_best` of all particles of ``xc`` against classes ``ka:kz``."""
@@ -345,7 +354,7 @@ def _coarse_range(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, budget: 
 
 
 def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
-               marginal: bool, budget: int | None = None, allowed: Any = None,
+               marginal: bool, budget: int | None = None,
                segments: Any = None) -> BatchScores:  # fmt: skip
     xp = get_array_module(xc)
     b = xc.shape[0]
@@ -358,11 +367,15 @@ def score_fast(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float,
         synchronize(xp)
     t_lap = time.perf_counter()
     # ---- coarse pass: every class, 2x rotation and shift steps, half resolution
+    # (segments: each particle's own classes only; the others are -inf, so the margin is
+    # taken over its own classes and the others are never refined)
     best_c, tcb, rcb = coarse_best(xc, c2s, refs, search, budget, segments)
-    flops = 4.0 * b * tc * k * rc * fc + 2.0 * b * fc * k * rc
+    if segments is None:
+        scored = b * k
+    else:
+        scored = sum(int(rows.shape[0]) * (k1 - k0) for rows, k0, k1 in segments)
+    flops = 4.0 * scored * tc * rc * fc + 2.0 * scored * fc * rc
     t_lap = _lap(xp, "coarse", t_lap, flops)
-    if allowed is not None:  # the margin over the particle's own classes; others never refined
-        best_c = xp.where(allowed, best_c, np.float32(-np.inf))
     # ---- significant (particle, class) pairs: coarse score near the particle's best
     gap = best_c.max(axis=1, keepdims=True) - best_c  # (B, K) >= 0
     sig = gap <= np.float32(COARSE_MARGIN * u)
@@ -586,23 +599,21 @@ class _FineResults:
 
 
 def score(xc: Any, c2s: Any, refs: RotatedRefs, search: Search, u: float, marginal: bool,
-          budget: int | None = None, allowed: Any = None,
-          segments: Any = None) -> BatchScores:  # fmt: skip
-    """Scores of a batch against every class. ``allowed`` (B, K) bool on the device, or
-    None: the classes a particle may go to (``--subclassify``: its parent's sub-classes).
-    The others get score and evidence -inf; the fast search leaves them out of the coarse
-    margin and the fine pass (the exhaustive one scores them, then masks them).
-    ``segments`` (fast search, with ``allowed``): the same classes as contiguous ranges,
-    :func:`coarse_best`'s, so that the coarse pass scores only them."""
+          budget: int | None = None, segments: Any = None) -> BatchScores:  # fmt: skip
+    """Scores of a batch against every class. ``segments`` (:func:`coarse_best`'s), or
+    None: the classes each particle may go to (``--subclassify``: its parent's sub-classes,
+    one contiguous range). The others get score and evidence -inf; the fast search never
+    scores them (coarse pass) or refines them, the exhaustive one scores, then masks them."""
     if search.mode == "fast":
-        return score_fast(xc, c2s, refs, search, u, marginal, budget, allowed, segments)
+        return score_fast(xc, c2s, refs, search, u, marginal, budget, segments)
     out = score_exhaustive(xc, c2s, refs, search, u, marginal)
-    if allowed is not None:
+    if segments is not None:
         xp = get_array_module(xc)
+        ok = segments_mask(segments, *out.best.shape, xp)
         ninf = np.float32(-np.inf)
-        out.best = xp.where(allowed, out.best, ninf)
-        out.ev_u = xp.where(allowed, out.ev_u, ninf)
-        out.ev_1 = xp.where(allowed, out.ev_1, ninf)
+        out.best = xp.where(ok, out.best, ninf)
+        out.ev_u = xp.where(ok, out.ev_u, ninf)
+        out.ev_1 = xp.where(ok, out.ev_1, ninf)
     return out
 
 
