@@ -12,7 +12,12 @@ from scipy.optimize import linear_sum_assignment
 
 from companion.classify import balance
 from companion.classify.backend import to_host
-from companion.classify.balance import _mean_row_spread, assign_capped, sinkhorn_capped
+from companion.classify.balance import (
+    _mean_row_spread,
+    assign_capped,
+    sinkhorn_capped,
+    sinkhorn_capped_blocks,
+)
 
 # HYPO_EXAMPLES=2000 for a longer search
 FAST = settings(
@@ -264,6 +269,64 @@ def test_sinkhorn_bad_warm_start_falls_back():
     warm = sinkhorn_capped(L, caps, tol=1e-6, n_iter=100, dual=bad)
     np.testing.assert_allclose(warm, cold, atol=1e-3)
     assert warm.sum(axis=0).max() <= caps[0] * (1 + 1e-9)
+
+
+def _block_problem(seed: int, sizes=(5, 3, 4), n=300):
+    """A (n, Σ sizes) log posterior that is -inf outside each row's block, blocks drawn at
+    random (rows shuffled), with one attractor class per block."""
+    rng = np.random.default_rng(seed)
+    k = sum(sizes)
+    starts = np.cumsum((0,) + tuple(sizes))
+    owner = rng.integers(0, len(sizes), n)
+    L = np.full((n, k), -np.inf)
+    for p_ in range(len(sizes)):
+        r = np.flatnonzero(owner == p_)
+        k0, k1 = starts[p_], starts[p_ + 1]
+        L[np.ix_(r, np.arange(k0, k1))] = rng.normal(size=(len(r), k1 - k0)) * 4
+        L[r, k0] += 6
+    blocks = [(np.flatnonzero(owner == p_), int(starts[p_]), int(starts[p_ + 1]))
+              for p_ in range(len(sizes))]  # fmt: skip
+    return L, blocks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sinkhorn_blocks_is_the_dense_projection(seed):
+    """Block by block is the dense problem's solution (its constraints do not couple the
+    blocks), prices included."""
+    L, blocks = _block_problem(seed)
+    n, k = L.shape
+    # feasible per block: each block's caps hold its rows with room
+    caps = np.empty(k)
+    for r, k0, k1 in blocks:
+        caps[k0:k1] = 1.2 * len(r) / (k1 - k0)
+    kw = {"tol": 1e-7, "n_iter": 200}
+    dense, bd = sinkhorn_capped(L, caps, return_dual=True, **kw)
+    w, b = sinkhorn_capped_blocks(L, caps, blocks, return_dual=True, **kw)
+    np.testing.assert_allclose(w, dense, atol=1e-5)
+    np.testing.assert_allclose(b, bd, atol=1e-4)
+    assert (b > 0).sum() >= len(blocks)  # the attractors are priced: the caps bind
+
+
+def test_sinkhorn_blocks_infeasible_block_stays_inside():
+    """A block whose caps cannot hold its rows gets them raised just enough; no weight ever
+    reaches a class outside a row's block (the dense rounding would spread it anywhere)."""
+    L, blocks = _block_problem(3, sizes=(4, 4), n=200)
+    k = L.shape[1]
+    (r0, a0, z0), (r1, a1, z1) = blocks
+    caps = np.full(k, 1.1 * max(len(r0), len(r1)) / 4)
+    caps[a0:z0] = 0.8 * len(r0) / 4  # block 0 cannot hold its rows
+    prior = np.zeros(k)
+    prior[a1] = 2.0  # a warm price on block 1's attractor
+    w, b = sinkhorn_capped_blocks(L, caps, blocks, dual=prior, return_dual=True)
+    assert (w[~np.isfinite(L)] == 0).all()
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)
+    col = w.sum(axis=0)
+    np.testing.assert_allclose(col[a0:z0].sum(), len(r0), rtol=1e-6)
+    assert col[a0:z0].max() <= len(r0) / 4 * (1 + 1e-3)  # raised to exactly hold them
+    assert (col[a1:z1] <= caps[a1:z1] * (1 + 1e-3)).all()
+    # a class of no block keeps its price and gets nothing
+    w2, b2 = sinkhorn_capped_blocks(L, caps, blocks[1:], dual=prior + 1.0, return_dual=True)
+    assert b2[a0] == 1.0 and (w2[:, a0:z0] == 0).all()
 
 
 # ------------------------------------------------------------------------------ devices

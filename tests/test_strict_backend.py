@@ -122,3 +122,13 @@ def test_reseed_and_balance_strict():
                                atol=1e-6)  # fmt: skip
     lab = balance.assign_capped(XS.asarray(scores), 70)
     np.testing.assert_array_equal(to_host(lab), balance.assign_capped(scores, 70))
+    # --subclassify's per-parent blocks: rows 0-149 to classes 0-1, rows 150-299 to 2-4
+    masked = scores.copy()
+    masked[:150, 2:] = -np.inf
+    masked[150:, :2] = -np.inf
+    rows = [np.arange(150), np.arange(150, 300)]
+    wb = balance.sinkhorn_capped_blocks(
+        XS.asarray(masked), 80.0, [(XS.asarray(rows[0]), 0, 2), (XS.asarray(rows[1]), 2, 5)]
+    )
+    want = balance.sinkhorn_capped_blocks(masked, 80.0, [(rows[0], 0, 2), (rows[1], 2, 5)])
+    np.testing.assert_allclose(to_host(wb), want, rtol=1e-5, atol=1e-6)

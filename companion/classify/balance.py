@@ -135,6 +135,50 @@ def sinkhorn_capped(
     return (out, b) if return_dual else out
 
 
+def sinkhorn_capped_blocks(
+    log_post: Any,
+    caps: float | np.ndarray,
+    blocks: list[tuple[Any, int, int]],
+    *,
+    dual: Any = None,
+    n_iter: int = 50,
+    tol: float = 1e-3,
+    return_dual: bool = False,
+) -> Any:
+    """:func:`sinkhorn_capped` of a block-diagonal problem, one block at a time.
+
+    ``blocks``: ``[(rows, k0, k1), …]`` (rows: device indices; every row in one block): the
+    rows of a block may only go to classes ``k0 … k1-1`` (``log_post`` is ``-inf``
+    elsewhere), as in ``--subclassify``, where a particle only goes to its parent's
+    sub-classes. A class's column then holds only its block's rows, so the capped projection
+    splits into one independent problem per block (the same solution as the dense one, at
+    ``Σ rows_b · k_b`` instead of ``N · K``), and no weight can reach a class outside the
+    block, not even in the final rounding. ``caps``: host scalar or (K,). A block whose caps
+    cannot hold its rows (a mini-batch that drew more of one parent than its classes' share)
+    has them raised in proportion until they just do. Classes of no block get no weight and
+    keep their price in ``dual``.
+    """
+    xp = get_array_module(log_post)
+    n, k = log_post.shape
+    dtype = np.dtype(log_post.dtype if log_post.dtype in (np.float32, np.float64) else np.float64)
+    caps_h = np.broadcast_to(np.asarray(caps, np.float64), (k,))
+    b = xp.zeros(k, dtype=np.float64) if dual is None else xp.asarray(dual, np.float64).copy()
+    out = xp.zeros((n, k), dtype=dtype)
+    for rows, k0, k1 in blocks:
+        nb = int(rows.shape[0])
+        if nb == 0:
+            continue
+        c = caps_h[k0:k1]
+        if c.sum() < nb:
+            tot = c.sum()
+            c = c * (nb / tot) if tot > 0 else np.full(k1 - k0, nb / (k1 - k0))
+        w, bb = sinkhorn_capped(log_post[rows][:, k0:k1], c, n_iter, tol, dual=b[k0:k1],
+                                return_dual=True)  # fmt: skip
+        out[rows, k0:k1] = w
+        b[k0:k1] = bb
+    return (out, b) if return_dual else out
+
+
 class _CappedDual:
     """The dual ``g(b)`` of the capped KL projection at temperature T, evaluated in chunks."""
 

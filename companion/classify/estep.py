@@ -271,8 +271,12 @@ def estep_shard(run: RunState, it: IterationState, idx: np.ndarray, *,
                 sc = score(xc, c2s, rrefs, search, it.u, ctx.marginal, it.budget, segs)
                 if it.balanced:
                     caps = float(it.cap) * len(chunk) / run.n
-                    post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,
-                                                         return_dual=True)  # fmt: skip
+                    if segs is None:
+                        post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,
+                                                             return_dual=True)  # fmt: skip
+                    else:  # one small problem per parent, not the (B, Σ k_c) one
+                        post, dual = balance.sinkhorn_capped_blocks(sc.ev_u, caps, segs,
+                                                                    dual=dual, return_dual=True)
                     post = post.astype(xp.float32)
                 else:
                     post = softmax(sc.ev_u + log_prior_d[None])
