@@ -220,6 +220,13 @@ class ClassifyParams(BaseModel):
         description="With --subclassify: sub-classes per split class. Default: enough that each "
         "holds about the mean class size.",
     )
+    subclassify_iters: int | None = Field(
+        None,
+        ge=0,
+        description="With --subclassify: online-EM iterations of the sub-run, which starts from "
+        "the parents' averages (then --full-iters full passes; annealing scaled to fit). "
+        "Default: three quarters of --online-iters.",
+    )
     stability: int = Field(
         0,
         ge=0,
@@ -297,8 +304,12 @@ class ClassifyParams(BaseModel):
                 f"--max-per-class {self.max_per_class} is only used with --balance cap: add "
                 "--balance cap (or drop --max-per-class)"
             )
-        if not self.subclassify and (self.subclassify_above or self.subclassify_k):
-            raise ValueError("--subclassify-above / --subclassify-k need --subclassify")
+        if not self.subclassify and (
+            self.subclassify_above or self.subclassify_k or self.subclassify_iters is not None
+        ):
+            raise ValueError(
+                "--subclassify-above / --subclassify-k / --subclassify-iters need --subclassify"
+            )
         if self.balance != "off" and self.class_priors == "estimated":
             raise ValueError(
                 "--class-priors estimated cannot be combined with --balance, which holds the "

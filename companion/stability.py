@@ -89,7 +89,7 @@ def class_means(values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 def _extra_params(params: ClassifyParams, r: int) -> ClassifyParams:
     """Run ``r`` (1-based after the main run): another seed, nothing after it."""
     off = {"stability": 0, "subclassify": False, "subclassify_above": None,
-           "subclassify_k": None}  # fmt: skip
+           "subclassify_k": None, "subclassify_iters": None}  # fmt: skip
     return params.model_copy(update={"seed": int(params.seed) + SEED_STEP * r, **off})
 
 

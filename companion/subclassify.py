@@ -9,7 +9,9 @@ log-posterior for every other class is ``-inf``), the seeding iteration deals ea
 particles over its own sub-classes, and every sub-class starts from its parent's average
 (low-passed to the initial resolution), so the alignment is redone inside the class, in the
 parent's frame (re-centring off). It is balanced (``--balance cap`` at about the mean size,
-never above the main run's cap).
+never above the main run's cap), and its schedule is shorter (``--subclassify-iters`` online
+iterations, default three quarters of the main run's), as it starts from the parents' averages; the
+balance is solved per parent (:func:`companion.classify.balance.sinkhorn_capped_blocks`).
 
 Merging back (:func:`merge_test`): two sub-classes of one parent are merged when their
 averages are not significantly less correlated than two independent averages of one and the
@@ -154,7 +156,8 @@ def sub_params(params: ClassifyParams, n_sub: int, plan: dict[int, int], sizes: 
                main_cap: int | None) -> ClassifyParams:  # fmt: skip
     """The sub-run's parameters: the main run's, with Σ k_c classes, balanced (cap about
     the mean sub-class size with CAP_SLACK, never above the main cap, always feasible per
-    parent), no re-centring (the parent's frame), no re-seeding, another seed."""
+    parent), no re-centring (the parent's frame), no re-seeding, another seed, a shorter
+    schedule (:func:`sub_schedule`)."""
     per = max(int(math.ceil(sizes[c] / kc)) for c, kc in plan.items())
     cap = int(math.ceil(CAP_SLACK * per))
     if main_cap is not None:
@@ -171,9 +174,24 @@ def sub_params(params: ClassifyParams, n_sub: int, plan: dict[int, int], sizes: 
         subclassify=False,
         subclassify_above=None,
         subclassify_k=None,
+        subclassify_iters=None,
         stability=0,
+        **sub_schedule(params),
     )
     return validate_params(values)
+
+
+def sub_schedule(params: ClassifyParams) -> dict[str, int]:
+    """The sub-run's online iterations (``--subclassify-iters``, default three quarters of
+    the main run's: it starts from the parents' averages, not from scratch) and its
+    annealing, shortened in proportion; the full passes stay."""
+    main = int(params.online_iters)
+    o = params.subclassify_iters
+    o = (3 * main) // 4 if o is None else int(o)
+    if main == 0 or o == main:
+        return {"online_iters": o}
+    return {"online_iters": o,
+            "anneal_iters": max(1, round(params.anneal_iters * o / main))}  # fmt: skip
 
 
 # ------------------------------------------------------------------ merge test

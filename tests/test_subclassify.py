@@ -20,6 +20,7 @@ from companion.subclassify import (
     merge_groups,
     merge_test,
     plan_split,
+    sub_params,
     subclassify,
 )
 
@@ -34,6 +35,25 @@ def test_plan_splits_only_big_classes_into_about_mean_sized_parts():
     assert plan_split(sizes, above=300) == {2: 3, 4: 2}
     assert plan_split(sizes, above=300, k=4) == {2: 4, 4: 4}
     assert plan_split(np.array([50, 50, 50])) == {}
+
+
+def test_sub_run_schedule_is_shorter_and_settable():
+    """The sub-run runs three quarters of the main run's online iterations by default
+    (annealing over the same fraction of them), --subclassify-iters when given; full passes
+    are kept."""
+    sizes = np.array([100, 100, 450, 30, 320, 0])
+    plan = plan_split(sizes)
+    main = ClassifyParams(n_classes=6, subclassify=True, online_iters=20, anneal_iters=15,
+                          full_iters=2)  # fmt: skip
+    sp = sub_params(main, 450, plan, sizes, None)
+    assert (sp.online_iters, sp.anneal_iters, sp.full_iters) == (15, 11, 2)
+    assert sp.subclassify is False and sp.subclassify_iters is None
+    same = sub_params(main.model_copy(update={"subclassify_iters": 20}), 450, plan, sizes, None)
+    assert (same.online_iters, same.anneal_iters) == (20, 15)
+    short = sub_params(main.model_copy(update={"subclassify_iters": 3}), 450, plan, sizes, None)
+    assert (short.online_iters, short.anneal_iters) == (3, 2)
+    with pytest.raises(ValueError, match="need --subclassify"):
+        ClassifyParams(n_classes=6, subclassify_iters=4)
 
 
 def test_seed_owner_deals_each_parent_over_its_own_subclasses():

@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from companion.classify.backend import get_array_module, host_bool, host_float, host_int, to_host
+from companion.classify.backend import (
+    get_array_module,
+    host_bool,
+    host_float,
+    host_int,
+    to_device,
+    to_host,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +138,7 @@ def sinkhorn_capped(
         b = xp.where(shut, xp.inf, 0.0)
     out = xp.empty((n, k), dtype=dtype)
     col = solver.sweep(b, 1.0, out=out)[0]
-    _round_to_caps(xp, out, col, caps)
+    _round_to_caps(xp, out, col, caps, L)
     return (out, b) if return_dual else out
 
 
@@ -145,38 +152,36 @@ def sinkhorn_capped_blocks(
     tol: float = 1e-3,
     return_dual: bool = False,
 ) -> Any:
-    """:func:`sinkhorn_capped` of a block-diagonal problem, one block at a time.
+    """:func:`sinkhorn_capped` of a block-diagonal problem, with caps each block can meet.
 
     ``blocks``: ``[(rows, k0, k1), …]`` (rows: device indices; every row in one block): the
     rows of a block may only go to classes ``k0 … k1-1`` (``log_post`` is ``-inf``
     elsewhere), as in ``--subclassify``, where a particle only goes to its parent's
-    sub-classes. A class's column then holds only its block's rows, so the capped projection
-    splits into one independent problem per block (the same solution as the dense one, at
-    ``Σ rows_b · k_b`` instead of ``N · K``), and no weight can reach a class outside the
-    block, not even in the final rounding. ``caps``: host scalar or (K,). A block whose caps
-    cannot hold its rows (a mini-batch that drew more of one parent than its classes' share)
-    has them raised in proportion until they just do. Classes of no block get no weight and
+    sub-classes. A class's column then holds only its block's rows, so the blocks do not
+    couple, and a block whose caps cannot hold its rows (a mini-batch that drew more of one
+    parent than its classes' share) would make the whole problem infeasible: its caps are
+    raised in proportion until they just hold them. Solved as one problem (its Hessian is
+    block-diagonal; measured faster than one solve per block, which pays the solver's fixed
+    cost per block). ``caps``: host scalar or (K,). Classes of no block get no weight and
     keep their price in ``dual``.
     """
     xp = get_array_module(log_post)
-    n, k = log_post.shape
-    dtype = np.dtype(log_post.dtype if log_post.dtype in (np.float32, np.float64) else np.float64)
-    caps_h = np.broadcast_to(np.asarray(caps, np.float64), (k,))
-    b = xp.zeros(k, dtype=np.float64) if dual is None else xp.asarray(dual, np.float64).copy()
-    out = xp.zeros((n, k), dtype=dtype)
+    k = log_post.shape[1]
+    c = np.array(np.broadcast_to(np.asarray(caps, np.float64), (k,)))
+    seen = np.zeros(k, bool)
     for rows, k0, k1 in blocks:
         nb = int(rows.shape[0])
         if nb == 0:
             continue
-        c = caps_h[k0:k1]
-        if c.sum() < nb:
-            tot = c.sum()
-            c = c * (nb / tot) if tot > 0 else np.full(k1 - k0, nb / (k1 - k0))
-        w, bb = sinkhorn_capped(log_post[rows][:, k0:k1], c, n_iter, tol, dual=b[k0:k1],
-                                return_dual=True)  # fmt: skip
-        out[rows, k0:k1] = w
-        b[k0:k1] = bb
-    return (out, b) if return_dual else out
+        seen[k0:k1] = True
+        tot = c[k0:k1].sum()
+        if tot < nb:
+            c[k0:k1] = c[k0:k1] * (nb / tot) if tot > 0 else nb / (k1 - k0)
+    w, b = sinkhorn_capped(log_post, to_device(c, xp), n_iter, tol, dual=dual, return_dual=True)
+    if dual is not None and not seen.all():  # no rows, no information: the old price
+        keep = to_device(~seen, xp)
+        b = xp.where(keep, xp.asarray(dual, np.float64), b)
+    return (w, b) if return_dual else w
 
 
 class _CappedDual:
@@ -275,18 +280,35 @@ class _CappedDual:
         return xp.where(open_, bt * temp, xp.inf), self.done(bt, col, tol)
 
 
-def _round_to_caps(xp: Any, w: Any, col: Any, caps: Any) -> None:
-    """In place: column sums ≤ caps and rows summing to 1 exactly (Altschuler et al. 2017)."""
-    over = col > caps
-    if not host_bool(over.any()):
-        return
-    scale = xp.where(over, caps / xp.maximum(col, 1e-300), 1.0).astype(w.dtype)
-    w *= scale
-    room = xp.maximum(caps - w.sum(axis=0, dtype=np.float64), 0.0)
-    missing = xp.maximum(1.0 - w.sum(axis=1, dtype=np.float64), 0.0)
-    tot = host_float(room.sum())
-    if tot > 0:
-        w += (missing[:, None] * (room / tot)[None, :]).astype(w.dtype)
+def _round_to_caps(xp: Any, w: Any, col: Any, caps: Any, L: Any) -> None:
+    """In place: column sums ≤ caps and rows summing to 1 exactly (Altschuler et al. 2017).
+
+    A row's missing mass goes first to the classes with room that it may go to (finite
+    ``L``), in proportion to their room: exact for block-diagonal ``L``
+    (:func:`sinkhorn_capped_blocks`). Where that overfills a class (other ``-inf``
+    patterns), the excess is spread over all classes with room, which always fits."""
+    for restricted in (True, False):
+        over = col > caps
+        if not host_bool(over.any()):
+            return
+        scale = xp.where(over, caps / xp.maximum(col, 1e-300), 1.0).astype(w.dtype)
+        w *= scale
+        room = xp.maximum(caps - w.sum(axis=0, dtype=np.float64), 0.0)
+        missing = xp.maximum(1.0 - w.sum(axis=1, dtype=np.float64), 0.0)
+        tot = host_float(room.sum())
+        if tot <= 0:
+            return
+        if not restricted:
+            w += (missing[:, None] * (room / tot)[None, :]).astype(w.dtype)
+            return
+        rows = _chunk_rows(xp, w.shape[1])
+        for s in range(0, w.shape[0], rows):
+            share = xp.where(xp.isfinite(L[s : s + rows]), room[None, :], 0.0)
+            d = share.sum(axis=1, keepdims=True)
+            share = xp.where(d > 0, share / xp.where(d > 0, d, 1.0), (room / tot)[None, :])
+            w[s : s + rows] += (missing[s : s + rows, None] * share).astype(w.dtype)
+        # float32 sums of exactly-filled columns may land a hair above the cap
+        col = w.sum(axis=0, dtype=np.float64) * (1.0 - 1e-6)
 
 
 def _max_row_spread(xp: Any, L: Any, rows: int, sample: int = 50000) -> float:

@@ -30,7 +30,8 @@ FORMAT = 1
 # (--subclassify*, --stability: they run after the main run)
 RESUMABLE_CHANGES = ("device", "memory_limit", "posteriors", "cluster", "cluster_jobs",
                      "cluster_queue", "cluster_walltime", "cluster_timeout", "subclassify",
-                     "subclassify_above", "subclassify_k", "stability")  # fmt: skip
+                     "subclassify_above", "subclassify_k", "subclassify_iters",
+                     "stability")  # fmt: skip
 
 
 @dataclass
