@@ -37,6 +37,9 @@ _MIN_WORK = 4e8
 #: auction rounds allowed: this many per class plus the minimum
 _ROUNDS_PER_CLASS = 20
 _ROUNDS_MIN = 200
+#: most a class price moves in one Newton step of the capped Sinkhorn, in units of the
+#: temperature (exp(-TRUST) ~ 1e-13: beyond it the step changes no weight any more)
+TRUST = 30.0
 #: elements per row chunk (NumPy / CuPy); bounds the temporaries of every pass.
 _CHUNK_ELEMS = {"numpy": 1 << 21, "cupy": 1 << 25}
 
@@ -252,7 +255,14 @@ class _CappedDual:
                 d[fi] = -xp.linalg.solve(h, grad[fi])
             base = xp.where(open_, bt, 0.0)
             accepted = False
-            alpha = first = min(1.0, 4.0 * alpha)  # near-hard posteriors: steps stay short
+            alpha = min(1.0, 4.0 * alpha)  # near-hard posteriors: steps stay short
+            # trust region: a nearly singular Hessian (near-hard rows) gives a huge step that
+            # 20 halvings would not bring back; no price needs to move by more than TRUST
+            # (in units of the temperature) in one step
+            big = host_float(xp.abs(d).max())
+            if big * alpha > TRUST:
+                alpha = TRUST / big
+            first = alpha
             for _ in range(20):  # backtracking along the projected arc
                 cand = xp.where(open_, xp.maximum(base + alpha * d, 0.0), xp.inf)
                 step = xp.where(open_, cand, 0.0) - base
