@@ -9,9 +9,10 @@ log-posterior for every other class is ``-inf``), the seeding iteration deals ea
 particles over its own sub-classes, and every sub-class starts from its parent's average
 (low-passed to the initial resolution), so the alignment is redone inside the class, in the
 parent's frame (re-centring off). It is balanced (``--balance cap`` at about the mean size,
-never above the main run's cap), and its schedule is shorter (``--subclassify-iters`` online
-iterations, default three quarters of the main run's), as it starts from the parents' averages; the
-balance is solved per parent (:func:`companion.classify.balance.sinkhorn_capped_blocks`).
+never above the main run's cap; in each batch a parent's caps are raised where they cannot
+hold its particles, :func:`companion.classify.balance.sinkhorn_capped_blocks`), and its
+schedule is shorter (``--subclassify-iters`` online iterations, default three quarters of
+the main run's), as it starts from the parents' averages.
 
 Merging back (:func:`merge_test`): two sub-classes of one parent are merged when their
 averages are not significantly less correlated than two independent averages of one and the

@@ -274,7 +274,7 @@ def estep_shard(run: RunState, it: IterationState, idx: np.ndarray, *,
                     if segs is None:
                         post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,
                                                              return_dual=True)  # fmt: skip
-                    else:  # one small problem per parent, not the (B, Σ k_c) one
+                    else:  # --subclassify: caps each parent can meet in this batch
                         post, dual = balance.sinkhorn_capped_blocks(sc.ev_u, caps, segs,
                                                                     dual=dual, return_dual=True)
                     post = post.astype(xp.float32)
