@@ -224,8 +224,8 @@ class ClassifyParams(BaseModel):
         None,
         ge=0,
         description="With --subclassify: online-EM iterations of the sub-run, which starts from "
-        "the parents' averages (then --full-iters full passes; annealing scaled to fit). "
-        "Default: three quarters of --online-iters.",
+        "the parents' averages (then --full-iters full passes; --anneal-iters scaled by the "
+        "same factor). Default: three quarters of --online-iters.",
     )
     stability: int = Field(
         0,
@@ -380,6 +380,16 @@ class ClassifyParams(BaseModel):
         d["noise_model"] = self.resolved_noise_model
         d["class_priors"] = self.resolved_class_priors
         return d
+
+
+#: --subclassify and its options: they act after the main run, so a continuation may change
+#: them and the runs they start (the sub-run, --stability's extra runs) turn them off
+SUBCLASSIFY_FIELDS = ("subclassify", "subclassify_above", "subclassify_k", "subclassify_iters")
+
+
+def without_subclassify() -> dict[str, Any]:
+    """The --subclassify fields at their defaults (off), for the runs it starts."""
+    return {name: ClassifyParams.model_fields[name].default for name in SUBCLASSIFY_FIELDS}
 
 
 def option_name(field: str) -> str:

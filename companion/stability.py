@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from companion.classify.result import ClassResult
-from companion.params import ClassifyParams
+from companion.params import ClassifyParams, without_subclassify
 from companion.particles import ParticleSet
 
 log = logging.getLogger("companion.stability")
@@ -88,8 +88,7 @@ def class_means(values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 def _extra_params(params: ClassifyParams, r: int) -> ClassifyParams:
     """Run ``r`` (1-based after the main run): another seed, nothing after it."""
-    off = {"stability": 0, "subclassify": False, "subclassify_above": None,
-           "subclassify_k": None, "subclassify_iters": None}  # fmt: skip
+    off = {"stability": 0, **without_subclassify()}
     return params.model_copy(update={"seed": int(params.seed) + SEED_STEP * r, **off})
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from companion.classify.result import PER_PARTICLE, ClassResult
-from companion.params import ClassifyParams, validate_params
+from companion.params import ClassifyParams, validate_params, without_subclassify
 from companion.particles import ParticleSet
 
 log = logging.getLogger("companion.subclassify")
@@ -172,11 +172,8 @@ def sub_params(params: ClassifyParams, n_sub: int, plan: dict[int, int], sizes: 
         recenter=False,
         reseed_empty=0.0,
         seed=int(params.seed) + 7919,
-        subclassify=False,
-        subclassify_above=None,
-        subclassify_k=None,
-        subclassify_iters=None,
         stability=0,
+        **without_subclassify(),
         **sub_schedule(params),
     )
     return validate_params(values)

@@ -157,7 +157,8 @@ def sinkhorn_capped_blocks(
 ) -> Any:
     """:func:`sinkhorn_capped` of a block-diagonal problem, with caps each block can meet.
 
-    ``blocks``: ``[(rows, k0, k1), …]`` (rows: device indices; every row in one block): the
+    ``blocks``: ``[(rows, k0, k1), …]`` (rows: device indices; every row in one block; the
+    list :func:`companion.classify.score.score` takes as ``segments``): the
     rows of a block may only go to classes ``k0 … k1-1`` (``log_post`` is ``-inf``
     elsewhere), as in ``--subclassify``, where a particle only goes to its parent's
     sub-classes. A class's column then holds only its block's rows, so the blocks do not
@@ -291,7 +292,8 @@ class _CappedDual:
 
 
 def _round_to_caps(xp: Any, w: Any, col: Any, caps: Any, L: Any) -> None:
-    """In place: column sums ≤ caps and rows summing to 1 exactly (Altschuler et al. 2017).
+    """In place: column sums ≤ caps (to 1e-6 relative) and rows summing to 1 (Altschuler et
+    al. 2017).
 
     A row's missing mass goes first to the classes with room that it may go to (finite
     ``L``), in proportion to their room: exact for block-diagonal ``L``

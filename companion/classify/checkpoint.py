@@ -19,7 +19,7 @@ import numpy as np
 
 from companion.errors import ParameterError
 from companion.io.atomic import atomic_write_bytes
-from companion.params import ClassifyParams
+from companion.params import SUBCLASSIFY_FIELDS, ClassifyParams
 
 STATE_FILE = "state.npz"
 FORMAT = 1
@@ -29,9 +29,8 @@ FORMAT = 1
 # (--cluster and its options: where the E-step runs does not change the result)
 # (--subclassify*, --stability: they run after the main run)
 RESUMABLE_CHANGES = ("device", "memory_limit", "posteriors", "cluster", "cluster_jobs",
-                     "cluster_queue", "cluster_walltime", "cluster_timeout", "subclassify",
-                     "subclassify_above", "subclassify_k", "subclassify_iters",
-                     "stability")  # fmt: skip
+                     "cluster_queue", "cluster_walltime", "cluster_timeout",
+                     *SUBCLASSIFY_FIELDS, "stability")  # fmt: skip
 
 
 @dataclass

@@ -275,8 +275,9 @@ def estep_shard(run: RunState, it: IterationState, idx: np.ndarray, *,
                         post, dual = balance.sinkhorn_capped(sc.ev_u, caps, dual=dual,
                                                              return_dual=True)  # fmt: skip
                     else:  # --subclassify: caps each parent can meet in this batch
-                        post, dual = balance.sinkhorn_capped_blocks(sc.ev_u, caps, segs,
-                                                                    dual=dual, return_dual=True)
+                        post, dual = balance.sinkhorn_capped_blocks(
+                            sc.ev_u, caps, segs, dual=dual, return_dual=True
+                        )
                     post = post.astype(xp.float32)
                 else:
                     post = softmax(sc.ev_u + log_prior_d[None])
