@@ -295,11 +295,15 @@ def _round_to_caps(xp: Any, w: Any, col: Any, caps: Any, L: Any) -> None:
     """In place: column sums ≤ caps (to 1e-6 relative) and rows summing to 1 (Altschuler et
     al. 2017).
 
-    A row's missing mass goes first to the classes with room that it may go to (finite
-    ``L``), in proportion to their room: exact for block-diagonal ``L``
-    (:func:`sinkhorn_capped_blocks`). Where that overfills a class (other ``-inf``
-    patterns), the excess is spread over all classes with room, which always fits."""
-    for restricted in (True, False):
+    A row's missing mass goes to the classes with room in proportion to their room; where
+    ``L`` forbids classes (``-inf``), first only to the classes with room that the row may
+    go to: exact for block-diagonal ``L`` (:func:`sinkhorn_capped_blocks`). Where that
+    overfills a class (other ``-inf`` patterns), the excess is spread over all classes with
+    room, which always fits."""
+    if not host_bool((col > caps).any()):
+        return
+    passes = (True, False) if host_bool(xp.isinf(L).any()) else (False,)
+    for restricted in passes:
         over = col > caps
         if not host_bool(over.any()):
             return
