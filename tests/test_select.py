@@ -360,10 +360,10 @@ def test_offline_select_auto_keeps_the_particles_of_classify_select_auto(
 
 def test_bench_select_reports_junk_kept_per_type_and_the_gain_auc(capsys):
     """``bench select --json``: the per-type junk kept adds up to the junk kept, and the
-    gain AUC is a probability; the table prints both."""
+    gain AUC is a probability; the table prints both; --oracle adds the oracle's AUCs."""
     args = ["bench", "select", "--n-particles", "300", "--n-classes", "4", "--box", "32",
             "--psize", "6", "--seeds", "0", "--noise", "coloured"]  # fmt: skip
-    assert main([*args, "--json"]) == 0
+    assert main([*args, "--json", "--oracle"]) == 0
     rep = json.loads(capsys.readouterr().out)
     (row,) = rep["rows"]
     by_type = row["junk_kept_by_type"]
@@ -371,6 +371,9 @@ def test_bench_select_reports_junk_kept_per_type_and_the_gain_auc(capsys):
     assert 0.0 <= row["gain_auc_good_vs_noise"] <= 1.0
     # junk kept is a weighted mean of the types' kept fractions
     assert min(by_type.values()) - 1e-9 <= row["junk_kept"] <= max(by_type.values()) + 1e-9
+    oracle = row["oracle"]
+    assert set(oracle) == {"auc_true", "noise_kept_true", "auc_averages", "noise_kept_averages"}
+    assert all(0.0 <= v <= 1.0 for v in oracle.values())
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "gain AUC" in text and f"{row['gain_auc_good_vs_noise']:.3f}" in text

@@ -39,6 +39,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_noise_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu")
     p.add_argument("--out", metavar="DIR", default=None, help="keep data and outputs here")
+    p.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also score every image with the likelihood ratio of the simulator's true model "
+        "(true templates and noise spectrum; then the run's class averages as templates): "
+        "the separation of good particles from pure noise that the data, and the run's "
+        "references, allow (companion.simulate.oracle; ~20 s per seed)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
 
 
@@ -94,13 +102,31 @@ def run_seed(
     types = sorted(set(kind[is_junk]))
     kept_by_type = {t: float(chosen.particles[kind == t].mean()) for t in types}
     gain = np.asarray(out.result.loglik_gain, np.float64)
+    oracle = _oracle_figures(data, out.result.averages, kind) if args.oracle else None
     return {"seed": seed, "noise": noise, "junk_fraction": float(is_junk.mean()),
             "classify_s": secs, "removed": int(chosen.removed.sum()), **fig,
             "junk_kept_by_type": kept_by_type,
             # how well the run's likelihood ratio (vs the empty model) tells a good particle
             # from a pure-noise image, whatever threshold: the limit of any per-particle rule
             "gain_auc_good_vs_noise": metrics.auc(gain[kind == ""], gain[kind == "noise"]),
-            "class_level": whole}  # fmt: skip
+            "class_level": whole, "oracle": oracle}  # fmt: skip
+
+
+LOSS = 0.02  # the good particles an oracle threshold may lose
+
+
+def _oracle_figures(data: Path, averages: np.ndarray, kind: np.ndarray) -> dict[str, Any]:
+    """AUC (good vs pure noise) of the oracle likelihood ratio with the true templates and
+    with the run's averages, and the pure-noise images each keeps at LOSS of good ones."""
+    from companion.simulate.oracle import oracle_loglik_ratio
+
+    out: dict[str, Any] = {}
+    for name, templates in (("true", None), ("averages", averages)):
+        lr = oracle_loglik_ratio(data, templates)
+        good, noise = lr[kind == ""], lr[kind == "noise"]
+        out[f"auc_{name}"] = metrics.auc(good, noise)
+        out[f"noise_kept_{name}"] = float(np.mean(noise > np.quantile(good, LOSS)))
+    return out
 
 
 def run_select_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,6 +167,17 @@ def format_select(rep: dict[str, Any]) -> str:
             + " ".join(f"{t} {100 * v:.0f}%" for t, v in r["junk_kept_by_type"].items())
             + f"  {r['gain_auc_good_vs_noise']:.3f}"
         )
+    if any(r.get("oracle") for r in rep["rows"]):
+        lines.append(f"oracle likelihood ratio (good vs pure noise): AUC, and pure noise kept "
+                     f"where {100 * LOSS:.0f}% of good particles are lost")  # fmt: skip
+        for r in rep["rows"]:
+            o = r["oracle"]
+            lines.append(
+                f"{r['noise'][:5]:<5}  {r['seed']:>4}  true model {o['auc_true']:.3f} "
+                f"({100 * o['noise_kept_true']:.0f}% kept)  run's averages "
+                f"{o['auc_averages']:.3f} ({100 * o['noise_kept_averages']:.0f}% kept)  "
+                f"run's loglik_gain {r['gain_auc_good_vs_noise']:.3f}"
+            )
     lines.append(
         "acceptance (issue 12): good kept >= 95%, junk in selection <= 2%; class-level floor: "
         "the junk fraction of all junk-minority classes, the least any choice of whole classes "

@@ -311,21 +311,43 @@ class Renderer:
 
     def draw_noise(self, n: int, rng: np.random.Generator, ctf_args: tuple) -> np.ndarray:
         """(n, box, box) float32 noise of variance noise_sd² (see :class:`NoiseModel`)."""
-        box = self.box
-        noise = rng.standard_normal((n, box, box), dtype=np.float32)
+        noise = rng.standard_normal((n, self.box, self.box), dtype=np.float32)
         if self.noise.kind == "white":
             noise *= np.float32(self.noise_sd)
             return noise
+        (h_det, sd_det), ice = self._noise_filters(ctf_args)
+        det = _filtered(noise, h_det, sd_det)
+        if ice is None:
+            return det
+        h_ice, sd_ice = ice
+        white = rng.standard_normal((n, self.box, self.box), dtype=np.float32)
+        return det + _filtered(white, h_ice, sd_ice)
+
+    def noise_power(self, ctf_args: tuple) -> np.ndarray:
+        """Expected |rfft2|² of :meth:`draw_noise`'s noise, per coefficient (box, box//2+1),
+        float64: the exact noise spectrum of a micrograph with CTF ``ctf_args``."""
+        box = self.box
+        if self.noise.kind == "white":
+            return np.full((box, box // 2 + 1), float(box * box) * self.noise_sd**2)
+        power = np.zeros((box, box // 2 + 1))
+        for parts in self._noise_filters(ctf_args):
+            if parts is not None:
+                h, sd = parts
+                h = h.astype(np.float64)
+                power += box * box * sd**2 * h**2 / _unit_variance(h)
+        return power
+
+    def _noise_filters(self, ctf_args: tuple) -> tuple:
+        """Coloured noise as ((detector filter, sd), (ice filter, sd) or None)."""
         mtf = self._mtf()
         ice_f = float(self.noise.ice_fraction)
-        det = _filtered(noise, mtf, np.sqrt(1.0 - ice_f) * self.noise_sd)
+        det = (mtf, np.sqrt(1.0 - ice_f) * self.noise_sd)
         if ice_f <= 0:
-            return det
-        kx, ky = rfft_freqs(box, self.optics.psize)
+            return det, None
+        kx, ky = rfft_freqs(self.box, self.optics.psize)
         low = np.exp(-0.5 * (np.hypot(kx, ky) * self.noise.ice_resolution) ** 2)
-        ice = rng.standard_normal((n, box, box), dtype=np.float32)
-        h = (low * self._ctf(box, *ctf_args) * mtf).astype(np.float32)
-        return det + _filtered(ice, h, np.sqrt(ice_f) * self.noise_sd)
+        h = (low * self._ctf(self.box, *ctf_args) * mtf).astype(np.float32)
+        return det, (h, np.sqrt(ice_f) * self.noise_sd)
 
     def _mtf(self) -> np.ndarray:
         kx, ky = rfft_freqs(self.box, 1.0)  # cycles per pixel
@@ -333,17 +355,22 @@ class Renderer:
         return (np.sinc(f) * (0.5 + 0.5 / (1.0 + (f / 0.2) ** 2))).astype(np.float32)
 
 
-def _filtered(white: np.ndarray, h: np.ndarray, sd: float) -> np.ndarray:
-    """White noise (n, box, box) filtered by the rfft-grid amplitude ``h``, scaled to sd."""
-    box = white.shape[-1]
+def _unit_variance(h: np.ndarray) -> float:
+    """Pixel variance of unit white noise filtered by the rfft-grid amplitude ``h``."""
+    box = h.shape[0]
     w = np.full(h.shape[-1], 2.0)
     w[0] = 1.0
     w[-1] = 1.0  # even box: columns 0 and Nyquist appear once in the full grid
-    var = float((w * h.astype(np.float64) ** 2).sum() / box**2)
+    return max(float((w * h.astype(np.float64) ** 2).sum() / box**2), 1e-30)
+
+
+def _filtered(white: np.ndarray, h: np.ndarray, sd: float) -> np.ndarray:
+    """White noise (n, box, box) filtered by the rfft-grid amplitude ``h``, scaled to sd."""
+    box = white.shape[-1]
     f = _fft.rfft2(white, workers=1)
     f *= h
     out = _fft.irfft2(f, s=(box, box), workers=1).astype(np.float32)
-    out *= np.float32(sd / np.sqrt(max(var, 1e-30)))
+    out *= np.float32(sd / np.sqrt(_unit_variance(h)))
     return out
 
 

@@ -1,0 +1,146 @@
+"""The likelihood ratio "particle vs empty image" a classifier that knew the truth would use.
+
+For a simulated set, :func:`oracle_loglik_ratio` scores every stored image against the
+simulator's own model: the true noise spectrum of its micrograph (white, or the detector +
+CTF-modulated ice spectrum, :meth:`Renderer.noise_power`), templates times the micrograph's
+CTF, and a pose prior that is uniform over templates, in-plane angles (``psi_step``) and
+the simulator's square of shifts (``shift_step``). It returns, per image,
+
+    log [ mean over poses of p(image | template at pose) / p(image | noise alone) ],
+
+the Neyman–Pearson statistic for "particle or pure noise" when the model is true. Its AUC
+(good particles vs pure-noise images) bounds any per-particle rule on the same images;
+with ``averages`` (a run's class averages instead of the true projections) it says what
+the run's references allow. It is the bench's yardstick, not part of classification.
+
+Approximations: the stored images were normalised (plane fit and background sd, ~the noise
+sd), which is taken as a division by the noise sd; the less-ordered population and
+per-particle scales, where simulated, are scored against the ordered templates at scale 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.special import logsumexp
+
+from companion.simulate.micrographs import N_BLOBS, NoiseModel, Optics, Renderer
+from companion.simulate.phantom import blobs_2d, render_rfft, sigmas_px
+
+try:
+    from scipy import fft as _fft
+except ImportError:  # pragma: no cover - scipy is a test dependency
+    _fft = np.fft
+
+TILE_BYTES = 64 << 20  # per block of (template × shift) rows
+
+
+def _renderer(info: dict) -> Renderer:
+    optics = Optics(info["psize"], info["voltage"], info["cs"], info["amp_contrast"])
+    colour = NoiseModel(info["noise"], info["ice_fraction"], info["ice_resolution"] or 20.0)
+    r = Renderer(info["box"], optics, info["n_views"], info["n_states"], colour)
+    r.noise_sd = float(info["noise_sd"])
+    return r
+
+
+def true_templates(info: dict, psi_deg: np.ndarray) -> np.ndarray:
+    """rfft2 of every (view, state) projection at every angle in ``psi_deg``, complex128
+    (n_views · n_states · n_psi, box, box//2+1), centred on box//2, no CTF, stored units × sd."""
+    box = int(info["box"])
+    centres, masses, sigmas = blobs_2d(int(info["n_views"]), int(info["n_states"]))
+    c = centres.reshape(-1, N_BLOBS, 2) * box  # (T0, B, 2) about the centre
+    a = np.deg2rad(np.asarray(psi_deg, np.float64))
+    cos, sin = np.cos(a)[None, :, None], np.sin(a)[None, :, None]
+    x = cos * c[:, None, :, 0] - sin * c[:, None, :, 1] + box // 2
+    y = sin * c[:, None, :, 0] + cos * c[:, None, :, 1] + box // 2
+    pos = np.stack([x, y], axis=-1).reshape(-1, N_BLOBS, 2)
+    m = np.repeat(masses.reshape(-1, N_BLOBS), len(a), axis=0)
+    return render_rfft(pos, m, sigmas_px(sigmas, box), box).astype(np.complex128)
+
+
+def rotated_averages(averages: np.ndarray, psi_deg: np.ndarray) -> np.ndarray:
+    """rfft2 of each non-empty average (K, box, box; centred on box//2, stored units) rotated
+    by every angle in ``psi_deg`` (cubic interpolation), complex128."""
+    from scipy import ndimage
+
+    avg = np.asarray(averages, np.float64)
+    avg = avg[np.abs(avg).sum(axis=(1, 2)) > 0]
+    rot = np.stack([ndimage.rotate(a, p, reshape=False, order=3, mode="constant")
+                    for a in avg for p in psi_deg])  # fmt: skip
+    return _fft.rfft2(rot).astype(np.complex128)
+
+
+def shift_grid(max_shift: float, step: float) -> np.ndarray:
+    """(S, 2) shifts (x, y) in px on a ``step`` grid covering the square ±max_shift."""
+    n = int(np.floor(max_shift / step + 1e-9))
+    d = np.arange(-n, n + 1) * step
+    yy, xx = np.meshgrid(d, d, indexing="ij")
+    return np.stack([xx.ravel(), yy.ravel()], axis=1)
+
+
+def oracle_loglik_ratio(
+    data_dir: str | Path,
+    averages: np.ndarray | None = None,
+    *,
+    psi_step: float = 6.0,
+    shift_step: float = 0.5,
+    max_res_A: float | None = None,
+) -> np.ndarray:
+    """Per image of the simulated set in ``data_dir`` (particle-file order), the log
+    likelihood ratio of the model over noise alone (nats; see the module docstring).
+
+    ``averages`` (K, box, box): a run's class averages as templates (stored units; the
+    true projections when None). ``max_res_A``: only frequencies up to it (e.g. a run's
+    E-step limit)."""
+    from companion.simulate import load_truth
+    from companion.sources import open_particles
+    from companion.stacks import read_images
+
+    data = Path(data_dir)
+    info = json.loads((data / "simulation.json").read_text())
+    truth = load_truth(data)
+    particles = open_particles(data / "particles.star", None)
+    r = _renderer(info)
+    box, sd = r.box, r.noise_sd
+    psi = np.arange(0.0, 360.0 - 1e-9, psi_step)
+    if averages is None:
+        templates = true_templates(info, psi) / sd
+    else:
+        templates = rotated_averages(averages, psi)
+    shifts = shift_grid(float(info["max_shift"]), shift_step)
+    w = np.full(box // 2 + 1, 2.0)
+    w[0] = w[-1] = 1.0  # rfft columns 0 and Nyquist stand for one coefficient, others two
+    ky, kx = np.fft.fftfreq(box)[:, None], np.fft.rfftfreq(box)[None, :]
+    keep = np.ones((box, box // 2 + 1), bool)
+    keep[0, 0] = False  # the stored images' mean is set by their normalisation, not the model
+    if max_res_A:
+        keep = np.hypot(kx, ky) / float(info["psize"]) <= 1.0 / float(max_res_A)
+    # exp(+2πi k·s): a template moved by +s is S·exp(−2πi k·s), and Re Σ X̄ S e^{-iφ}
+    # = Re Σ X conj(S) e^{+iφ}
+    ramps = np.exp(2j * np.pi * (kx[None] * shifts[:, 0, None, None]
+                                 + ky[None] * shifts[:, 1, None, None]))[:, keep]  # fmt: skip
+    n_s, n_t = len(shifts), len(templates)
+    per_t = max(1, TILE_BYTES // (n_s * int(keep.sum()) * 16))
+    log_n = np.log(n_s * n_t)
+    out = np.empty(len(truth))
+    mic = particles.stack_index
+    for m in np.unique(mic):
+        idx = np.flatnonzero(mic == m)
+        row = truth.iloc[idx[0]]
+        args = (float(row.defocus_u), float(row.defocus_v), float(row.defocus_angle))
+        power = r.noise_power(args) / sd**2  # stored images: noise of sd ~1
+        ctf = r._ctf(box, *args).astype(np.float64)
+        x = _fft.rfft2(read_images(particles, idx).astype(np.float64))
+        xw = (x * (w / power))[:, keep]  # (n, F): whitened, weighted
+        parts = []
+        for t0 in range(0, n_t, per_t):
+            s = (templates[t0 : t0 + per_t] * ctf)[:, keep]  # (t, F)
+            energy = (np.abs(s) ** 2 * (w / power)[keep]).sum(axis=1)  # (t,)
+            b = np.conj(s)[:, None, :] * ramps[None]  # (t, S, F)
+            corr = (xw @ b.reshape(-1, b.shape[-1]).T).real  # (n, t·S)
+            corr -= np.repeat(energy / 2, n_s)[None]
+            parts.append(logsumexp(corr, axis=1))
+        out[idx] = logsumexp(np.stack(parts, axis=1), axis=1) - log_n
+    return out
