@@ -57,7 +57,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"write the rows as JSON here [default: ./{DEFAULT_TABLE}]")  # fmt: skip
     p.add_argument("--set", dest="set_params", metavar="NAME=VALUE", action="append",
                    default=[], help="a classification parameter (repeatable)")  # fmt: skip
+    p.add_argument("--oracle", action="store_true",
+                   help="also the state purity and fell-off recall of the simulator's true "
+                   "model: each good particle in the class of its most likely true template "
+                   "(companion.simulate.oracle), what the data allow")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+
+
+def oracle_row(data: Path) -> dict[str, float]:
+    """State purity and fell-off recall of the true model's classes: every image in the
+    class of its most likely true template (ordered templates; junk included, as in a run)."""
+    from companion.simulate import load_truth
+    from companion.simulate.oracle import oracle_scores
+
+    truth = load_truth(data)
+    n_states = int(json.loads((data / "simulation.json").read_text())["n_states"])
+    ev = oracle_scores(data).template_evidence
+    return _scores(ev.argmax(axis=1), ev.shape[1], truth, n_states)
 
 
 def fell_off_recall(labels: np.ndarray, state: np.ndarray, good: np.ndarray,
@@ -172,9 +188,13 @@ def run_subclassify_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     extra = parse_set(args.set_params)
 
     def rows_of(data: Path, seed: int) -> Any:
+        oracle = oracle_row(data) if getattr(args, "oracle", False) else None
         for i, k in enumerate(args.n_classes):
-            yield run_one(data, k, seed, args.device, extra,
+            row = run_one(data, k, seed, args.device, extra,
                           args.stability if i == 0 else 0, data.parent)  # fmt: skip
+            if oracle is not None:
+                row["oracle"] = oracle
+            yield row
 
     return over_flexible_sets(args, "companion-subcls-", rows_of, format_row, "subclassify")
 
@@ -206,7 +226,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "K+s: classes after sub-classification; wall× / cpu×: (main + sub) / main; AUC: "
         "stability, good vs junk"
     )
-    return "\n".join([head, *(format_row(r) for r in rows), notes])
+    lines = [head, *(format_row(r) for r in rows), notes]
+    seen = set()
+    for r in rows:
+        if r.get("oracle") and (r["noise"], r["seed"]) not in seen:
+            seen.add((r["noise"], r["seed"]))
+            o = r["oracle"]
+            lines.append(f"oracle ({r['noise']}, seed {r['seed']}: each particle in its most "
+                         f"likely true template's class, {o['n_classes']} classes): state "
+                         f"purity {_pct(o['state_purity'])}, fell-off recall "
+                         f"{_pct(o['fell_off_recall'])}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:

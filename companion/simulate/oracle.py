@@ -21,6 +21,7 @@ per-particle scales, where simulated, are scored against the ordered templates a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,16 +81,38 @@ def shift_grid(max_shift: float, step: float) -> np.ndarray:
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-def oracle_loglik_ratio(
+@dataclass
+class OracleScores:
+    """Per image (particle-file order): ``loglik_ratio`` (N,), the log likelihood ratio of
+    the model over noise alone (nats); ``template_evidence`` (N, T), the same for each
+    template alone (poses marginalised), T = n_views · n_states in ``view * n_states +
+    state`` order (the truth's labels) or the non-empty averages in order."""
+
+    loglik_ratio: np.ndarray
+    template_evidence: np.ndarray
+
+    def template_accuracy(self, labels: np.ndarray, mask: np.ndarray) -> float:
+        """Fraction of ``mask``'s images whose most likely template is their label."""
+        best = self.template_evidence[mask].argmax(axis=1)
+        return float(np.mean(best == np.asarray(labels)[mask])) if mask.any() else float("nan")
+
+
+def oracle_loglik_ratio(data_dir: str | Path, averages: np.ndarray | None = None,
+                        **kw: float) -> np.ndarray:  # fmt: skip
+    """:func:`oracle_scores`' per-image log likelihood ratio."""
+    return oracle_scores(data_dir, averages, **kw).loglik_ratio
+
+
+def oracle_scores(
     data_dir: str | Path,
     averages: np.ndarray | None = None,
     *,
     psi_step: float = 6.0,
     shift_step: float = 0.5,
     max_res_A: float | None = None,
-) -> np.ndarray:
-    """Per image of the simulated set in ``data_dir`` (particle-file order), the log
-    likelihood ratio of the model over noise alone (nats; see the module docstring).
+) -> OracleScores:
+    """Score every image of the simulated set in ``data_dir`` against the simulator's model
+    (see the module docstring).
 
     ``averages`` (K, box, box): a run's class averages as templates (stored units; the
     true projections when None). ``max_res_A``: only frequencies up to it (e.g. a run's
@@ -121,10 +144,11 @@ def oracle_loglik_ratio(
     # = Re Σ X conj(S) e^{+iφ}
     ramps = np.exp(2j * np.pi * (kx[None] * shifts[:, 0, None, None]
                                  + ky[None] * shifts[:, 1, None, None]))[:, keep]  # fmt: skip
-    n_s, n_t = len(shifts), len(templates)
-    per_t = max(1, TILE_BYTES // (n_s * int(keep.sum()) * 16))
-    log_n = np.log(n_s * n_t)
-    out = np.empty(len(truth))
+    n_s, n_psi = len(shifts), len(psi)
+    n_base = len(templates) // n_psi  # templates are (base template, psi) in that order
+    # whole base templates per block, so that each block's evidence is per template
+    per_b = max(1, TILE_BYTES // (n_psi * n_s * int(keep.sum()) * 16))
+    evidence = np.empty((len(truth), n_base))
     mic = particles.stack_index
     for m in np.unique(mic):
         idx = np.flatnonzero(mic == m)
@@ -134,13 +158,14 @@ def oracle_loglik_ratio(
         ctf = r._ctf(box, *args).astype(np.float64)
         x = _fft.rfft2(read_images(particles, idx).astype(np.float64))
         xw = (x * (w / power))[:, keep]  # (n, F): whitened, weighted
-        parts = []
-        for t0 in range(0, n_t, per_t):
-            s = (templates[t0 : t0 + per_t] * ctf)[:, keep]  # (t, F)
+        for b0 in range(0, n_base, per_b):
+            b1 = min(b0 + per_b, n_base)
+            s = (templates[b0 * n_psi : b1 * n_psi] * ctf)[:, keep]  # (t, F)
             energy = (np.abs(s) ** 2 * (w / power)[keep]).sum(axis=1)  # (t,)
             b = np.conj(s)[:, None, :] * ramps[None]  # (t, S, F)
             corr = (xw @ b.reshape(-1, b.shape[-1]).T).real  # (n, t·S)
             corr -= np.repeat(energy / 2, n_s)[None]
-            parts.append(logsumexp(corr, axis=1))
-        out[idx] = logsumexp(np.stack(parts, axis=1), axis=1) - log_n
-    return out
+            ev = logsumexp(corr.reshape(len(idx), b1 - b0, n_psi * n_s), axis=2)
+            evidence[idx, b0:b1] = ev - np.log(n_psi * n_s)
+    ratio = logsumexp(evidence, axis=1) - np.log(n_base)
+    return OracleScores(ratio, evidence)
