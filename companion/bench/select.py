@@ -107,7 +107,7 @@ def run_seed(
             "classify_s": secs, "removed": int(chosen.removed.sum()), **fig,
             "junk_kept_by_type": kept_by_type,
             # how well the run's likelihood ratio (vs the empty model) tells a good particle
-            # from a pure-noise image, whatever threshold: the limit of any per-particle rule
+            # from a pure-noise image, whatever threshold (--oracle: what the data allow)
             "gain_auc_good_vs_noise": metrics.auc(gain[kind == ""], gain[kind == "noise"]),
             "class_level": whole, "oracle": oracle}  # fmt: skip
 
@@ -182,6 +182,7 @@ def format_select(rep: dict[str, Any]) -> str:
         "acceptance (issue 12): good kept >= 95%, junk in selection <= 2%; class-level floor: "
         "the junk fraction of all junk-minority classes, the least any choice of whole classes "
         "can reach; gain AUC: P(a good particle's loglik_gain > a pure-noise image's), the "
-        "separation any per-particle threshold on the likelihood ratio is bound by"
+        "separation any threshold on the run's likelihood ratio is bound by (--oracle: that "
+        "of the true model and of the run's averages)"
     )
     return "\n".join(lines)
