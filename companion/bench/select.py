@@ -43,9 +43,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--oracle",
         action="store_true",
         help="also score every image with the likelihood ratio of the simulator's true model "
-        "(true templates and noise spectrum; then the run's class averages as templates): "
-        "the separation of good particles from pure noise that the data, and the run's "
-        "references, allow (companion.simulate.oracle; ~20 s per seed)",
+        "(true templates and noise spectrum: the separation of good particles from pure "
+        "noise that the data allow), then with the run's class averages taken as the true "
+        "signal (companion.simulate.oracle; ~20 s per seed)",
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
 

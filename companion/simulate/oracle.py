@@ -9,9 +9,10 @@ the simulator's square of shifts (``shift_step``). It returns, per image,
     log [ mean over poses of p(image | template at pose) / p(image | noise alone) ],
 
 the Neyman–Pearson statistic for "particle or pure noise" when the model is true. Its AUC
-(good particles vs pure-noise images) bounds any per-particle rule on the same images;
-with ``averages`` (a run's class averages instead of the true projections) it says what
-the run's references allow. It is the bench's yardstick, not part of classification.
+(good particles vs pure-noise images) bounds any per-particle rule on the same images.
+With ``averages`` (a run's class averages instead of the true projections) they are taken
+as the true signal; being Wiener-shrunk they are not, so that is no bound for the run's
+references. It is the benches' yardstick, not part of classification.
 
 Approximations: the stored images were normalised (plane fit and background sd, ~the noise
 sd), which is taken as a division by the noise sd; the less-ordered population and
