@@ -124,3 +124,39 @@ def test_bench_subclassify_oracle_row(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("oracle (white, seed 0") == 1
     assert f"state purity {100 * o['state_purity']:.1f}%" in text
+
+
+def test_oracle_frequency_limit_and_bad_input(tmp_path):
+    """A limit at Nyquist keeps every coefficient the unlimited score uses (the mean stays
+    out); a directory that is no simulated set and averages of another box are refused with
+    one message naming them."""
+    from companion.errors import ParameterError
+
+    d = _noise_set(tmp_path, "coloured", 2, n=200, snr=0.05, junk_fraction=0.5)
+    info = json.loads((d / "simulation.json").read_text())
+    nyquist = 2.0 * info["psize"] / np.sqrt(2.0)  # the rfft grid's corner
+    np.testing.assert_allclose(oracle_loglik_ratio(d, max_res_A=nyquist),
+                               oracle_loglik_ratio(d), rtol=1e-10)  # fmt: skip
+    with pytest.raises(ParameterError, match="simulation.json"):
+        oracle_loglik_ratio(tmp_path)
+    with pytest.raises(ParameterError, match=r"\(K, 32, 32\)"):
+        oracle_loglik_ratio(d, np.zeros((3, 16, 16)))
+
+
+def test_renderer_templates_are_the_true_projections():
+    """Renderer.templates_rfft at psi 0 is true_projections' rfft; at 90° it is the
+    projection turned counter-clockwise in (x=column, y=row) about box//2: the value at
+    (x, y) is the unturned one at (y, -x)."""
+    from companion.simulate import true_projections
+    from companion.simulate.micrographs import Optics, Renderer
+
+    r = Renderer(BOX, Optics(6.0), 4, 4)
+    f = r.templates_rfft(np.array([0.0, 90.0])).reshape(16, 2, BOX, BOX // 2 + 1)
+    ref = true_projections(BOX, fourier=True).reshape(16, BOX, BOX // 2 + 1)
+    np.testing.assert_allclose(f[:, 0], ref, atol=1e-4 * np.abs(ref).max())
+    img0 = true_projections(BOX).reshape(16, BOX, BOX)
+    c = BOX // 2
+    y, x = np.mgrid[:BOX, :BOX] - c
+    turned = img0[:, (-x + c) % BOX, (y + c) % BOX]
+    img90 = np.fft.irfft2(f[:, 1], s=(BOX, BOX))
+    assert np.abs(img90 - turned).max() < 0.01 * np.abs(img0).max()

@@ -45,7 +45,7 @@ def test_ice_noise_follows_the_ctf():
     r = Renderer(BOX, Optics(3.0), 4, 4, Noise("coloured", 1.0, ice_resolution=8.0))
     args = (20000.0, 20000.0, 0.0)
     p = (np.abs(np.fft.rfft2(r.draw_noise(300, np.random.default_rng(1), args))) ** 2).mean(0)
-    c2 = r._ctf(BOX, *args) ** 2
+    c2 = r.ctf(BOX, *args) ** 2
     f = np.hypot(*np.meshgrid(np.fft.rfftfreq(BOX), np.fft.fftfreq(BOX)))
     band = (f > 0.05) & (f < 0.25)
     lo = p[band & (c2 < 0.05)].mean()

@@ -45,7 +45,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="also score every image with the likelihood ratio of the simulator's true model "
         "(true templates and noise spectrum: the separation of good particles from pure "
         "noise that the data allow), then with the run's class averages taken as the true "
-        "signal (companion.simulate.oracle; ~20 s per seed)",
+        "signal (companion.simulate.oracle; two scorings, each ~27 s per 2,000 particles at "
+        "box 64 on one core)",
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
 

@@ -188,7 +188,7 @@ def run_subclassify_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
     extra = parse_set(args.set_params)
 
     def rows_of(data: Path, seed: int) -> Any:
-        oracle = oracle_row(data) if getattr(args, "oracle", False) else None
+        oracle = oracle_row(data) if args.oracle else None
         for i, k in enumerate(args.n_classes):
             row = run_one(data, k, seed, args.device, extra,
                           args.stability if i == 0 else 0, data.parent)  # fmt: skip

@@ -173,13 +173,21 @@ class Renderer:
     def _blob_positions(self, plan: Plan, idx: np.ndarray, centre: float) -> np.ndarray:
         """(len(idx), N_BLOBS, 2) pixel positions of each particle's blobs."""
         p = self.centres[plan.view[idx], plan.state[idx]] * self.box  # (n, B, 2)
-        a = np.deg2rad(plan.psi_deg[idx].astype(np.float64))[:, None]
-        c, s = np.cos(a), np.sin(a)
-        x = c * p[..., 0] - s * p[..., 1] + plan.shift[idx, 0:1] + centre
-        y = s * p[..., 0] + c * p[..., 1] + plan.shift[idx, 1:2] + centre
-        return np.stack([x, y], axis=-1)
+        return _place(p, plan.psi_deg[idx], plan.shift[idx], centre)
 
-    def _ctf(self, n: int, du: float, dv: float, angle: float) -> np.ndarray:
+    def templates_rfft(self, psi_deg: np.ndarray) -> np.ndarray:
+        """rfft2 (box grid, complex64) of every (view, state) projection — ordered, scale 1,
+        no CTF, centred on box//2 — at every angle in ``psi_deg``:
+        (n_views · n_states · n_psi, box, box//2+1), view outermost, angle innermost."""
+        psi = np.asarray(psi_deg, np.float32)
+        n_t, n_psi = self.n_views * self.n_states, len(psi)
+        p = np.repeat(self.centres.reshape(n_t, N_BLOBS, 2) * self.box, n_psi, axis=0)
+        pos = _place(p, np.tile(psi, n_t), np.zeros((n_t * n_psi, 2)), self.box // 2)
+        masses = np.repeat(self.masses.reshape(n_t, N_BLOBS), n_psi, axis=0)
+        return render_rfft(pos, masses, self.sigmas_px, self.box)
+
+    def ctf(self, n: int, du: float, dv: float, angle: float) -> np.ndarray:
+        """The micrograph's CTF on an n-pixel rfft2 grid (defocus U, V in Å, angle in °)."""
         kx, ky = rfft_freqs(n, self.optics.psize)
         o = self.optics
         return ctf_2d(kx, ky, du, dv, angle, o.voltage, o.cs, o.amp_contrast)[0]
@@ -195,11 +203,7 @@ class Renderer:
             arm = arm_blobs_2d(plan.view[idx[d]], plan.hinge_deg[idx[d]], self.n_views,
                                self.n_states) * self.box  # fmt: skip
             nb = N_BLOBS - arm.shape[1]
-            a = np.deg2rad(plan.psi_deg[idx[d]].astype(np.float64))[:, None]
-            c, sn = np.cos(a), np.sin(a)
-            centre = self.box // 2
-            pos[d, nb:, 0] = c * arm[..., 0] - sn * arm[..., 1] + plan.shift[idx[d], 0:1] + centre
-            pos[d, nb:, 1] = sn * arm[..., 0] + c * arm[..., 1] + plan.shift[idx[d], 1:2] + centre
+            pos[d, nb:] = _place(arm, plan.psi_deg[idx[d]], plan.shift[idx[d]], self.box // 2)
             sig = np.broadcast_to(self.sigmas_px, (len(idx), N_BLOBS)).copy()
             sig[d, nb:] *= np.float32(DISORDER_BLUR)
         f = render_rfft(pos, masses, sig, self.box)
@@ -288,7 +292,7 @@ class Renderer:
         nv, ns = self.masses.shape[:2]
         pos = self.centres.reshape(-1, N_BLOBS, 2) * self.box + self.box // 2
         f = render_rfft(pos, self.masses.reshape(-1, N_BLOBS), self.sigmas_px, self.box)
-        f *= self._ctf(self.box, mean_defocus, mean_defocus, 0.0)
+        f *= self.ctf(self.box, mean_defocus, mean_defocus, 0.0)
         img = _fft.irfft2(f, s=(self.box, self.box)).reshape(nv * ns, -1)[:, self.inside]
         var = float((img.var(axis=1) * weights.reshape(-1)).sum() / weights.sum())
         self.noise_sd = float(np.sqrt(var / snr))
@@ -302,10 +306,10 @@ class Renderer:
         out = np.empty((len(idx), box, box), dtype=np.float32)
         good = np.flatnonzero(kind == GOOD)
         if len(good):
-            out[good] = self.clean_good(plan, idx[good], self._ctf(box, *args))
+            out[good] = self.clean_good(plan, idx[good], self.ctf(box, *args))
         junk = np.flatnonzero(kind != GOOD)
         if len(junk):
-            out[junk] = self.clean_junk(plan, idx[junk], self._ctf(2 * box, *args))
+            out[junk] = self.clean_junk(plan, idx[junk], self.ctf(2 * box, *args))
         out += self.draw_noise(len(idx), rng, args)
         return self.normalise(out)
 
@@ -346,13 +350,24 @@ class Renderer:
             return det, None
         kx, ky = rfft_freqs(self.box, self.optics.psize)
         low = np.exp(-0.5 * (np.hypot(kx, ky) * self.noise.ice_resolution) ** 2)
-        h = (low * self._ctf(self.box, *ctf_args) * mtf).astype(np.float32)
+        h = (low * self.ctf(self.box, *ctf_args) * mtf).astype(np.float32)
         return det, (h, np.sqrt(ice_f) * self.noise_sd)
 
     def _mtf(self) -> np.ndarray:
         kx, ky = rfft_freqs(self.box, 1.0)  # cycles per pixel
         f = np.hypot(kx, ky)
         return (np.sinc(f) * (0.5 + 0.5 / (1.0 + (f / 0.2) ** 2))).astype(np.float32)
+
+
+def _place(points: np.ndarray, psi_deg: np.ndarray, shift: np.ndarray,
+           centre: float) -> np.ndarray:  # fmt: skip
+    """(n, B, 2) pixel positions of ``points`` (n, B, 2; px about the centre) rotated by
+    ``psi_deg`` (n,; counter-clockwise in (x=column, y=row)), moved by ``shift`` (n, 2)."""
+    a = np.deg2rad(np.asarray(psi_deg).astype(np.float64))[:, None]
+    c, s = np.cos(a), np.sin(a)
+    x = c * points[..., 0] - s * points[..., 1] + shift[:, 0:1] + centre
+    y = s * points[..., 0] + c * points[..., 1] + shift[:, 1:2] + centre
+    return np.stack([x, y], axis=-1)
 
 
 def _unit_variance(h: np.ndarray) -> float:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import logsumexp
 
-from companion.simulate.micrographs import N_BLOBS, NoiseModel, Optics, Renderer
-from companion.simulate.phantom import blobs_2d, render_rfft, sigmas_px
+from companion.errors import ParameterError
+from companion.simulate.micrographs import NoiseModel, Optics, Renderer
 
 try:
     from scipy import fft as _fft
@@ -45,21 +45,6 @@ def _renderer(info: dict) -> Renderer:
     r = Renderer(info["box"], optics, info["n_views"], info["n_states"], colour)
     r.noise_sd = float(info["noise_sd"])
     return r
-
-
-def true_templates(info: dict, psi_deg: np.ndarray) -> np.ndarray:
-    """rfft2 of every (view, state) projection at every angle in ``psi_deg``, complex128
-    (n_views · n_states · n_psi, box, box//2+1), centred on box//2, no CTF, stored units × sd."""
-    box = int(info["box"])
-    centres, masses, sigmas = blobs_2d(int(info["n_views"]), int(info["n_states"]))
-    c = centres.reshape(-1, N_BLOBS, 2) * box  # (T0, B, 2) about the centre
-    a = np.deg2rad(np.asarray(psi_deg, np.float64))
-    cos, sin = np.cos(a)[None, :, None], np.sin(a)[None, :, None]
-    x = cos * c[:, None, :, 0] - sin * c[:, None, :, 1] + box // 2
-    y = sin * c[:, None, :, 0] + cos * c[:, None, :, 1] + box // 2
-    pos = np.stack([x, y], axis=-1).reshape(-1, N_BLOBS, 2)
-    m = np.repeat(masses.reshape(-1, N_BLOBS), len(a), axis=0)
-    return render_rfft(pos, m, sigmas_px(sigmas, box), box).astype(np.complex128)
 
 
 def rotated_averages(averages: np.ndarray, psi_deg: np.ndarray) -> np.ndarray:
@@ -123,6 +108,9 @@ def oracle_scores(
     from companion.stacks import read_images
 
     data = Path(data_dir)
+    if not (data / "simulation.json").is_file():
+        raise ParameterError(f"{data}: no simulation.json — the oracle needs a set written by "
+                             "companion simulate (its truth and noise model)")  # fmt: skip
     info = json.loads((data / "simulation.json").read_text())
     truth = load_truth(data)
     particles = open_particles(data / "particles.star", None)
@@ -130,8 +118,11 @@ def oracle_scores(
     box, sd = r.box, r.noise_sd
     psi = np.arange(0.0, 360.0 - 1e-9, psi_step)
     if averages is None:
-        templates = true_templates(info, psi) / sd
+        templates = r.templates_rfft(psi).astype(np.complex128) / sd
     else:
+        if np.ndim(averages) != 3 or np.shape(averages)[1:] != (box, box):
+            raise ParameterError(f"oracle: averages of shape {np.shape(averages)}; the set in "
+                                 f"{data} needs (K, {box}, {box})")  # fmt: skip
         templates = rotated_averages(averages, psi)
     shifts = shift_grid(float(info["max_shift"]), shift_step)
     w = np.full(box // 2 + 1, 2.0)
@@ -140,7 +131,7 @@ def oracle_scores(
     keep = np.ones((box, box // 2 + 1), bool)
     keep[0, 0] = False  # the stored images' mean is set by their normalisation, not the model
     if max_res_A:
-        keep = np.hypot(kx, ky) / float(info["psize"]) <= 1.0 / float(max_res_A)
+        keep &= np.hypot(kx, ky) / float(info["psize"]) <= 1.0 / float(max_res_A)
     # exp(+2πi k·s): a template moved by +s is S·exp(−2πi k·s), and Re Σ X̄ S e^{-iφ}
     # = Re Σ X conj(S) e^{+iφ}
     ramps = np.exp(2j * np.pi * (kx[None] * shifts[:, 0, None, None]
@@ -150,13 +141,13 @@ def oracle_scores(
     # whole base templates per block, so that each block's evidence is per template
     per_b = max(1, TILE_BYTES // (n_psi * n_s * int(keep.sum()) * 16))
     evidence = np.empty((len(truth), n_base))
-    mic = particles.stack_index
+    mic = particles.stack_index  # the simulator writes one stack per micrograph (one CTF)
     for m in np.unique(mic):
         idx = np.flatnonzero(mic == m)
         row = truth.iloc[idx[0]]
         args = (float(row.defocus_u), float(row.defocus_v), float(row.defocus_angle))
         power = r.noise_power(args) / sd**2  # stored images: noise of sd ~1
-        ctf = r._ctf(box, *args).astype(np.float64)
+        ctf = r.ctf(box, *args).astype(np.float64)
         x = _fft.rfft2(read_images(particles, idx).astype(np.float64))
         xw = (x * (w / power))[:, keep]  # (n, F): whitened, weighted
         for b0 in range(0, n_base, per_b):
