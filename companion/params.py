@@ -143,9 +143,8 @@ class ClassifyParams(BaseModel):
         ge=0,
         description=(
             "First iterations in which class sizes are held equal (soft), so classes separate "
-            "before one can take over the others; 0 = none. Default: through the annealing "
-            "(anneal start + anneal iters), but the last quarter of the online iters (at "
-            "least 3) free: 15 of 20; not used with --balance, which caps sizes throughout."
+            "before one can take over the others; 0 = none. Default: max(3, online iters / 4); "
+            "not used with --balance, which caps sizes throughout."
         ),
     )
     search: Literal["fast", "exhaustive"] = Field(

@@ -32,12 +32,7 @@ Warm-up: the first ``warmup_iters`` iterations (the first is the seeding iterati
 init.py) hold the class sizes equal — the class posteriors of each batch are Sinkhorn-scaled
 to equal column sums, as balanced mode does with its cap — so that while the references are
 still nearly alike no class can take the particles of the others (an "attractor" formed in
-the first iterations never gives them back). From then on the classes compete freely. The
-default holds them through the annealing iterations but frees the last quarter of the
-online stage (15 of the 20 online iterations held; at least 3 free): at a
-quarter of the online stage (the earlier default) the posteriors of coloured-noise data were
-still flat (mean best-class probability 0.28 against 0.65 on white noise), and once freed,
-a few classes took several views each (README, "Warm-up").
+the first iterations never gives them back). From then on the classes compete freely.
 
 Online EM keeps running sufficient statistics ``s_t = (1 - g_t) s_(t-1) + g_t · batch_t`` with
 a decaying step ``g_t = t^-0.6`` (Cappé & Moulines): early mini-batches, aligned against
@@ -76,16 +71,12 @@ def uncertainty(params: ClassifyParams, it: int) -> float:
 
 def warmup_iters(params: ClassifyParams) -> int:
     """Iterations whose class posteriors are held to equal class sizes (``--warmup-iters``;
-    default: the annealing iterations, ``anneal_start + anneal_iters``, but leaving the last
-    quarter of the online stage (at least 3 iterations) free, so that classes of unequal
-    true sizes reach them; none in balanced mode, which caps throughout)."""
+    default ``max(3, online_iters // 4)``; none in balanced mode, which caps throughout)."""
     if params.balance != "off":
         return 0
     if params.warmup_iters is not None:
         return int(params.warmup_iters)
-    online = params.online_iters
-    free = max(3, online // 4)
-    return int(min(params.anneal_start + params.anneal_iters, max(3, online - free)))
+    return max(3, params.online_iters // 4)
 
 
 def noise_source(params: ClassifyParams, it: int) -> str:
