@@ -144,8 +144,8 @@ class ClassifyParams(BaseModel):
         description=(
             "First iterations in which class sizes are held equal (soft), so classes separate "
             "before one can take over the others; 0 = none. Default: max(3, online iters / 4); "
-            "not used with --balance, which caps sizes throughout. 15 (of 20) kept views and "
-            "states apart on simulated coloured-noise data, at some cost in junk separation "
+            "not used with --balance, which caps sizes throughout. 15 (of 20) raised state "
+            "purity on simulated coloured-noise data, at some cost in junk separation "
             "(README, Warm-up)."
         ),
     )

@@ -9,7 +9,8 @@ the simulator's square of shifts (``shift_step``). It returns, per image,
     log [ mean over poses of p(image | template at pose) / p(image | noise alone) ],
 
 the Neyman–Pearson statistic for "particle or pure noise" when the model is true. Its AUC
-(good particles vs pure-noise images) bounds any per-particle rule on the same images.
+(good particles vs pure-noise images) then bounds any per-particle rule on the same images,
+up to the approximations below.
 With ``averages`` (a run's class averages instead of the true projections) they are taken
 as the true signal; being Wiener-shrunk they are not, so that is no bound for the run's
 references. It is the benches' yardstick, not part of classification.
@@ -26,22 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import fft as _fft
 from scipy.special import logsumexp
 
 from companion.errors import ParameterError
 from companion.simulate.micrographs import NoiseModel, Optics, Renderer
-
-try:
-    from scipy import fft as _fft
-except ImportError:  # pragma: no cover - scipy is a test dependency
-    _fft = np.fft
 
 TILE_BYTES = 64 << 20  # per block of (template × shift) rows
 
 
 def _renderer(info: dict) -> Renderer:
     optics = Optics(info["psize"], info["voltage"], info["cs"], info["amp_contrast"])
-    colour = NoiseModel(info["noise"], info["ice_fraction"], info["ice_resolution"] or 20.0)
+    # white-noise sets store ice_resolution 0 (unused); the model's default stands in
+    ice_res = info["ice_resolution"] or NoiseModel.ice_resolution
+    colour = NoiseModel(info["noise"], info["ice_fraction"], ice_res)
     r = Renderer(info["box"], optics, info["n_views"], info["n_states"], colour)
     r.noise_sd = float(info["noise_sd"])
     return r
